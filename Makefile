@@ -1,0 +1,34 @@
+# Two commands on a fresh machine: `make run` and `make test`. Both set up .venv first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install run test lint bench tensorboard clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+run: install
+	$(BIN)/bprun $(ARGS)
+
+test: install
+	$(BIN)/pytest $(ARGS)
+
+lint: install
+	$(BIN)/ruff check bprun tests
+	$(BIN)/ruff format --check bprun tests
+
+bench: install
+	$(BIN)/python -m bprun.bench $(ARGS)
+
+tensorboard: install
+	$(BIN)/tensorboard --logdir outputs --host 127.0.0.1
+
+clean:
+	rm -rf outputs/*/ build dist *.egg-info .pytest_cache .ruff_cache

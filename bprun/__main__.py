@@ -1,0 +1,3 @@
+from bprun.cli import main
+
+main()

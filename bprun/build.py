@@ -1,0 +1,154 @@
+"""Config nodes -> objects. Each builder takes plain config values, never Hydra internals.
+
+Keys that bprun itself interprets (a dataset's batch size, a scheduler's
+interval, ...) are taken out of a node before the rest goes to
+`hydra.utils.instantiate`, so `_target_` classes only see their own arguments.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from bprun.data import Dataset, InMemoryLoader, split_validation
+from bprun.errors import BprunError
+from bprun.models import init_weights
+
+DATA_KEYS = {"batch_size": 64, "eval_batch_size": 1000, "val_fraction": 0.1, "val_seed": 0}
+
+
+def _split(node: DictConfig | dict | None, defaults: dict) -> tuple[dict, dict]:
+    """(arguments for instantiate, bprun's own settings) from one config node."""
+    if node is None:
+        return {}, dict(defaults)
+    args = (
+        OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    )
+    own = {k: args.pop(k, v) for k, v in defaults.items()}
+    return args, own
+
+
+def _instantiate(args: dict, group: str, **kwargs):
+    if not args.get("_target_"):
+        raise BprunError(f"{group} has no _target_: pick an option with {group}=<name>")
+    try:
+        return instantiate(args, **kwargs)
+    except Exception as e:  # bad class path or bad arguments: name the group and the cause
+        cause = e.__cause__ or e
+        raise BprunError(f"cannot build {group} ({args['_target_']}): {cause}") from None
+
+
+@dataclass
+class Data:
+    dataset: Dataset
+    train: InMemoryLoader
+    val: InMemoryLoader | None
+    test: InMemoryLoader
+
+
+def build_data(
+    node: DictConfig,
+    device: torch.device,
+    seed: int,
+    limit_train: float | None = None,
+    limit_val: float | None = None,
+    overfit: float | None = None,
+    fast_dev_run: bool = False,
+) -> Data:
+    args, own = _split(node, DATA_KEYS)
+    dataset: Dataset = _instantiate(args, "dataset")
+    x_tr, y_tr, x_val, y_val = split_validation(
+        dataset.x_train, dataset.y_train, own["val_fraction"], own["val_seed"]
+    )
+    put = lambda t: t.to(device)  # noqa: E731 - data lives on the training device
+    bs, ebs = own["batch_size"], own["eval_batch_size"]
+    n_train = -(-len(x_tr) // bs)
+    few = 2 if fast_dev_run else None
+    if overfit is not None:  # train and validate on the same first batches, in order
+        k = _count(overfit, n_train)
+        train = InMemoryLoader(put(x_tr), put(y_tr), bs, shuffle=False, max_batches=k)
+        val = InMemoryLoader(put(x_tr), put(y_tr), bs, shuffle=False, max_batches=k)
+    else:
+        train = InMemoryLoader(
+            put(x_tr),
+            put(y_tr),
+            bs,
+            shuffle=True,
+            seed=seed,
+            max_batches=few or _count(limit_train, n_train),
+        )
+        val = None
+        if len(x_val):
+            n_val = -(-len(x_val) // ebs)
+            val = InMemoryLoader(
+                put(x_val), put(y_val), ebs, max_batches=few or _count(limit_val, n_val)
+            )
+    test = InMemoryLoader(put(dataset.x_test), put(dataset.y_test), ebs, max_batches=few)
+    return Data(dataset, train, val, test)
+
+
+def _count(limit: float | None, total: int) -> int | None:
+    """Lightning's convention: a float up to 1.0 is a fraction of the batches, above it a count."""
+    if limit is None:
+        return None
+    if limit <= 0:
+        raise BprunError(f"batch limits must be positive, got {limit}")
+    return max(1, math.ceil(limit * total)) if limit <= 1.0 else int(limit)
+
+
+def build_model(node: DictConfig, dataset: Dataset) -> nn.Module:
+    args, own = _split(node, {"init": "default"})
+    model = _instantiate(
+        args, "model", input_shape=dataset.input_shape, num_classes=dataset.num_classes
+    )
+    try:
+        return init_weights(model, own["init"])
+    except ValueError as e:
+        raise BprunError(str(e)) from None
+
+
+def build_loss(node: DictConfig) -> nn.Module:
+    args, _ = _split(node, {})
+    return _instantiate(args, "loss")
+
+
+def build_optimizer(node: DictConfig, model: nn.Module) -> torch.optim.Optimizer:
+    args, _ = _split(node, {})
+    make = _instantiate(args, "optim")
+    try:
+        return make(params=[p for p in model.parameters() if p.requires_grad])
+    except (TypeError, ValueError) as e:
+        raise BprunError(f"cannot build optim ({args['_target_']}): {e}") from None
+
+
+# Scheduler arguments that mean "the length of the run" and are filled in when null.
+LENGTH_KEYS = ("T_max", "total_steps", "total_iters")
+
+
+def build_scheduler(
+    node: DictConfig | None,
+    optimizer,
+    updates_per_epoch: int,
+    epochs: int,
+    max_updates: int | None = None,
+):
+    """(scheduler or None, interval). Lengths left null are the run's length in scheduler steps."""
+    args, own = _split(node, {"interval": "epoch"})
+    if not args.get("_target_"):
+        return None, own["interval"]
+    steps = epochs if own["interval"] == "epoch" else updates_per_epoch * epochs
+    if own["interval"] == "step" and max_updates is not None:
+        steps = min(steps, max_updates)
+    for key in LENGTH_KEYS:
+        if key in args and args[key] is None:
+            args[key] = max(1, steps)
+    make = _instantiate(args, "sched")
+    try:
+        return make(optimizer=optimizer), own["interval"]
+    except (TypeError, ValueError) as e:
+        raise BprunError(f"cannot build sched ({args['_target_']}): {e}") from None

@@ -1,0 +1,192 @@
+"""Checkpoint files: atomic writes, safe reads, RNG state, top-k bookkeeping.
+
+A checkpoint holds tensors and plain Python values only, so it is read with
+`torch.load(weights_only=True)` and nothing in it can run code.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import re
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from bprun.errors import BprunError
+
+FORMAT_VERSION = 1
+
+
+def atomic_save(obj, path: str | Path) -> Path:
+    """Write `obj` so that `path` always holds either the old or the new file, never a torn one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+    return path
+
+
+def resolve_checkpoint(path: str | Path, what: str = "trainer.resume") -> Path:
+    """A run folder means its checkpoints/last.pt; a file is taken as it is."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise BprunError(f"{what}={path}: no such file or folder; give a run folder or a .pt file")
+    if path.is_dir():
+        for candidate in (path / "checkpoints" / "last.pt", path / "last.pt"):
+            if candidate.is_file():
+                return candidate
+        raise BprunError(
+            f"{what}={path}: the folder has no checkpoints/last.pt; "
+            "give a run folder that saved checkpoints, or a .pt file"
+        )
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Read a checkpoint safely; any problem becomes a one-line BprunError."""
+    path = Path(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BprunError(
+            f"refused to load {path}: it holds Python objects, not only tensors and plain values "
+            f"({first[:160]}); it was not written by bprun and may run code, so it is not loaded"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise BprunError(
+            f"cannot read checkpoint {path}: the file is truncated or corrupted "
+            f"({type(e).__name__}); use another checkpoint from {path.parent}"
+        ) from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise BprunError(f"{path} is not a bprun checkpoint (no 'model' entry)")
+    return ckpt
+
+
+def load_model_state(module: nn.Module, state: dict, path: str | Path) -> None:
+    """load_state_dict with a message that lists exactly what does not match."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in sorted(set(own) & set(state))
+        if tuple(state[k].shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)):
+            if keys:
+                shown = ", ".join(keys[:6]) + (f" (+{len(keys) - 6} more)" if len(keys) > 6 else "")
+                parts.append(f"{label}: {shown}")
+        raise BprunError(
+            f"checkpoint {path} does not match the configured model ({'; '.join(parts)}); "
+            "use the model config the checkpoint was trained with"
+        )
+    module.load_state_dict(state)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under torch.compile / DDP wrappers, so saved keys carry no prefixes."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+# RNG states as tensors, so they load under weights_only=True.
+def rng_state() -> dict:
+    version, mt, gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "python": torch.tensor(mt, dtype=torch.int64),
+        "python_version": version,
+        "python_gauss": gauss,
+        "numpy": torch.from_numpy(np_keys.astype(np.int64)),
+        "numpy_pos": int(np_pos),
+        "numpy_has_gauss": int(np_has_gauss),
+        "numpy_gauss": float(np_gauss),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(
+        (state["python_version"], tuple(state["python"].tolist()), state["python_gauss"])
+    )
+    np.random.set_state(
+        (
+            "MT19937",
+            state["numpy"].numpy().astype(np.uint32),
+            state["numpy_pos"],
+            state["numpy_has_gauss"],
+            state["numpy_gauss"],
+        )
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class TopK:
+    """The best `k` checkpoints by a monitored metric; the best one is never removed."""
+
+    def __init__(self, folder: Path, monitor: str, mode: str, k: int):
+        self.folder, self.monitor, self.mode, self.k = folder, monitor, mode, k
+        self.entries: list[tuple[float, str]] = []  # (score, file name), best first
+
+    def _key(self, score: float) -> float:
+        return score if self.mode == "min" else -score
+
+    @property
+    def best(self) -> Path | None:
+        return self.folder / self.entries[0][1] if self.entries else None
+
+    def wants(self, score: float) -> bool:
+        if self.k == 0 or not np.isfinite(score):
+            return False
+        if self.k < 0 or len(self.entries) < self.k:
+            return True
+        return self._key(score) < self._key(self.entries[-1][0])
+
+    def file_name(self, epoch: int, update: int, score: float) -> str:
+        metric = re.sub(r"[^A-Za-z0-9]+", "_", self.monitor).strip("_")
+        return f"epoch={epoch:03d}-step={update}-{metric}={score:.4f}.pt"
+
+    def add(self, score: float, name: str) -> list[Path]:
+        """Record a saved file; return the files that dropped out of the top k."""
+        self.entries.append((float(score), name))
+        self.entries.sort(key=lambda e: self._key(e[0]))
+        dropped = self.entries[self.k :] if self.k > 0 else []
+        self.entries = self.entries[: self.k] if self.k > 0 else self.entries
+        return [self.folder / name for _, name in dropped]
+
+    def state_dict(self) -> dict:
+        return {"entries": [[s, n] for s, n in self.entries]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.entries = [(float(s), str(n)) for s, n in state["entries"]]

@@ -1,0 +1,491 @@
+"""The training loop: plain autograd, with every extra paid for only when switched on.
+
+The Trainer takes objects (model, loss, optimizer, scheduler, loaders) and a
+`TrainerSettings`; it knows nothing about Hydra or YAML.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from bprun.data.loader import InMemoryLoader
+from bprun.engine import checkpoint as ckpt_io
+from bprun.engine.early_stopping import EarlyStopper
+from bprun.engine.metrics import Metrics
+from bprun.engine.precision import Precision
+from bprun.engine.settings import TrainerSettings
+from bprun.engine.signals import StopSignals
+from bprun.errors import BprunError, Interrupted
+
+log = logging.getLogger("bprun")
+
+
+class NonFiniteLoss(BprunError):
+    pass
+
+
+class Trainer:
+    def __init__(
+        self,
+        settings: TrainerSettings,
+        model: nn.Module,
+        loss_fn: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler=None,
+        scheduler_interval: str = "epoch",
+        device: torch.device | str = "cpu",
+        task: str = "classification",
+        num_classes: int = 0,
+        run_dir: str | Path | None = None,
+        tracker=None,
+        config_yaml: str = "",
+        callbacks: tuple = (),
+    ):
+        s = self.s = settings
+        self.device = torch.device(device)
+        self.precision = Precision(s.precision, self.device)
+        self.scaler = self.precision.scaler
+        self.module = model  # the plain module: what checkpoints hold
+        if s.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = torch.compile(model) if s.compile else model
+        self.loss_fn, self.optimizer = loss_fn, optimizer
+        self.scheduler, self.scheduler_interval = scheduler, scheduler_interval
+        if scheduler_interval not in ("step", "epoch"):
+            raise BprunError(f"sched.interval must be step or epoch, got '{scheduler_interval}'")
+        self.plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+        self.task, self.num_classes = task, num_classes
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.tracker, self.config_yaml = tracker, config_yaml
+        self.callbacks = list(callbacks)
+        self._check_combinations()
+        self.uses_closure = isinstance(optimizer, torch.optim.LBFGS)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+        # Progress: what the next update is. Together with the RNG state this is
+        # everything a resumed run needs to continue exactly.
+        self.epoch = 0  # epoch being trained (0-based)
+        self.batch = 0  # next batch index within the epoch
+        self.update = 0  # optimizer updates done
+        self.epoch_loss = [0.0, 0]  # running (sum, count) of the epoch's micro-batch losses
+        self.history: list[dict] = []
+        self.best: dict = {}
+        self.stop_reason: str | None = None
+        self.skipped = 0
+        self.consecutive_skips = 0
+        self._pending: list[tuple[int, torch.Tensor]] = []  # (update, loss) since the last log
+        self._grad_norms: list[torch.Tensor] = []
+        self._window_finite = True
+        self._best_state: dict | None = None
+        self._last_saved: Path | None = None
+
+        self.stopper = EarlyStopper(**vars(s.early_stopping))
+        self.ckpt_dir = self.run_dir / "checkpoints" if self.run_dir is not None else None
+        self.checkpointing = (
+            s.checkpoint.enabled and self.ckpt_dir is not None and not s.fast_dev_run
+        )
+        self.topk = (
+            ckpt_io.TopK(
+                self.ckpt_dir, s.checkpoint.monitor, s.checkpoint.mode, s.checkpoint.save_top_k
+            )
+            if self.checkpointing
+            else None
+        )
+
+    # ------------------------------------------------------------------ checks
+    def _check_combinations(self) -> None:
+        s = self.s
+        if s.accumulate < 1:
+            raise BprunError(f"trainer.accumulate must be at least 1, got {s.accumulate}")
+        if s.nonfinite not in ("stop", "skip"):
+            raise BprunError(f"trainer.nonfinite must be stop or skip, got '{s.nonfinite}'")
+        if s.grad_clip.algorithm not in ("norm", "value"):
+            raise BprunError(
+                f"trainer.grad_clip.algorithm must be norm or value, got '{s.grad_clip.algorithm}'"
+            )
+        for name, mode in (
+            ("trainer.mode", s.mode),
+            ("trainer.checkpoint.mode", s.checkpoint.mode),
+        ):
+            if mode not in ("min", "max"):
+                raise BprunError(f"{name} must be min or max, got '{mode}'")
+        if s.log_every_n_updates < 1:
+            raise BprunError("trainer.log_every_n_updates must be at least 1")
+        if isinstance(self.optimizer, torch.optim.LBFGS):
+            if s.accumulate > 1:
+                raise BprunError(
+                    "optim=lbfgs evaluates the loss several times per update through a closure and "
+                    "cannot accumulate gradients: set trainer.accumulate=1"
+                )
+            if self.scaler is not None:
+                raise BprunError(
+                    "optim=lbfgs cannot run with trainer.precision=16-mixed (GradScaler has no "
+                    "closure support): use precision 32 or bf16-mixed"
+                )
+            if s.nonfinite == "skip":
+                raise BprunError("optim=lbfgs does not support trainer.nonfinite=skip: use stop")
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, train: InMemoryLoader, val: InMemoryLoader | None) -> dict:
+        s = self.s
+        anomaly = torch.autograd.detect_anomaly() if s.detect_anomaly else contextlib.nullcontext()
+        start = time.perf_counter()
+        with StopSignals() as self.signals, anomaly:
+            while self.epoch < s.max_epochs and self.stop_reason is None:
+                self._run_epoch(train, val)
+        if self.stop_reason is None:
+            self.stop_reason = f"max_epochs={s.max_epochs} reached"
+        log.info(f"stopped: {self.stop_reason}")
+        self.fit_seconds = time.perf_counter() - start
+        return {"stop_reason": self.stop_reason, "best": self.best, "history": self.history}
+
+    def _run_epoch(self, train: InMemoryLoader, val: InMemoryLoader | None) -> None:
+        s = self.s
+        t0 = time.perf_counter()
+        samples_before = self.batch * train.batch_size
+        self.model.train()
+        self._train_epoch(train)
+        self._flush_train_log()
+        seconds = time.perf_counter() - t0
+        samples = min(train.num_samples, self.batch * train.batch_size) - samples_before
+        loss_sum, loss_count = self.epoch_loss
+        metrics = {"epoch": self.epoch + 1, "update": self.update}
+        metrics["train/loss"] = loss_sum / max(loss_count, 1)
+        if val is not None:
+            metrics.update(self.evaluate(val, "val"))
+        metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+        metrics["time/epoch_s"] = seconds
+        metrics["throughput/samples_per_s"] = samples / max(seconds, 1e-9)
+        self.history.append(metrics)
+
+        self._track_best(metrics)
+        if self.stopper.enabled and not s.fast_dev_run:
+            monitored = metrics.get(self.stopper.monitor)
+            if monitored is None:
+                raise BprunError(
+                    _unknown_metric("trainer.early_stopping.monitor", self.stopper.monitor, metrics)
+                )
+            if self.stopper.step(monitored):
+                self.stop_reason = f"early stopping: {self.stopper.stopped_reason}"
+        if self.scheduler is not None and self.scheduler_interval == "epoch":
+            self._step_scheduler(metrics)
+        for cb in self.callbacks:
+            if hasattr(cb, "on_epoch_end"):
+                cb.on_epoch_end(self, metrics)
+
+        self.epoch, self.batch, self.epoch_loss = self.epoch + 1, 0, [0.0, 0]
+        if self.checkpointing:
+            self._save_topk(metrics)
+            self.save(self.ckpt_dir / "last.pt")
+        if self.tracker is not None:
+            self.tracker.log(
+                {k: v for k, v in metrics.items() if k not in ("epoch", "update", "train/loss")},
+                self.update,
+            )
+        log.info(_epoch_line(metrics, s.max_epochs))
+        if self.signals.received is not None:
+            self._interrupt()
+
+    def _train_epoch(self, loader: InMemoryLoader) -> None:
+        s, k = self.s, self.s.accumulate
+        n = len(loader)
+        bar = None
+        if s.progress and sys.stdout.isatty():
+            bar = tqdm(
+                total=n,
+                initial=self.batch,
+                desc=f"epoch {self.epoch + 1}/{s.max_epochs}",
+                unit="batch",
+                leave=False,
+                dynamic_ncols=True,
+            )
+        for b, (x, y) in enumerate(loader.batches(self.epoch, self.batch), start=self.batch):
+            if s.channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            if self.uses_closure:
+                self._closure_step(x, y)
+            else:
+                scale = None
+                if k > 1:  # weight by samples so k batches of b equal one batch of k*b
+                    first = b - b % k
+                    last = min(first + k, n)
+                    window = (
+                        min(last * loader.batch_size, loader.num_samples)
+                        - first * loader.batch_size
+                    )
+                    scale = loader.batch_len(b) / window
+                self._backward(x, y, scale)
+                if (b + 1) % k != 0 and b + 1 != n:
+                    continue
+                self._optimizer_step()
+            self.batch = b + 1
+            self.update += 1
+            if bar is not None:
+                bar.update(self.batch - bar.n)
+            if self.update % s.log_every_n_updates == 0:
+                self._flush_train_log(bar)
+            if (
+                self.checkpointing
+                and s.checkpoint.every_n_updates
+                and self.update % s.checkpoint.every_n_updates == 0
+            ):
+                self._flush_train_log(bar)
+                self.save(self.ckpt_dir / "last.pt")
+            if self.signals.received is not None:
+                self._interrupt()
+            if s.max_updates is not None and self.update >= s.max_updates:
+                self.stop_reason = f"max_updates={s.max_updates} reached"
+                break
+        if bar is not None:
+            bar.close()
+
+    def _backward(self, x: torch.Tensor, y: torch.Tensor, scale: float | None) -> None:
+        with self.precision.autocast():
+            loss = self.loss_fn(self.model(x), y)
+        if self.s.nonfinite == "skip" and not torch.isfinite(loss):
+            self._window_finite = False
+            return
+        self._pending.append((self.update, loss.detach()))
+        if scale is not None:
+            loss = loss * scale
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+
+    def _closure_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        def closure():
+            self.optimizer.zero_grad(set_to_none=True)
+            with self.precision.autocast():
+                loss = self.loss_fn(self.model(x), y)
+            loss.backward()
+            self._clip()
+            return loss
+
+        loss = self.optimizer.step(closure)
+        self._pending.append((self.update, loss.detach()))
+        if self.scheduler is not None and self.scheduler_interval == "step":
+            self._step_scheduler({})
+
+    def _clip(self) -> None:
+        clip = self.s.grad_clip
+        if clip.max is None:
+            return
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # clip true gradients, not scaled ones
+        if clip.algorithm == "norm":
+            norm = nn.utils.clip_grad_norm_(self.params, clip.max)
+        else:
+            norm = nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+            nn.utils.clip_grad_value_(self.params, clip.max)
+        self._grad_norms.append(norm.detach())
+
+    def _optimizer_step(self) -> None:
+        if not self._window_finite:  # nonfinite=skip: drop the whole window's gradients
+            self.optimizer.zero_grad(set_to_none=True)
+            self._window_finite = True
+            self.skipped += 1
+            self.consecutive_skips += 1
+            if self.tracker is not None:
+                self.tracker.log({"train/skipped_updates": self.skipped}, self.update + 1)
+            log.warning(
+                f"update {self.update + 1}: non-finite loss, update skipped ({self.skipped} so far)"
+            )
+            if self.consecutive_skips > self.s.max_consecutive_skips:
+                raise NonFiniteLoss(
+                    f"{self.consecutive_skips} consecutive updates had a non-finite loss "
+                    f"(trainer.max_consecutive_skips={self.s.max_consecutive_skips}); "
+                    "lower optim.lr or set trainer.grad_clip.max"
+                )
+            return
+        self.consecutive_skips = 0
+        self._clip()
+        for cb in self.callbacks:
+            if hasattr(cb, "on_before_optimizer_step"):
+                cb.on_before_optimizer_step(self)
+        if self.scaler is None:
+            self.optimizer.step()
+            stepped = True
+        else:
+            # The scaler skips updates whose gradients overflowed; the scheduler must too.
+            before = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            stepped = self.scaler.get_scale() >= before
+        self.optimizer.zero_grad(set_to_none=True)
+        if stepped and self.scheduler is not None and self.scheduler_interval == "step":
+            self._step_scheduler({})
+
+    def _step_scheduler(self, metrics: dict) -> None:
+        if self.plateau:
+            value = metrics.get(self.s.monitor)
+            if value is not None:
+                self.scheduler.step(value)
+        else:
+            self.scheduler.step()
+
+    def _flush_train_log(self, bar=None) -> None:
+        """Read the losses since the last log (one host sync), check them, log them."""
+        if not self._pending:
+            return
+        losses = torch.stack([loss for _, loss in self._pending]).float()
+        finite = torch.isfinite(losses)
+        if not bool(finite.all()):
+            first = int((~finite).nonzero()[0, 0])
+            bad_update = self._pending[first][0] + 1
+            last = (
+                f"last good checkpoint: {self._last_saved}"
+                if self._last_saved
+                else "no checkpoint was written before it"
+            )
+            resume = (
+                f"; resume it with a lower optim.lr or trainer.grad_clip.max: bprun trainer.resume={self._last_saved}"
+                if self._last_saved
+                else ""
+            )
+            raise NonFiniteLoss(
+                f"loss became non-finite ({losses[first].item()}) at update {bad_update} "
+                f"(epoch {self.epoch + 1}); training stopped, {last}{resume}"
+            )
+        total = float(losses.sum())
+        self.epoch_loss = [self.epoch_loss[0] + total, self.epoch_loss[1] + len(losses)]
+        scalars = {"train/loss": total / len(losses), "lr": self.optimizer.param_groups[0]["lr"]}
+        if self._grad_norms:
+            scalars["train/grad_norm"] = float(torch.stack(self._grad_norms).mean())
+        self._pending.clear()
+        self._grad_norms.clear()
+        if self.tracker is not None:
+            self.tracker.log(scalars, self.update)
+        if bar is not None:
+            bar.set_postfix(loss=f"{scalars['train/loss']:.4f}")
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, loader: InMemoryLoader, prefix: str) -> dict[str, float]:
+        was_training = self.model.training
+        self.model.eval()
+        metrics = Metrics(self.task, self.num_classes)
+        for x, y in loader.batches():
+            if self.s.channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with self.precision.autocast():
+                out = self.model(x)
+                loss = self.loss_fn(out, y)
+            metrics.update(loss, out, y)
+        self.model.train(was_training)
+        return metrics.compute(prefix)
+
+    def test(self, loader: InMemoryLoader) -> dict[str, float]:
+        """Evaluate on the test split with the best-validation weights."""
+        best = self.topk.best if self.topk is not None else None
+        if best is not None and best.exists():
+            ckpt_io.load_model_state(self.module, ckpt_io.load_checkpoint(best)["model"], best)
+        elif self._best_state is not None:
+            self.module.load_state_dict(self._best_state)
+        return self.evaluate(loader, "test")
+
+    def _track_best(self, metrics: dict) -> None:
+        value = metrics.get(self.s.monitor)
+        if value is None:
+            raise BprunError(_unknown_metric("trainer.monitor", self.s.monitor, metrics))
+        if not math.isfinite(value):
+            return
+        old = self.best.get(self.s.monitor)
+        if old is None or (value < old if self.s.mode == "min" else value > old):
+            self.best = dict(metrics)
+            if self.topk is None or self.topk.k == 0:
+                self._best_state = {
+                    k: v.detach().clone() for k, v in self.module.state_dict().items()
+                }
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        return {
+            "format": ckpt_io.FORMAT_VERSION,
+            "model": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "rng": ckpt_io.rng_state(),
+            "progress": {
+                "epoch": self.epoch,
+                "batch": self.batch,
+                "update": self.update,
+                "epoch_loss": list(self.epoch_loss),
+                "skipped": self.skipped,
+            },
+            "early_stopping": self.stopper.state_dict(),
+            "topk": self.topk.state_dict() if self.topk is not None else None,
+            "best": dict(self.best),
+            "history": list(self.history),
+            "config": self.config_yaml,
+        }
+
+    def load_state_dict(self, state: dict, path: str | Path = "checkpoint") -> None:
+        ckpt_io.load_model_state(self.module, state["model"], path)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler") is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        p = state["progress"]
+        self.epoch, self.batch, self.update = p["epoch"], p["batch"], p["update"]
+        self.epoch_loss, self.skipped = list(p["epoch_loss"]), p["skipped"]
+        self.stopper.load_state_dict(state["early_stopping"])
+        if self.topk is not None and state.get("topk") is not None:
+            self.topk.load_state_dict(state["topk"])
+        self.best, self.history = dict(state["best"]), list(state["history"])
+        self._last_saved = Path(path)
+        ckpt_io.set_rng_state(state["rng"])
+
+    def save(self, path: Path) -> Path:
+        self._flush_train_log()  # never save state that follows a non-finite loss
+        ckpt_io.atomic_save(self.state_dict(), path)
+        self._last_saved = path
+        return path
+
+    def _save_topk(self, metrics: dict) -> None:
+        value = metrics.get(self.topk.monitor)
+        if value is None:
+            raise BprunError(
+                _unknown_metric("trainer.checkpoint.monitor", self.topk.monitor, metrics)
+            )
+        if not self.topk.wants(value):
+            return
+        name = self.topk.file_name(self.epoch, self.update, value)
+        self.save(self.ckpt_dir / name)
+        for old in self.topk.add(value, name):
+            old.unlink(missing_ok=True)
+
+    def _interrupt(self) -> None:
+        import signal
+
+        signum = self.signals.received
+        where = ""
+        if self.ckpt_dir is not None and not self.s.fast_dev_run:
+            path = self.save(self.ckpt_dir / "last.pt")
+            where = f"; saved {path}. Resume with:\n  bprun trainer.resume={self.run_dir}"
+        raise Interrupted(
+            f"stopped by {signal.Signals(signum).name} after update {self.update}{where}", signum
+        )
+
+
+def _unknown_metric(key: str, name: str, metrics: dict) -> str:
+    known = ", ".join(k for k in metrics if "/" in k)
+    return f"{key}='{name}' is not a metric of this run: choose one of {known}"
+
+
+def _epoch_line(m: dict, max_epochs: int) -> str:
+    parts = [f"epoch {m['epoch']:>3}/{max_epochs}"]
+    for k, v in m.items():
+        if k in ("epoch", "update", "lr") or k.startswith(("time/", "throughput/")):
+            continue
+        parts.append(f"{k} {v:.4f}")
+    parts.append(f"{m['time/epoch_s']:.1f}s")
+    return "  ".join(parts)

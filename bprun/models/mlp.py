@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from bprun.models.layers import activation as make_activation
+from bprun.models.layers import norm1d
+
+
+class MLP(nn.Module):
+    """Fully connected net over the flattened input.
+
+    Each hidden block is Linear -> norm -> activation -> dropout; with
+    `residual=True`, blocks whose input and output widths match add a skip
+    connection.
+    """
+
+    def __init__(
+        self,
+        input_shape: tuple[int, ...],
+        num_classes: int,
+        hidden: list[int] = (256, 256),
+        activation: str = "relu",
+        norm: str | None = "none",
+        dropout: float = 0.0,
+        residual: bool = False,
+    ):
+        super().__init__()
+        widths = [math.prod(input_shape), *hidden]
+        self.blocks = nn.ModuleList(
+            nn.Sequential(
+                nn.Linear(w_in, w_out),
+                norm1d(norm, w_out),
+                make_activation(activation),
+                nn.Dropout(dropout) if dropout > 0 else nn.Identity(),
+            )
+            for w_in, w_out in zip(widths[:-1], widths[1:])
+        )
+        self.residual = residual
+        self.head = nn.Linear(widths[-1], num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1)
+        for block in self.blocks:
+            y = block(x)
+            x = x + y if self.residual and y.shape == x.shape else y
+        return self.head(x)
