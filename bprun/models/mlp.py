@@ -36,7 +36,7 @@ class MLP(nn.Module):
                 make_activation(activation),
                 nn.Dropout(dropout) if dropout > 0 else nn.Identity(),
             )
-            for w_in, w_out in zip(widths[:-1], widths[1:])
+            for w_in, w_out in zip(widths[:-1], widths[1:], strict=True)
         )
         self.residual = residual
         self.head = nn.Linear(widths[-1], num_classes)
