@@ -167,8 +167,9 @@ class Trainer:
         metrics["throughput/samples_per_s"] = samples / max(seconds, 1e-9)
         self.history.append(metrics)
 
-        self._track_best(metrics)
-        if self.stopper.enabled and not s.fast_dev_run:
+        if val is not None:
+            self._track_best(metrics)
+        if val is not None and self.stopper.enabled and not s.fast_dev_run:
             monitored = metrics.get(self.stopper.monitor)
             if monitored is None:
                 raise BprunError(
@@ -184,7 +185,8 @@ class Trainer:
 
         self.epoch, self.batch, self.epoch_loss = self.epoch + 1, 0, [0.0, 0]
         if self.checkpointing:
-            self._save_topk(metrics)
+            if val is not None:
+                self._save_topk(metrics)
             self.save(self.ckpt_dir / "last.pt")
         if self.tracker is not None:
             self.tracker.log(

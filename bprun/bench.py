@@ -1,0 +1,125 @@
+"""Benchmark: bprun's engine against a hand-written PyTorch loop on the same batches.
+
+    python -m bprun.bench [--updates 300] [--rounds 5] [--threads 1]
+
+For each model (the shipped `mlp` and `cnn` configs on MNIST-1D) the engine
+and the plain loop train a fresh copy of the same initial weights for the same
+number of updates over the same batches, alternating several times; the
+median of the per-round throughput ratios is reported. The engine runs with
+its defaults (features off), then with gradient clipping, then with
+bf16-mixed autocast, each against the plain loop doing the same work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+from hydra import compose, initialize_config_module
+from torch import nn
+
+from bprun.build import build_data, build_loss, build_model, build_optimizer
+from bprun.config import register_configs
+from bprun.engine import Trainer, TrainerSettings
+from bprun.engine.settings import GradClip
+
+
+def plain_loop(model, loss_fn, optimizer, x, y, batch_size, updates, seed, clip=None, dtype=None):
+    """What a user writes by hand: permutation, slices, forward, backward, step."""
+    model.train()
+    n, done, epoch = len(x), 0, 0
+    while done < updates:
+        g = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % (2**63))
+        perm = torch.randperm(n, generator=g).to(x.device)
+        for i in range(0, n, batch_size):
+            idx = perm[i : i + batch_size]
+            if dtype is None:
+                loss = loss_fn(model(x[idx]), y[idx])
+            else:
+                with torch.autocast(x.device.type, dtype=dtype):
+                    loss = loss_fn(model(x[idx]), y[idx])
+            loss.backward()
+            if clip is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            done += 1
+            if done == updates:
+                break
+        epoch += 1
+    return loss.detach().item()  # one sync at the end, as the engine does
+
+
+def engine_loop(settings, model, loss_fn, optimizer, data, device):
+    trainer = Trainer(settings, model, loss_fn, optimizer, device=device,
+                      task=data.dataset.task, num_classes=data.dataset.num_classes)
+    trainer.fit(data.train, None)
+
+
+def measure(cfg, variant: dict, updates: int, rounds: int) -> tuple[list[float], list[float]]:
+    device = torch.device("cpu")
+    data = build_data(cfg.dataset, device, seed=0)
+    torch.manual_seed(0)
+    initial = build_model(cfg.model, data.dataset).to(device)
+    loss_fn = build_loss(cfg.loss)
+    settings = TrainerSettings(max_epochs=10**6, max_updates=updates, progress=False,
+                               log_every_n_updates=50, **variant)
+    clip = settings.grad_clip.max
+    dtype = torch.bfloat16 if settings.precision == "bf16-mixed" else None
+
+    def fresh():
+        model = copy.deepcopy(initial)
+        return model, build_optimizer(cfg.optim, model)
+
+    engine_rate, plain_rate = [], []
+    for r in range(rounds + 1):  # round 0 warms up caches and allocators
+        model, opt = fresh()
+        t = time.perf_counter()
+        engine_loop(settings, model, loss_fn, opt, data, device)
+        e = updates / (time.perf_counter() - t)
+        model, opt = fresh()
+        t = time.perf_counter()
+        plain_loop(model, loss_fn, opt, data.train.x, data.train.y, data.train.batch_size,
+                   updates, data.train.seed, clip, dtype)
+        p = updates / (time.perf_counter() - t)
+        if r > 0:
+            engine_rate.append(e)
+            plain_rate.append(p)
+    return engine_rate, plain_rate
+
+
+VARIANTS = {
+    "features off": {},
+    "grad clip": {"grad_clip": GradClip("norm", 1.0)},
+    "bf16-mixed": {"precision": "bf16-mixed"},
+}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--updates", type=int, default=300)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--models", default="mlp,cnn")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    register_configs()
+    print(f"torch {torch.__version__}, {args.threads} thread(s), {args.updates} updates x "
+          f"{args.rounds} rounds, MNIST-1D, CPU")
+    print(f"{'model':<6} {'variant':<13} {'engine upd/s':>13} {'plain upd/s':>12} {'ratio':>7}")
+    with initialize_config_module("bprun.conf", version_base="1.3"):
+        for name in args.models.split(","):
+            cfg = compose("config", overrides=[f"model={name}", "dataset=mnist1d"])
+            for variant in args.variants.split(","):
+                engine, plain = measure(cfg, VARIANTS[variant], args.updates, args.rounds)
+                ratio = statistics.median(e / p for e, p in zip(engine, plain, strict=True))
+                print(f"{name:<6} {variant:<13} {statistics.median(engine):>13.1f} "
+                      f"{statistics.median(plain):>12.1f} {ratio:>7.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

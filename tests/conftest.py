@@ -1,0 +1,67 @@
+"""Shared fixtures: a `bprun` runner for end-to-end tests, one thread per process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BPRUN = str(Path(sys.executable).with_name("bprun"))
+
+# Two cores are shared by pytest and the bprun processes it starts.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """One dataset cache for the whole session (MNIST-1D is generated once)."""
+    return tmp_path_factory.mktemp("data")
+
+
+class Result:
+    def __init__(self, proc: subprocess.CompletedProcess, run_dir: Path):
+        self.returncode, self.stdout, self.stderr = proc.returncode, proc.stdout, proc.stderr
+        self.run_dir = run_dir
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+    @property
+    def metrics(self) -> dict:
+        return json.loads((self.run_dir / "metrics.json").read_text())
+
+
+@pytest.fixture
+def bprun(tmp_path, data_dir):
+    """Run the real `bprun` command; returns a Result. The run folder is tmp_path/run
+    unless the arguments name hydra.run.dir themselves."""
+
+    def run(*args: str, check: bool = True, timeout: float = 300, cwd: Path | None = None) -> Result:
+        args = list(args)
+        run_dir = tmp_path / "run"
+        extra = [f"paths.data_dir={data_dir}", "trainer.threads=1", "trainer.progress=false"]
+        if not any(a.startswith(("hydra.run.dir=", "trainer.resume=")) for a in args) and "-m" not in args:
+            extra.append(f"hydra.run.dir={run_dir}")
+        for a in args:
+            if a.startswith("hydra.run.dir="):
+                run_dir = Path(a.split("=", 1)[1])
+        if "-m" in args:
+            extra.append(f"hydra.sweep.dir={tmp_path / 'sweep'}")
+        proc = subprocess.run(
+            [BPRUN, *extra, *args], capture_output=True, text=True, timeout=timeout,
+            cwd=cwd or tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+        result = Result(proc, run_dir)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"bprun {' '.join(args)} exited {proc.returncode}:\n{result.output[-3000:]}")
+        return result
+
+    return run
