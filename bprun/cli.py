@@ -8,6 +8,7 @@ folder with its config, and later overrides on the line apply on top.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -48,8 +49,14 @@ def resume_overrides(argv: list[str]) -> list[str]:
             "resume from a run folder written by bprun"
         )
     skip = ("trainer.resume=", "hydra.run.dir=")
-    previous = [o for o in OmegaConf.load(saved) if not str(o).startswith(skip)]
-    return [*previous, *argv, f"hydra.run.dir={run}"]
+    previous = [str(o) for o in OmegaConf.load(saved) if not str(o).startswith(skip)]
+    # One override per key, the latest winning: Hydra refuses a group chosen twice.
+    merged = {_key(o): o for o in [*previous, *argv]}
+    return [*merged.values(), f"hydra.run.dir={run}"]
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
 
 
 @hydra.main(version_base="1.3", config_path="pkg://bprun.conf", config_name="config")
@@ -70,6 +77,9 @@ def hydra_main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
+    # As with `python -m`, modules in the working directory can be `_target_`s.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         sys.argv[1:] = resume_overrides(sys.argv[1:])
     except BprunError as e:

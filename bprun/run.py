@@ -155,6 +155,8 @@ def evaluate(cfg: DictConfig) -> float | None:
         }
     )
     s.device, s.resume, s.compile = cfg.trainer.device, None, False
+    if s.precision == "16-mixed" and resolve_device(s.device).type != "cuda":
+        s.precision = "32"  # float16 autocast needs CUDA; evaluate in full precision
     trainer, data = build_trainer(saved, None, s)
     ckpt_io.load_model_state(trainer.module, state["model"], path)
     metrics = trainer.evaluate(data.test, "test")
