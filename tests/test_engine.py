@@ -1,0 +1,189 @@
+"""Unit tests of the training loop on small in-memory problems."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from bprun.data import InMemoryLoader
+from bprun.engine import Trainer, TrainerSettings
+from bprun.engine.early_stopping import EarlyStopper
+from bprun.engine.settings import GradClip
+from bprun.engine.trainer import NonFiniteLoss
+from bprun.errors import BprunError
+
+
+def problem(n=230, d=6, classes=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)
+    y = (x[:, 0] + x[:, 1] > 0).long() + (x[:, 2] > 1).long()
+    return x, y.clamp(max=classes - 1)
+
+
+def mlp(d=6, classes=3, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(d, 16), nn.Tanh(), nn.Linear(16, classes))
+
+
+def fit(model, x, y, batch_size, optimizer=None, **settings):
+    optimizer = optimizer or torch.optim.SGD(model.parameters(), lr=0.1)
+    s = TrainerSettings(progress=False, **settings)
+    trainer = Trainer(s, model, nn.CrossEntropyLoss(), optimizer, num_classes=3)
+    loader = InMemoryLoader(x, y, batch_size, shuffle=True, seed=0)
+    trainer.fit(loader, InMemoryLoader(x, y, 1000))
+    return trainer
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_accumulation_matches_one_large_batch(k):
+    x, y = problem(n=230)  # 230 = not a multiple of the window: last window is partial
+    small, big = mlp(), mlp()
+    fit(small, x, y, batch_size=10, accumulate=k, max_epochs=3)
+    fit(big, x, y, batch_size=10 * k, max_epochs=3)
+    for a, b in zip(small.parameters(), big.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(small[0].weight, mlp()[0].weight)  # training happened
+
+
+def test_accumulation_counts_optimizer_updates():
+    x, y = problem(n=230)
+    t = fit(mlp(), x, y, batch_size=10, accumulate=4, max_epochs=2)
+    assert t.update == 2 * math.ceil(23 / 4)
+
+
+def test_training_lowers_loss_and_reaches_accuracy():
+    x, y = problem(n=400)
+    t = fit(mlp(), x, y, batch_size=20, max_epochs=15)
+    assert t.history[-1]["val/loss"] < t.history[0]["val/loss"]
+    assert t.history[-1]["val/acc"] > 0.85
+
+
+def test_grad_clip_norm_bounds_the_update_and_logs_the_norm():
+    x, y = problem()
+    model = mlp()
+    logged = {}
+
+    class Tracker:
+        def log(self, scalars, step):
+            logged.update(scalars)
+
+    s = TrainerSettings(progress=False, max_updates=1, grad_clip=GradClip("norm", 1e-3))
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    t = Trainer(s, model, nn.CrossEntropyLoss(), opt, num_classes=3, tracker=Tracker())
+    t.fit(InMemoryLoader(x, y, 50, shuffle=True), None)
+    step = torch.cat([(p - b).flatten() for p, b in zip(model.parameters(), before, strict=True)])
+    assert step.norm() <= 1e-3 * 1.0001  # lr 1 x clipped gradient norm
+    assert logged["train/grad_norm"] > 1e-3  # the norm before clipping
+
+
+def test_bf16_autocast_on_cpu_trains():
+    x, y = problem(n=400)
+    t = fit(mlp(), x, y, batch_size=20, max_epochs=10, precision="bf16-mixed")
+    assert t.history[-1]["val/acc"] > 0.8
+
+
+def test_16_mixed_on_cpu_is_a_clear_error():
+    with pytest.raises(BprunError, match="bf16-mixed"):
+        fit(mlp(), *problem(), batch_size=10, precision="16-mixed")
+
+
+def test_lbfgs_trains_through_a_closure_and_refuses_accumulation():
+    x, y = problem(n=200)
+    model = mlp()
+    opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=5)
+    t = fit(model, x, y, batch_size=200, optimizer=opt, max_epochs=5)
+    assert t.history[-1]["val/loss"] < t.history[0]["val/loss"] - 0.1
+    with pytest.raises(BprunError, match="accumulate"):
+        fit(mlp(), x, y, 10, optimizer=torch.optim.LBFGS(mlp().parameters()), accumulate=2)
+
+
+def test_step_scheduler_counts_updates_and_epoch_scheduler_counts_epochs():
+    x, y = problem(n=100)
+    for interval, expected in (("step", 2 * 10), ("epoch", 2)):
+        model = mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        s = TrainerSettings(progress=False, max_epochs=2, accumulate=2)
+        Trainer(s, model, nn.CrossEntropyLoss(), opt, sched, interval, num_classes=3).fit(
+            InMemoryLoader(x, y, 5, shuffle=True), InMemoryLoader(x, y, 100)
+        )
+        assert sched.last_epoch == expected
+
+
+def test_plateau_scheduler_receives_the_monitored_metric():
+    x, y = problem(n=100)
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    # threshold 10: no change of the metric counts as an improvement
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=0, factor=0.5, threshold=10)
+    s = TrainerSettings(progress=False, max_epochs=4)
+    Trainer(s, model, nn.CrossEntropyLoss(), opt, sched, "epoch", num_classes=3).fit(
+        InMemoryLoader(x, y, 50), InMemoryLoader(x, y, 100)
+    )
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**4)  # one cut per check
+
+
+def test_nonfinite_loss_stops_and_names_the_update():
+    x, y = problem()
+    x[37] = float("nan")  # first seen in the second epoch's batches at some update
+    with pytest.raises(NonFiniteLoss, match=r"non-finite \(nan\) at update \d+"):
+        fit(mlp(), x, y, batch_size=10, max_epochs=3)
+
+
+def test_nonfinite_skip_skips_and_gives_up_after_consecutive_skips():
+    x, y = problem(n=100)
+    x[5] = float("nan")
+    t = fit(mlp(), x, y, batch_size=10, max_epochs=3, nonfinite="skip")
+    assert t.skipped == 3  # the batch holding sample 5, once per epoch
+    assert all(torch.isfinite(p).all() for p in t.module.parameters())
+    x[:] = float("nan")
+    with pytest.raises(NonFiniteLoss, match="consecutive"):
+        fit(mlp(), x, y, batch_size=10, max_epochs=3, nonfinite="skip", max_consecutive_skips=4)
+
+
+def test_limit_batches_and_max_updates():
+    x, y = problem(n=200)
+    t = fit(mlp(), x, y, batch_size=10, max_epochs=3, max_updates=25)
+    assert t.update == 25 and "max_updates" in t.stop_reason
+
+
+# ---------------------------------------------------------------- early stopping
+def feed(stopper, values):
+    for i, v in enumerate(values):
+        if stopper.step(v):
+            return i
+    return None
+
+
+def test_early_stopping_patience_counts_checks_without_improvement():
+    assert feed(EarlyStopper(patience=2), [5, 4, 4.5, 4.2, 3]) == 3
+    assert feed(EarlyStopper(patience=2), [5, 4, 4.5, 3.9, 4.0, 3.95]) == 5
+
+
+def test_early_stopping_min_delta_and_max_mode():
+    assert feed(EarlyStopper(patience=1, min_delta=0.5), [5, 4.8, 4]) == 1
+    assert feed(EarlyStopper(mode="max", patience=2), [0.5, 0.6, 0.6, 0.55]) == 3
+
+
+def test_early_stopping_check_order():
+    # non-finite first, even when a threshold would also trigger
+    s = EarlyStopper(patience=5, stopping_threshold=1.0)
+    assert feed(s, [2.0, float("nan")]) == 1 and "not finite" in s.stopped_reason
+    s = EarlyStopper(patience=5, stopping_threshold=1.0, divergence_threshold=10.0)
+    assert feed(s, [2.0, 0.5]) == 1 and "stopping threshold" in s.stopped_reason
+    assert feed(EarlyStopper(patience=5, divergence_threshold=10.0), [2.0, 11.0]) == 1
+    s = EarlyStopper(patience=5, check_finite=False)
+    assert feed(s, [2.0, float("nan"), 1.0]) is None
+
+
+def test_early_stopping_state_round_trip():
+    a = EarlyStopper(patience=3)
+    feed(a, [5, 4, 4.5])
+    b = EarlyStopper(patience=3)
+    b.load_state_dict(copy.deepcopy(a.state_dict()))
+    assert feed(a, [4.4, 4.3]) == feed(b, [4.4, 4.3]) == 1
