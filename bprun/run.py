@@ -144,6 +144,10 @@ def evaluate(cfg: DictConfig) -> float | None:
         raise BprunError("task=eval needs ckpt=<run folder or .pt file>")
     path = ckpt_io.resolve_checkpoint(cfg.ckpt, "ckpt")
     state = ckpt_io.load_checkpoint(path)
+    if Path(cfg.ckpt).is_dir() and state.get("topk") and state["topk"]["entries"]:
+        best = path.parent / state["topk"]["entries"][0][1]  # a run folder means its best weights
+        if best.is_file():
+            path, state = best, ckpt_io.load_checkpoint(best)
     if not state.get("config"):
         raise BprunError(f"{path} carries no config; it was not written by bprun train")
     saved = OmegaConf.create(state["config"])

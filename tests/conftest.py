@@ -44,24 +44,39 @@ def bprun(tmp_path, data_dir):
     """Run the real `bprun` command; returns a Result. The run folder is tmp_path/run
     unless the arguments name hydra.run.dir themselves."""
 
-    def run(*args: str, check: bool = True, timeout: float = 300, cwd: Path | None = None) -> Result:
+    def run(
+        *args: str, check: bool = True, timeout: float = 300, cwd: Path | None = None
+    ) -> Result:
         args = list(args)
         run_dir = tmp_path / "run"
         extra = [f"paths.data_dir={data_dir}", "trainer.threads=1", "trainer.progress=false"]
-        if not any(a.startswith(("hydra.run.dir=", "trainer.resume=")) for a in args) and "-m" not in args:
+        if (
+            not any(a.startswith(("hydra.run.dir=", "trainer.resume=")) for a in args)
+            and "-m" not in args
+        ):
             extra.append(f"hydra.run.dir={run_dir}")
         for a in args:
             if a.startswith("hydra.run.dir="):
                 run_dir = Path(a.split("=", 1)[1])
+            if a.startswith("trainer.resume="):
+                run_dir = Path(a.split("=", 1)[1])
+                if run_dir.suffix == ".pt":
+                    run_dir = run_dir.parent.parent
         if "-m" in args:
             extra.append(f"hydra.sweep.dir={tmp_path / 'sweep'}")
         proc = subprocess.run(
-            [BPRUN, *extra, *args], capture_output=True, text=True, timeout=timeout,
-            cwd=cwd or tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
+            [BPRUN, *extra, *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=cwd or tmp_path,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
         )
         result = Result(proc, run_dir)
         if check and proc.returncode != 0:
-            raise AssertionError(f"bprun {' '.join(args)} exited {proc.returncode}:\n{result.output[-3000:]}")
+            raise AssertionError(
+                f"bprun {' '.join(args)} exited {proc.returncode}:\n{result.output[-3000:]}"
+            )
         return result
 
     return run

@@ -24,9 +24,14 @@ def test_same_seed_same_metrics_and_seed_zero_is_honoured(bprun, tmp_path):
     a = bprun("trainer.max_epochs=2", "seed=0", f"hydra.run.dir={tmp_path}/a").metrics
     b = bprun("trainer.max_epochs=2", f"hydra.run.dir={tmp_path}/b").metrics
     c = bprun("trainer.max_epochs=2", "seed=1", f"hydra.run.dir={tmp_path}/c").metrics
-    assert a["history"] == [{**h, "time/epoch_s": a["history"][i]["time/epoch_s"],
-                             "throughput/samples_per_s": a["history"][i]["throughput/samples_per_s"]}
-                            for i, h in enumerate(b["history"])]
+    assert a["history"] == [
+        {
+            **h,
+            "time/epoch_s": a["history"][i]["time/epoch_s"],
+            "throughput/samples_per_s": a["history"][i]["throughput/samples_per_s"],
+        }
+        for i, h in enumerate(b["history"])
+    ]
     assert a["test"] == b["test"]
     assert a["test"] != c["test"]
 
@@ -46,7 +51,16 @@ def test_unknown_group_option_lists_choices(bprun):
 
 def test_help_lists_groups_and_options():
     out = subprocess.run([BPRUN, "--help"], capture_output=True, text=True, timeout=60).stdout
-    for word in ("dataset:", "model:", "optim:", "sched:", "trainer:", "mnist1d", "adamw", "cosine"):
+    for word in (
+        "dataset:",
+        "model:",
+        "optim:",
+        "sched:",
+        "trainer:",
+        "mnist1d",
+        "adamw",
+        "cosine",
+    ):
         assert word in out
 
 
@@ -54,9 +68,18 @@ def test_python_dash_m_entry_point(tmp_path, data_dir):
     import sys
 
     proc = subprocess.run(
-        [sys.executable, "-m", "bprun", f"hydra.run.dir={tmp_path}/r", f"paths.data_dir={data_dir}",
-         "trainer.fast_dev_run=true", "trainer.threads=1"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "bprun",
+            f"hydra.run.dir={tmp_path}/r",
+            f"paths.data_dir={data_dir}",
+            "trainer.fast_dev_run=true",
+            "trainer.threads=1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "r" / "metrics.json").is_file()

@@ -1,0 +1,264 @@
+"""Checkpoints, exact resume, preemption and bad input, with real processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import BPRUN
+
+from bprun.engine import checkpoint as ckpt_io
+from bprun.errors import BprunError
+
+# A small run with everything that decides its future: accumulation, a per-update
+# scheduler, dropout (RNG), and a checkpoint after every update.
+RESUMABLE = {
+    "mlp": ["model=mlp", "model.hidden=[64]", "model.dropout=0.1"],
+    "cnn": ["model=cnn", "model.channels=[8,16]", "model.dropout=0.2"],
+}
+COMMON = [
+    "trainer.max_epochs=4",
+    "trainer.accumulate=2",
+    "sched=cosine",
+    "sched.interval=step",
+    "trainer.checkpoint.every_n_updates=1",
+    "optim=adamw",
+]
+
+
+def start(args, data_dir, run_dir):
+    cmd = [
+        BPRUN,
+        f"paths.data_dir={data_dir}",
+        "trainer.threads=1",
+        "trainer.progress=false",
+        f"hydra.run.dir={run_dir}",
+        *args,
+    ]
+    return subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+
+
+def saved_update(path: Path) -> int:
+    try:
+        return torch.load(path, weights_only=True)["progress"]["update"]
+    except Exception:
+        return -1
+
+
+def wait_for_update(proc, last: Path, update: int, timeout=120) -> None:
+    deadline = time.time() + timeout
+    while saved_update(last) < update:
+        assert proc.poll() is None, f"run ended before update {update}:\n{proc.stdout.read()}"
+        assert time.time() < deadline
+        time.sleep(0.005)
+
+
+def model_state(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["model"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_sigkill_then_resume_is_bit_identical(model, bprun, data_dir, tmp_path):
+    args = RESUMABLE[model] + COMMON
+    reference = bprun(*args, f"hydra.run.dir={tmp_path}/ref")
+    assert reference.metrics["updates"] == 4 * 18
+    expected = model_state(reference.run_dir)
+    # kill points: early, at an epoch boundary (18 updates/epoch), mid-epoch later on
+    for kill_at in (3, 18, 41):
+        run_dir = tmp_path / f"killed{kill_at}"
+        proc = start(args, data_dir, run_dir)
+        wait_for_update(proc, run_dir / "checkpoints" / "last.pt", kill_at)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        killed_at = saved_update(run_dir / "checkpoints" / "last.pt")
+        assert killed_at < 72, "the run finished before it was killed"
+        resumed = bprun(f"trainer.resume={run_dir}")
+        assert resumed.metrics["updates"] == 72
+        assert f"update {killed_at}" in resumed.stdout
+        got = model_state(run_dir)
+        assert got.keys() == expected.keys()
+        for k in expected:
+            assert torch.equal(got[k], expected[k]), f"{k} differs after resume from {killed_at}"
+        assert resumed.metrics["test"] == reference.metrics["test"]
+
+
+def test_sigterm_saves_prints_resume_command_and_it_works(bprun, data_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start(
+        ["trainer.max_epochs=50", "trainer.checkpoint.every_n_updates=5"], data_dir, run_dir
+    )
+    wait_for_update(proc, run_dir / "checkpoints" / "last.pt", 5)
+    sent = time.time()
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 143, out
+    assert time.time() - sent < 10
+    assert "SIGTERM" in out and "Traceback" not in out
+    command = next(
+        line.strip()
+        for line in out.splitlines()
+        if line.strip().startswith("bprun trainer.resume=")
+    )
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    stopped_at = state["progress"]["update"]
+    assert stopped_at >= 5
+    metrics = (run_dir / "metrics.json").read_text()
+    assert '"status": "failed"' in metrics or '"status": "interrupted"' in metrics
+    # the printed command works (with fewer epochs, as another override on the line)
+    resumed = bprun(*command.split()[1:], "trainer.max_epochs=3")
+    assert resumed.metrics["status"] == "completed" and resumed.metrics["updates"] == 3 * 36
+
+
+def test_sigint_exits_130_after_saving(data_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start(
+        ["trainer.max_epochs=50", "trainer.checkpoint.every_n_updates=5"], data_dir, run_dir
+    )
+    wait_for_update(proc, run_dir / "checkpoints" / "last.pt", 5)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out
+    assert "bprun trainer.resume=" in out
+
+
+def test_resume_continues_tensorboard_without_duplicate_steps(bprun, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    bprun("trainer.max_epochs=2", "trainer.log_every_n_updates=10")
+    r = bprun(f"trainer.resume={tmp_path}/run", "trainer.max_epochs=3")
+    acc = EventAccumulator(str(r.run_dir))
+    acc.Reload()
+    steps = [e.step for e in acc.Scalars("val/loss")]
+    assert steps == [36, 72, 108]
+
+
+def test_top_k_keeps_the_best_and_names_files(bprun):
+    r = bprun("trainer.max_epochs=6", "trainer.checkpoint.save_top_k=2", "optim.lr=0.01")
+    files = sorted(p.name for p in (r.run_dir / "checkpoints").glob("epoch=*.pt"))
+    assert len(files) == 2
+    history = r.metrics["history"]
+    best_two = sorted(history, key=lambda h: h["val/loss"])[:2]
+    for h in best_two:
+        assert any(
+            f.startswith(f"epoch={h['epoch']:03d}-step={h['update']}-val_loss=") for f in files
+        )
+    state = torch.load(r.run_dir / "checkpoints" / files[0], weights_only=True)
+    assert not any(k.startswith(("_orig_mod.", "module.")) for k in state["model"])
+    assert {"model", "optimizer", "rng", "progress", "early_stopping", "topk", "config"} <= set(
+        state
+    )
+    assert "model:" in state["config"]
+
+
+def test_interrupted_write_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    ckpt_io.atomic_save({"model": {"w": torch.zeros(3)}}, path)
+
+    def crash(*a, **k):
+        raise OSError("disk vanished")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError):
+        ckpt_io.atomic_save({"model": {"w": torch.ones(3)}}, path)
+    monkeypatch.undo()
+    assert torch.equal(ckpt_io.load_checkpoint(path)["model"]["w"], torch.zeros(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_process_killed_during_large_saves_never_leaves_a_torn_file(tmp_path):
+    path = tmp_path / "last.pt"
+    ckpt_io.atomic_save({"model": {"w": torch.zeros(1)}}, path)
+    writer = (
+        "import sys, torch\nfrom bprun.engine.checkpoint import atomic_save\n"
+        "i = 0\nwhile True:\n    i += 1\n"
+        "    atomic_save({'model': {'w': torch.full((8_000_000,), float(i))}}, sys.argv[1])\n"
+    )
+    for delay in (0.3, 0.7, 1.1):
+        proc = subprocess.Popen([sys.executable, "-c", writer, str(path)])
+        time.sleep(delay)
+        proc.kill()
+        proc.wait()
+        w = ckpt_io.load_checkpoint(path)["model"]["w"]
+        assert w.numel() in (1, 8_000_000) and bool((w == w[0]).all())
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, (f"touch {MARKER}",))
+
+
+MARKER = Path("/tmp/bprun-payload-ran")
+
+
+def test_malicious_checkpoint_is_refused_and_never_runs(bprun, tmp_path):
+    MARKER.unlink(missing_ok=True)
+    run_dir = tmp_path / "evil"
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "overrides.yaml").write_text("[]\n")
+    (run_dir / "checkpoints").mkdir()
+    torch.save({"model": {}, "x": Payload()}, run_dir / "checkpoints" / "last.pt")
+    for args in ([f"trainer.resume={run_dir}"], ["task=eval", f"ckpt={run_dir}"]):
+        r = bprun(*args, check=False)
+        assert r.returncode != 0
+        assert "refused to load" in r.output and "Traceback" not in r.output
+        assert not MARKER.exists()
+
+
+def test_bad_resume_inputs_give_one_line_errors(bprun, tmp_path):
+    r = bprun(f"trainer.resume={tmp_path}/nope", check=False)
+    assert (
+        r.returncode != 0 and "no such file or folder" in r.output and "Traceback" not in r.output
+    )
+
+    good = bprun("trainer.max_epochs=1")
+    last = good.run_dir / "checkpoints" / "last.pt"
+    before = sorted(p.name for p in good.run_dir.rglob("*"))
+    data = last.read_bytes()
+    last.write_bytes(data[: len(data) // 2])  # truncated
+    r = bprun(f"trainer.resume={good.run_dir}", check=False)
+    assert (
+        r.returncode != 0 and "truncated or corrupted" in r.output and "Traceback" not in r.output
+    )
+    assert sorted(p.name for p in good.run_dir.rglob("*")) == before  # nothing lost or added
+
+    last.write_bytes(data)
+    r = bprun(f"trainer.resume={good.run_dir}", "model.hidden=[32]", check=False)
+    assert r.returncode != 0 and "does not match" in r.output
+    assert "blocks.0.0.weight" in r.output and "Traceback" not in r.output
+
+
+def test_impossible_combination_is_a_clear_error(bprun):
+    r = bprun("trainer.precision=16-mixed", "trainer.device=cpu", check=False)
+    assert r.returncode != 0 and "bf16-mixed" in r.output and "Traceback" not in r.output
+
+
+def test_eval_task_uses_the_runs_own_config(bprun, tmp_path):
+    import json
+
+    trained = bprun("model=cnn", "model.channels=[8,16]", "trainer.max_epochs=2")
+    # the eval command composes the default model (mlp); eval must rebuild the run's cnn
+    r = bprun("task=eval", f"ckpt={trained.run_dir}", f"hydra.run.dir={tmp_path}/eval")
+    out = json.loads((trained.run_dir / "checkpoints" / "eval.json").read_text())
+    # a run folder means its best checkpoint: the weights the run's own test used
+    assert out["test/acc"] == trained.metrics["test"]["test/acc"]
+    assert "epoch=" in out["checkpoint"] and "test/acc" in r.stdout
+
+
+def test_checkpoint_errors_are_bprun_errors(tmp_path):
+    with pytest.raises(BprunError, match="no such file"):
+        ckpt_io.resolve_checkpoint(tmp_path / "missing")
+    with pytest.raises(BprunError, match="no checkpoints/last.pt"):
+        ckpt_io.resolve_checkpoint(tmp_path)
