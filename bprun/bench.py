@@ -54,8 +54,15 @@ def plain_loop(model, loss_fn, optimizer, x, y, batch_size, updates, seed, clip=
 
 
 def engine_loop(settings, model, loss_fn, optimizer, data, device):
-    trainer = Trainer(settings, model, loss_fn, optimizer, device=device,
-                      task=data.dataset.task, num_classes=data.dataset.num_classes)
+    trainer = Trainer(
+        settings,
+        model,
+        loss_fn,
+        optimizer,
+        device=device,
+        task=data.dataset.task,
+        num_classes=data.dataset.num_classes,
+    )
     trainer.fit(data.train, None)
 
 
@@ -65,8 +72,9 @@ def measure(cfg, variant: dict, updates: int, rounds: int) -> tuple[list[float],
     torch.manual_seed(0)
     initial = build_model(cfg.model, data.dataset).to(device)
     loss_fn = build_loss(cfg.loss)
-    settings = TrainerSettings(max_epochs=10**6, max_updates=updates, progress=False,
-                               log_every_n_updates=50, **variant)
+    settings = TrainerSettings(
+        max_epochs=10**6, max_updates=updates, progress=False, log_every_n_updates=50, **variant
+    )
     clip = settings.grad_clip.max
     dtype = torch.bfloat16 if settings.precision == "bf16-mixed" else None
 
@@ -82,8 +90,18 @@ def measure(cfg, variant: dict, updates: int, rounds: int) -> tuple[list[float],
         e = updates / (time.perf_counter() - t)
         model, opt = fresh()
         t = time.perf_counter()
-        plain_loop(model, loss_fn, opt, data.train.x, data.train.y, data.train.batch_size,
-                   updates, data.train.seed, clip, dtype)
+        plain_loop(
+            model,
+            loss_fn,
+            opt,
+            data.train.x,
+            data.train.y,
+            data.train.batch_size,
+            updates,
+            data.train.seed,
+            clip,
+            dtype,
+        )
         p = updates / (time.perf_counter() - t)
         if r > 0:
             engine_rate.append(e)
@@ -108,8 +126,10 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     register_configs()
-    print(f"torch {torch.__version__}, {args.threads} thread(s), {args.updates} updates x "
-          f"{args.rounds} rounds, MNIST-1D, CPU")
+    print(
+        f"torch {torch.__version__}, {args.threads} thread(s), {args.updates} updates x "
+        f"{args.rounds} rounds, MNIST-1D, CPU"
+    )
     print(f"{'model':<6} {'variant':<13} {'engine upd/s':>13} {'plain upd/s':>12} {'ratio':>7}")
     with initialize_config_module("bprun.conf", version_base="1.3"):
         for name in args.models.split(","):
@@ -117,8 +137,11 @@ def main(argv=None) -> None:
             for variant in args.variants.split(","):
                 engine, plain = measure(cfg, VARIANTS[variant], args.updates, args.rounds)
                 ratio = statistics.median(e / p for e, p in zip(engine, plain, strict=True))
-                print(f"{name:<6} {variant:<13} {statistics.median(engine):>13.1f} "
-                      f"{statistics.median(plain):>12.1f} {ratio:>7.3f}", flush=True)
+                print(
+                    f"{name:<6} {variant:<13} {statistics.median(engine):>13.1f} "
+                    f"{statistics.median(plain):>12.1f} {ratio:>7.3f}",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":
