@@ -1,0 +1,83 @@
+"""End-to-end runs of the training-loop features through the real command."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def test_early_stopping_in_a_real_run(bprun):
+    # min_delta 10: nothing after the first check counts as improvement -> stop at check 3
+    r = bprun("trainer.max_epochs=20", "trainer.early_stopping.patience=2",
+              "trainer.early_stopping.min_delta=10")
+    m = r.metrics
+    assert m["epochs"] == 3
+    assert m["stop_reason"].startswith("early stopping: val/loss did not improve in the last 2")
+    assert "early stopping" in r.stdout
+
+
+def test_early_stopping_threshold_on_accuracy(bprun):
+    r = bprun("model=cnn", "optim=adamw", "trainer.max_epochs=30",
+              "trainer.early_stopping.monitor=val/acc", "trainer.early_stopping.mode=max",
+              "trainer.early_stopping.stopping_threshold=0.5")
+    m = r.metrics
+    assert m["epochs"] < 30 and "stopping threshold" in m["stop_reason"]
+    assert m["history"][-1]["val/acc"] > 0.5 and all(h["val/acc"] <= 0.5 for h in m["history"][:-1])
+
+
+@pytest.mark.slow
+def test_bf16_mixed_trains_the_cnn_on_cpu(bprun):
+    m = bprun("model=cnn", "optim=adamw", "trainer.precision=bf16-mixed", "trainer.max_epochs=10").metrics
+    assert m["test"]["test/acc"] >= 0.85
+
+
+def test_nonfinite_loss_stops_naming_update_and_last_good_checkpoint(bprun):
+    r = bprun("optim=sgd", "optim.lr=1e30", "trainer.max_epochs=3", check=False)
+    assert r.returncode != 0 and "Traceback" not in r.output
+    assert "loss became non-finite" in r.output and "at update" in r.output
+    assert r.metrics["status"] == "failed"
+    ckpts = list((r.run_dir / "checkpoints").glob("*.pt")) if (r.run_dir / "checkpoints").exists() else []
+    assert ckpts == []  # the very first updates blew up: nothing non-finite was saved
+
+
+def test_nonfinite_skip_counts_and_gives_up(bprun):
+    r = bprun("optim=sgd", "optim.lr=1e30", "trainer.nonfinite=skip",
+              "trainer.max_consecutive_skips=3", check=False)
+    assert r.returncode != 0 and "consecutive updates had a non-finite loss" in r.output
+    assert "update skipped" in r.output
+
+
+def test_fast_dev_run_writes_no_checkpoints(bprun):
+    r = bprun("trainer.fast_dev_run=true")
+    m = r.metrics
+    assert m["epochs"] == 1 and m["updates"] == 2
+    assert not (r.run_dir / "checkpoints").exists()
+    assert m["status"] == "completed" and "test/acc" in m["test"]
+
+
+def test_limit_train_batches_fraction_and_count(bprun, tmp_path):
+    assert bprun("trainer.max_epochs=1", "trainer.limit_train_batches=0.25",
+                 f"hydra.run.dir={tmp_path}/a").metrics["updates"] == 9
+    assert bprun("trainer.max_epochs=2", "trainer.limit_train_batches=5",
+                 f"hydra.run.dir={tmp_path}/b").metrics["updates"] == 10
+
+
+def test_overfit_batches_drives_training_loss_down(bprun):
+    m = bprun("trainer.overfit_batches=2", "trainer.max_epochs=60", "optim.lr=0.003").metrics
+    assert m["updates"] == 120
+    assert m["history"][-1]["val/acc"] == 1.0  # validation is on the same two batches
+    assert m["history"][-1]["train/loss"] < 0.05
+
+
+def test_detect_anomaly_runs(bprun):
+    assert bprun("trainer.detect_anomaly=true", "trainer.max_updates=3").metrics["status"] == "completed"
+
+
+def test_gradient_clipping_and_accumulation_from_the_command_line(bprun):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    r = bprun("trainer.max_epochs=1", "trainer.grad_clip.max=0.5", "trainer.accumulate=3",
+              "trainer.log_every_n_updates=4")
+    assert r.metrics["updates"] == 12
+    acc = EventAccumulator(str(r.run_dir))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/grad_norm")] == [4, 8, 12]
