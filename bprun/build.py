@@ -16,10 +16,18 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from bprun.data import Dataset, InMemoryLoader, split_validation
+from bprun.data.augment import make_transforms
 from bprun.errors import BprunError
 from bprun.models import init_weights
+from bprun.optim import param_groups_weight_decay
 
-DATA_KEYS = {"batch_size": 64, "eval_batch_size": 1000, "val_fraction": 0.1, "val_seed": 0}
+DATA_KEYS = {
+    "batch_size": 64,
+    "eval_batch_size": 1000,
+    "val_fraction": 0.1,
+    "val_seed": 0,
+    "augment": None,
+}
 
 
 def _split(node: DictConfig | dict | None, defaults: dict) -> tuple[dict, dict]:
@@ -60,10 +68,26 @@ def build_data(
     overfit: float | None = None,
     fast_dev_run: bool = False,
 ) -> Data:
+    """Loaders over tensors on `device`. Inputs stay in their stored dtype there (uint8 for
+    images); the loaders' transforms make them float and, for training only, augment them."""
     args, own = _split(node, DATA_KEYS)
     dataset: Dataset = _instantiate(args, "dataset")
-    x_tr, y_tr, x_val, y_val = split_validation(
-        dataset.x_train, dataset.y_train, own["val_fraction"], own["val_seed"]
+    try:
+        x_tr, y_tr, x_val, y_val = split_validation(
+            dataset.x_train,
+            dataset.y_train,
+            own["val_fraction"],
+            own["val_seed"],
+            dataset.split_gap,
+        )
+    except ValueError as e:
+        raise BprunError(str(e)) from None
+    if len(x_tr) == 0:
+        raise BprunError(
+            f"dataset.val_fraction={own['val_fraction']} leaves no training examples: lower it"
+        )
+    train_tf, eval_tf = make_transforms(
+        dataset.x_train, dataset.mean, dataset.std, own["augment"], device
     )
     put = lambda t: t.to(device)  # noqa: E731 - data lives on the training device
     bs, ebs = own["batch_size"], own["eval_batch_size"]
@@ -71,8 +95,9 @@ def build_data(
     few = 2 if fast_dev_run else None
     if overfit is not None:  # train and validate on the same first batches, in order
         k = _count(overfit, n_train)
-        train = InMemoryLoader(put(x_tr), put(y_tr), bs, shuffle=False, max_batches=k)
-        val = InMemoryLoader(put(x_tr), put(y_tr), bs, shuffle=False, max_batches=k)
+        x, y = put(x_tr), put(y_tr)
+        train = InMemoryLoader(x, y, bs, shuffle=False, transform=train_tf, max_batches=k)
+        val = InMemoryLoader(x, y, bs, shuffle=False, transform=eval_tf, max_batches=k)
     else:
         train = InMemoryLoader(
             put(x_tr),
@@ -80,15 +105,22 @@ def build_data(
             bs,
             shuffle=True,
             seed=seed,
+            transform=train_tf,
             max_batches=few or _count(limit_train, n_train),
         )
         val = None
         if len(x_val):
             n_val = -(-len(x_val) // ebs)
             val = InMemoryLoader(
-                put(x_val), put(y_val), ebs, max_batches=few or _count(limit_val, n_val)
+                put(x_val),
+                put(y_val),
+                ebs,
+                transform=eval_tf,
+                max_batches=few or _count(limit_val, n_val),
             )
-    test = InMemoryLoader(put(dataset.x_test), put(dataset.y_test), ebs, max_batches=few)
+    test = InMemoryLoader(
+        put(dataset.x_test), put(dataset.y_test), ebs, transform=eval_tf, max_batches=few
+    )
     return Data(dataset, train, val, test)
 
 
@@ -118,16 +150,36 @@ def build_loss(node: DictConfig) -> nn.Module:
 
 
 def build_optimizer(node: DictConfig, model: nn.Module) -> torch.optim.Optimizer:
-    args, _ = _split(node, {})
+    """The `_partial_` optimizer node applied to the trainable parameters.
+
+    `no_decay_norm_bias: true` (bprun's own key) splits them into two groups:
+    weight_decay from the node for weights, 0 for biases and normalisation
+    parameters (see `bprun.optim.param_groups_weight_decay`).
+    """
+    args, own = _split(node, {"no_decay_norm_bias": False})
     make = _instantiate(args, "optim")
+    if own["no_decay_norm_bias"]:
+        if _is_lbfgs(make):
+            raise BprunError(
+                "optim.no_decay_norm_bias=true needs parameter groups, which torch.optim.LBFGS "
+                "does not support: set optim.no_decay_norm_bias=false"
+            )
+        params = param_groups_weight_decay(model, args.get("weight_decay"))
+    else:
+        params = [p for p in model.parameters() if p.requires_grad]
     try:
-        return make(params=[p for p in model.parameters() if p.requires_grad])
+        return make(params=params)
     except (TypeError, ValueError) as e:
         raise BprunError(f"cannot build optim ({args['_target_']}): {e}") from None
 
 
+def _is_lbfgs(make) -> bool:
+    func = getattr(make, "func", make)
+    return isinstance(func, type) and issubclass(func, torch.optim.LBFGS)
+
+
 # Scheduler arguments that mean "the length of the run" and are filled in when null.
-LENGTH_KEYS = ("T_max", "total_steps", "total_iters")
+LENGTH_KEYS = ("T_max", "total_steps", "total_iters", "total_updates")
 
 
 def build_scheduler(
@@ -141,6 +193,13 @@ def build_scheduler(
     args, own = _split(node, {"interval": "epoch"})
     if not args.get("_target_"):
         return None, own["interval"]
+    if own["interval"] not in ("step", "epoch"):
+        raise BprunError(f"sched.interval must be step or epoch, got '{own['interval']}'")
+    if args["_target_"].endswith("ReduceLROnPlateau") and own["interval"] != "epoch":
+        raise BprunError(
+            "sched=plateau reads the validation metric, which exists once per epoch: "
+            "set sched.interval=epoch"
+        )
     steps = epochs if own["interval"] == "epoch" else updates_per_epoch * epochs
     if own["interval"] == "step" and max_updates is not None:
         steps = min(steps, max_updates)
