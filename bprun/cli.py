@@ -64,6 +64,8 @@ def hydra_main(cfg: DictConfig) -> float | None:
     from bprun.run import run  # torch loads only once the config is valid
 
     hc = HydraConfig.get()
+    if hc.mode == RunMode.MULTIRUN:
+        cfg.trainer.progress = False  # a sweep prints one line per job, not interleaved bars
     try:
         return run(cfg, Path(hc.runtime.output_dir))
     except BprunError as e:

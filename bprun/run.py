@@ -17,12 +17,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from bprun.build import build_data, build_loss, build_model, build_optimizer, build_scheduler
+from bprun.diagnostics import diagnostic_callbacks
 from bprun.engine import checkpoint as ckpt_io
 from bprun.engine.precision import resolve_device
 from bprun.engine.settings import TrainerSettings
 from bprun.engine.trainer import Trainer
 from bprun.errors import BprunError
-from bprun.tracking import Tracker, result_table, write_json
+from bprun.tracking import Tracker, log_hparams, result_table, tensorboard_callbacks, write_json
 
 log = logging.getLogger("bprun")
 
@@ -38,7 +39,15 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
         return train(cfg, run_dir)
     if cfg.task == "eval":
         return evaluate(cfg)
-    raise BprunError(f"task='{cfg.task}' is not known: use task=train or task=eval")
+    if cfg.task == "gradcheck":
+        from bprun.diagnostics.gradcheck import gradcheck_task
+
+        return gradcheck_task(cfg, run_dir)
+    if cfg.task == "lr_find":
+        from bprun.diagnostics.lr_find import lr_find_task
+
+        return lr_find_task(cfg, run_dir)
+    raise BprunError(f"task='{cfg.task}' is not known: use task=train, eval, gradcheck or lr_find")
 
 
 def _settings(cfg: DictConfig) -> TrainerSettings:
@@ -81,6 +90,10 @@ def build_trainer(cfg: DictConfig, run_dir: Path | None, s: TrainerSettings):
         num_classes=data.dataset.num_classes,
         run_dir=run_dir,
         config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
+        callbacks=[
+            *tensorboard_callbacks(s, run_dir),
+            *diagnostic_callbacks(s, run_dir),
+        ],
     )
     return trainer, data
 
@@ -132,6 +145,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float | None:
         if resumed:
             summary["resumed_from"] = str(resumed)
         write_json(summary, run_dir / "metrics.json")
+        log_hparams(trainer.tracker, cfg, summary)
         trainer.tracker.close()
     log.info(result_table(summary))
     best = trainer.best.get(s.monitor)

@@ -28,6 +28,15 @@ class Tracker:
         self.writer.close()
 
 
+def tensorboard_callbacks(settings, run_dir) -> list:
+    """Trainer callbacks for the TensorBoard extras switched on in `settings`."""
+    return []
+
+
+def log_hparams(tracker: Tracker, cfg, summary: dict) -> None:
+    """Hyperparameters with the final metrics, for TensorBoard's HPARAMS tab."""
+
+
 def _plain(value):
     """JSON has no NaN or infinity: write them as strings a reader can still parse."""
     if isinstance(value, float) and not math.isfinite(value):

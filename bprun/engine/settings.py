@@ -39,6 +39,15 @@ class Checkpointing:
 
 
 @dataclass
+class GradWatch:
+    """Warn when per-layer gradient norms stay below/above a threshold for `patience` updates."""
+
+    vanish_below: float | None = None
+    explode_above: float | None = None
+    patience: int = 5  # consecutive updates before a warning
+
+
+@dataclass
 class TrainerSettings:
     max_epochs: int = 20
     max_updates: int | None = None  # stop after this many optimizer updates
@@ -60,6 +69,13 @@ class TrainerSettings:
     limit_train_batches: float | None = None  # <= 1.0: fraction of batches, > 1: count
     limit_val_batches: float | None = None
     overfit_batches: float | None = None  # train and validate on the same few batches
-    detect_anomaly: bool = False
+    detect_anomaly: bool = False  # name the layer whose backward produced NaN/inf
+    # Instruments: all off by default, and free when off.
+    log_grad_norms: bool = False  # per-layer gradient norms and update/weight ratios
+    log_histograms_every_n_epochs: int | None = None  # weight and gradient histograms
+    log_graph: bool = False  # the model graph in TensorBoard
+    grad_flow_every_n_epochs: int | None = None  # gradient-flow chart (PNG + TensorBoard)
+    dead_units: bool = False  # share of never-active units per ReLU-family layer
+    grad_watch: GradWatch = field(default_factory=GradWatch)
     channels_last: bool = False
     compile: bool = False  # torch.compile the model

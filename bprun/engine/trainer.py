@@ -66,7 +66,13 @@ class Trainer:
         self.task, self.num_classes = task, num_classes
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.tracker, self.config_yaml = tracker, config_yaml
+        # Hooks: each a list of bound methods, so a hook nobody implements costs one empty loop.
         self.callbacks = list(callbacks)
+        self._on_fit_start = self._hook("on_fit_start")  # (trainer, train_loader)
+        self._on_before_step = self._hook("on_before_optimizer_step")  # (trainer): grads final
+        self._on_update_end = self._hook("on_update_end")  # (trainer): after step and zero_grad
+        self._on_epoch_end = self._hook("on_epoch_end")  # (trainer, metrics) before logging
+        self._on_fit_end = self._hook("on_fit_end")  # (trainer)
         self._check_combinations()
         self.uses_closure = isinstance(optimizer, torch.optim.LBFGS)
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -100,6 +106,9 @@ class Trainer:
             if self.checkpointing
             else None
         )
+
+    def _hook(self, name: str) -> list:
+        return [getattr(cb, name) for cb in self.callbacks if hasattr(cb, name)]
 
     # ------------------------------------------------------------------ checks
     def _check_combinations(self) -> None:
@@ -140,8 +149,12 @@ class Trainer:
         anomaly = torch.autograd.detect_anomaly() if s.detect_anomaly else contextlib.nullcontext()
         start = time.perf_counter()
         with StopSignals() as self.signals, anomaly:
+            for fn in self._on_fit_start:
+                fn(self, train)
             while self.epoch < s.max_epochs and self.stop_reason is None:
                 self._run_epoch(train, val)
+            for fn in self._on_fit_end:
+                fn(self)
         if self.stop_reason is None:
             self.stop_reason = f"max_epochs={s.max_epochs} reached"
         log.info(f"stopped: {self.stop_reason}")
@@ -179,9 +192,8 @@ class Trainer:
                 self.stop_reason = f"early stopping: {self.stopper.stopped_reason}"
         if self.scheduler is not None and self.scheduler_interval == "epoch":
             self._step_scheduler(metrics)
-        for cb in self.callbacks:
-            if hasattr(cb, "on_epoch_end"):
-                cb.on_epoch_end(self, metrics)
+        for fn in self._on_epoch_end:
+            fn(self, metrics)
 
         self.epoch, self.batch, self.epoch_loss = self.epoch + 1, 0, [0.0, 0]
         if self.checkpointing:
@@ -231,6 +243,8 @@ class Trainer:
                 self._optimizer_step()
             self.batch = b + 1
             self.update += 1
+            for fn in self._on_update_end:
+                fn(self)
             if bar is not None:
                 bar.update(self.batch - bar.n)
             if self.update % s.log_every_n_updates == 0:
@@ -308,9 +322,8 @@ class Trainer:
             return
         self.consecutive_skips = 0
         self._clip()
-        for cb in self.callbacks:
-            if hasattr(cb, "on_before_optimizer_step"):
-                cb.on_before_optimizer_step(self)
+        for fn in self._on_before_step:
+            fn(self)
         if self.scaler is None:
             self.optimizer.step()
             stepped = True
@@ -346,14 +359,10 @@ class Trainer:
                 if self._last_saved
                 else "no checkpoint was written before it"
             )
-            resume = (
-                f"; resume it with a lower optim.lr or trainer.grad_clip.max: bprun trainer.resume={self._last_saved}"
-                if self._last_saved
-                else ""
-            )
             raise NonFiniteLoss(
                 f"loss became non-finite ({losses[first].item()}) at update {bad_update} "
-                f"(epoch {self.epoch + 1}); training stopped, {last}{resume}"
+                f"(epoch {self.epoch + 1}); training stopped, {last}. Try a lower optim.lr, "
+                "trainer.grad_clip.max, or trainer.nonfinite=skip"
             )
         total = float(losses.sum())
         self.epoch_loss = [self.epoch_loss[0] + total, self.epoch_loss[1] + len(losses)]
