@@ -30,6 +30,7 @@ from bprun.engine.settings import GradClip
 def plain_loop(model, loss_fn, optimizer, x, y, batch_size, updates, seed, clip=None, dtype=None):
     """What a user writes by hand: permutation, slices, forward, backward, step."""
     model.train()
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     n, done, epoch = len(x), 0, 0
     while done < updates:
         g = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % (2**63))
@@ -41,10 +42,15 @@ def plain_loop(model, loss_fn, optimizer, x, y, batch_size, updates, seed, clip=
             else:
                 with torch.autocast(x.device.type, dtype=dtype):
                     loss = loss_fn(model(x[idx]), y[idx])
-            loss.backward()
-            if clip is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), clip)
-            optimizer.step()
+            if scaler is None:
+                loss.backward()
+                if clip is not None:
+                    nn.utils.clip_grad_norm_(model.parameters(), clip)
+                optimizer.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
             optimizer.zero_grad(set_to_none=True)
             done += 1
             if done == updates:
@@ -66,17 +72,21 @@ def engine_loop(settings, model, loss_fn, optimizer, data, device):
     trainer.fit(data.train, None)
 
 
-def measure(cfg, variant: dict, updates: int, rounds: int) -> tuple[list[float], list[float]]:
-    device = torch.device("cpu")
+def measure(cfg, variant: dict, updates: int, rounds: int, device: torch.device):
     data = build_data(cfg.dataset, device, seed=0)
     torch.manual_seed(0)
     initial = build_model(cfg.model, data.dataset).to(device)
     loss_fn = build_loss(cfg.loss)
     settings = TrainerSettings(
-        max_epochs=10**6, max_updates=updates, progress=False, log_every_n_updates=50, **variant
+        max_epochs=10**6,
+        max_updates=updates,
+        progress=False,
+        log_every_n_updates=50,
+        device=str(device),
+        **variant,
     )
     clip = settings.grad_clip.max
-    dtype = torch.bfloat16 if settings.precision == "bf16-mixed" else None
+    dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(settings.precision)
 
     def fresh():
         model = copy.deepcopy(initial)
@@ -85,10 +95,13 @@ def measure(cfg, variant: dict, updates: int, rounds: int) -> tuple[list[float],
     engine_rate, plain_rate = [], []
     for r in range(rounds + 1):  # round 0 warms up caches and allocators
         model, opt = fresh()
+        sync(device)
         t = time.perf_counter()
         engine_loop(settings, model, loss_fn, opt, data, device)
+        sync(device)
         e = updates / (time.perf_counter() - t)
         model, opt = fresh()
+        sync(device)
         t = time.perf_counter()
         plain_loop(
             model,
@@ -102,6 +115,7 @@ def measure(cfg, variant: dict, updates: int, rounds: int) -> tuple[list[float],
             clip,
             dtype,
         )
+        sync(device)
         p = updates / (time.perf_counter() - t)
         if r > 0:
             engine_rate.append(e)
@@ -109,10 +123,16 @@ def measure(cfg, variant: dict, updates: int, rounds: int) -> tuple[list[float],
     return engine_rate, plain_rate
 
 
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 VARIANTS = {
     "features off": {},
     "grad clip": {"grad_clip": GradClip("norm", 1.0)},
     "bf16-mixed": {"precision": "bf16-mixed"},
+    "16-mixed": {"precision": "16-mixed"},  # CUDA only: GradScaler on both sides
 }
 
 
@@ -122,20 +142,22 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--models", default="mlp,cnn")
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", default="features off,grad clip,bf16-mixed")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     register_configs()
+    device = torch.device(args.device)
     print(
         f"torch {torch.__version__}, {args.threads} thread(s), {args.updates} updates x "
-        f"{args.rounds} rounds, MNIST-1D, CPU"
+        f"{args.rounds} rounds, MNIST-1D, {device}"
     )
     print(f"{'model':<6} {'variant':<13} {'engine upd/s':>13} {'plain upd/s':>12} {'ratio':>7}")
     with initialize_config_module("bprun.conf", version_base="1.3"):
         for name in args.models.split(","):
             cfg = compose("config", overrides=[f"model={name}", "dataset=mnist1d"])
             for variant in args.variants.split(","):
-                engine, plain = measure(cfg, VARIANTS[variant], args.updates, args.rounds)
+                engine, plain = measure(cfg, VARIANTS[variant], args.updates, args.rounds, device)
                 ratio = statistics.median(e / p for e, p in zip(engine, plain, strict=True))
                 print(
                     f"{name:<6} {variant:<13} {statistics.median(engine):>13.1f} "

@@ -12,7 +12,10 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-BPRUN = str(Path(sys.executable).with_name("bprun"))
+# The console script beside this interpreter; `python -m bprun` where there is none
+# (an install with --target, as on machines without the project's venv).
+_script = Path(sys.executable).with_name("bprun")
+BPRUN = str(_script) if _script.exists() else "bprun"
 
 # Two cores are shared by pytest and the bprun processes it starts.
 os.environ.setdefault("OMP_NUM_THREADS", "1")

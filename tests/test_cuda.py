@@ -1,0 +1,151 @@
+"""What only a GPU shows: float16 with a GradScaler, clipping after unscale, resume on CUDA,
+channels_last and torch.compile. Skipped where CUDA is not available."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+
+import pytest
+import torch
+from torch import nn
+
+from bprun.data import InMemoryLoader
+from bprun.engine import Trainer, TrainerSettings
+from bprun.engine.settings import GradClip
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def problem(n=512, d=32, classes=4):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, d, generator=g)
+    y = (x[:, :classes].argmax(1)).long()
+    return x.cuda(), y.cuda()
+
+
+def model(d=32, classes=4):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(d, 64), nn.ReLU(), nn.Linear(64, classes)).cuda()
+
+
+def test_16_mixed_trains_with_a_grad_scaler():
+    x, y = problem()
+    m = model()
+    s = TrainerSettings(progress=False, max_epochs=10, precision="16-mixed", device="cuda")
+    t = Trainer(
+        s,
+        m,
+        nn.CrossEntropyLoss(),
+        torch.optim.Adam(m.parameters(), 1e-2),
+        device="cuda",
+        num_classes=4,
+    )
+    t.fit(InMemoryLoader(x, y, 64, shuffle=True), InMemoryLoader(x, y, 512))
+    assert t.scaler is not None and t.scaler.get_scale() > 0
+    assert t.history[-1]["val/acc"] > 0.9
+    assert t.state_dict()["scaler"]["scale"] > 0
+
+
+def test_clipping_sees_unscaled_gradients():
+    x, y = problem()
+    m = model()
+    logged = {}
+
+    class Tracker:
+        def log(self, scalars, step):
+            logged.update(scalars)
+
+    before = [p.detach().clone() for p in m.parameters()]
+    s = TrainerSettings(
+        progress=False,
+        max_updates=1,
+        precision="16-mixed",
+        device="cuda",
+        grad_clip=GradClip("norm", 1e-3),
+    )
+    t = Trainer(
+        s,
+        m,
+        nn.CrossEntropyLoss(),
+        torch.optim.SGD(m.parameters(), lr=1.0),
+        device="cuda",
+        num_classes=4,
+        tracker=Tracker(),
+    )
+    t.fit(InMemoryLoader(x, y, 64), None)
+    # the same gradient in float32, without any scaling
+    ref = model()
+    nn.CrossEntropyLoss()(ref(x[:64]), y[:64]).backward()
+    true_norm = torch.cat([p.grad.flatten() for p in ref.parameters()]).norm().item()
+    assert logged["train/grad_norm"] == pytest.approx(true_norm, rel=2e-2)  # not x65536
+    step = torch.cat([(p - b).flatten() for p, b in zip(m.parameters(), before, strict=True)])
+    assert step.norm().item() <= 1e-3 * 1.01
+
+
+def test_scheduler_does_not_step_when_the_scaler_skips():
+    x, y = problem()
+    m = model()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.99)
+    s = TrainerSettings(progress=False, max_updates=40, precision="16-mixed", device="cuda")
+    t = Trainer(s, m, nn.CrossEntropyLoss(), opt, sched, "step", device="cuda", num_classes=4)
+    t.scaler = torch.amp.GradScaler("cuda", init_scale=2.0**40)  # overflows at first
+    skipped = []
+    t.callbacks = []
+    scale = [t.scaler.get_scale()]
+
+    class Count:
+        def on_update_end(self, trainer):
+            now = trainer.scaler.get_scale()
+            skipped.append(now < scale[-1])
+            scale.append(now)
+
+    t._on_update_end = [Count().on_update_end]
+    t.fit(InMemoryLoader(x, y, 64, shuffle=True), None)
+    assert sum(skipped) > 0
+    assert sched.last_epoch == t.update - sum(skipped)
+
+
+@pytest.mark.parametrize("extra", [["trainer.channels_last=true"], ["trainer.compile=true"]])
+def test_channels_last_and_compile_train_a_2d_cnn(bprun, extra):
+    r = bprun("dataset=digits", "model=cnn", "trainer.max_epochs=3", "trainer.device=cuda", *extra)
+    assert r.metrics["test"]["test/acc"] > 0.8
+    state = torch.load(r.run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert not any(k.startswith("_orig_mod.") for k in state["model"])
+
+
+def test_resume_on_cuda_with_16_mixed(bprun, data_dir, tmp_path):
+    from test_checkpoint import model_state, start, wait_for_update
+
+    args = [
+        "model=cnn",
+        "model.channels=[16,32]",
+        "trainer.max_epochs=4",
+        "trainer.device=cuda",
+        "trainer.precision=16-mixed",
+        "trainer.checkpoint.every_n_updates=1",
+        "sched=cosine",
+        "sched.interval=step",
+        "optim=adamw",
+    ]
+    reference = bprun(*args, f"hydra.run.dir={tmp_path}/ref")
+    run_dir = tmp_path / "killed"
+    proc = start(args, data_dir, run_dir)
+    wait_for_update(proc, run_dir / "checkpoints" / "last.pt", 50)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed = bprun(f"trainer.resume={run_dir}")
+    assert resumed.metrics["updates"] == reference.metrics["updates"]
+    a, b = model_state(reference.run_dir), model_state(run_dir)
+    exact = all(torch.equal(a[k], b[k]) for k in a)
+    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    print(f"resume on CUDA: bit-identical={exact}, max abs weight difference={worst:.3g}")
+    assert worst < 1e-2
+    ref_acc, got_acc = reference.metrics["test"]["test/acc"], resumed.metrics["test"]["test/acc"]
+    assert abs(ref_acc - got_acc) < 0.02
+
+
+def test_nvidia_smi_sees_the_device():
+    out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout
+    assert "GPU" in out
