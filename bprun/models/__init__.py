@@ -1,7 +1,25 @@
-"""The model zoo. Every model takes `input_shape` and `num_classes` first."""
+"""The model zoo. Every model takes `input_shape` and `num_classes` first.
+
+`num_classes` is the width of the output: the number of classes for
+classification, the number of targets (or a forecast horizon) for regression.
+"""
 
 from bprun.models.cnn import CNN
 from bprun.models.init import init_weights
+from bprun.models.linear import LinearModel
 from bprun.models.mlp import MLP
+from bprun.models.resnet import resnet
+from bprun.models.rnn import GRU, LSTM, RecurrentNet
+from bprun.models.transformer import Transformer
 
-__all__ = ["CNN", "MLP", "init_weights"]
+__all__ = [
+    "CNN",
+    "GRU",
+    "LSTM",
+    "MLP",
+    "LinearModel",
+    "RecurrentNet",
+    "Transformer",
+    "init_weights",
+    "resnet",
+]

@@ -1,3 +1,5 @@
+"""The multi-layer perceptron: fully connected blocks over the flattened input."""
+
 from __future__ import annotations
 
 import math
@@ -6,6 +8,7 @@ import torch
 from torch import nn
 
 from bprun.models.layers import activation as make_activation
+from bprun.models.layers import dropout as make_dropout
 from bprun.models.layers import norm1d
 
 
@@ -14,7 +17,7 @@ class MLP(nn.Module):
 
     Each hidden block is Linear -> norm -> activation -> dropout; with
     `residual=True`, blocks whose input and output widths match add a skip
-    connection.
+    connection. `hidden=[]` is a linear model.
     """
 
     def __init__(
@@ -28,13 +31,15 @@ class MLP(nn.Module):
         residual: bool = False,
     ):
         super().__init__()
+        if any(w < 1 for w in hidden):
+            raise ValueError(f"model.hidden widths must be positive, got {list(hidden)}")
         widths = [math.prod(input_shape), *hidden]
         self.blocks = nn.ModuleList(
             nn.Sequential(
                 nn.Linear(w_in, w_out),
                 norm1d(norm, w_out),
                 make_activation(activation),
-                nn.Dropout(dropout) if dropout > 0 else nn.Identity(),
+                make_dropout(dropout),
             )
             for w_in, w_out in zip(widths[:-1], widths[1:], strict=True)
         )
