@@ -22,7 +22,7 @@ from bprun.engine import checkpoint as ckpt_io
 from bprun.engine.precision import resolve_device
 from bprun.engine.settings import TrainerSettings
 from bprun.engine.trainer import Trainer
-from bprun.errors import BprunError
+from bprun.errors import BprunError, Interrupted
 from bprun.tracking import Tracker, log_hparams, result_table, tensorboard_callbacks, write_json
 
 log = logging.getLogger("bprun")
@@ -129,7 +129,9 @@ def train(cfg: DictConfig, run_dir: Path) -> float | None:
         trainer.tracker.log(summary["test"], trainer.update)
         summary["status"] = "completed"
     except BaseException as e:
-        summary["status"] = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+        summary["status"] = (
+            "interrupted" if isinstance(e, (KeyboardInterrupt, Interrupted)) else "failed"
+        )
         summary["error"] = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise
     finally:
