@@ -44,6 +44,9 @@ def _split(node: DictConfig | dict | None, defaults: dict) -> tuple[dict, dict]:
 def _instantiate(args: dict, group: str, **kwargs):
     if not args.get("_target_"):
         raise BprunError(f"{group} has no _target_: pick an option with {group}=<name>")
+    # Plain lists and dicts, never ListConfig: they end up in optimizer and scheduler
+    # state, which must load with torch.load(weights_only=True).
+    args.setdefault("_convert_", "all")
     try:
         return instantiate(args, **kwargs)
     except Exception as e:  # bad class path or bad arguments: name the group and the cause

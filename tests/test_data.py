@@ -14,8 +14,8 @@ import torch
 from omegaconf import OmegaConf
 
 from bprun.build import build_data, build_loss
-from bprun.data import split_validation
-from bprun.data.augment import make_transforms, random_crop, random_hflip
+from bprun.data import augment, split_validation
+from bprun.data.augment import make_transforms, random_hflip
 from bprun.data.synthetic import load_regression, load_timeseries
 from bprun.data.vision import load_vision
 from bprun.errors import BprunError
@@ -245,22 +245,32 @@ def test_augmentation_changes_train_batches_only_and_is_reproducible(tmp_path):
     assert not torch.equal(next(data.train.batches(0))[0], a[0])  # another seed, other crops
 
 
-def test_random_crop_is_a_shifted_window_of_the_zero_padded_image():
+@pytest.mark.parametrize("precomputed", [True, False], ids=["table", "computed"])
+def test_crop_and_flip_give_a_shifted_window_of_the_zero_padded_image(monkeypatch, precomputed):
+    if not precomputed:
+        monkeypatch.setattr(augment, "TABLE_LIMIT", 0)
     x = torch.randint(1, 256, (64, 3, 6, 5), dtype=torch.uint8)
-    out = random_crop(x, 2)
-    assert out.shape == x.shape and out.dtype == x.dtype
-    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
-    offsets = set()
-    for i in range(len(x)):
-        hits = [
-            (dy, dx)
-            for dy in range(5)
-            for dx in range(5)
-            if torch.equal(out[i], padded[i, :, dy : dy + 6, dx : dx + 5])
-        ]
-        assert hits, f"image {i} is not a crop of its padded original"
-        offsets.update(hits)
-    assert len(offsets) > 5  # offsets vary across the batch
+    for hflip in (False, True):
+        out = augment.CropFlip(2, hflip)(x)
+        assert out.shape == x.shape and out.dtype == x.dtype
+        padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+        seen = set()
+        for i in range(len(x)):
+            hits = [
+                (dy, dx, flip)
+                for dy in range(5)
+                for dx in range(5)
+                for flip in (False, True)
+                if torch.equal(out[i], _maybe_flip(padded[i, :, dy : dy + 6, dx : dx + 5], flip))
+            ]
+            assert hits, f"image {i} is not a crop of its padded original"
+            seen.update(hits)
+        assert len({(dy, dx) for dy, dx, _ in seen}) > 5  # offsets vary across the batch
+        assert {flip for _, _, flip in seen} == ({False, True} if hflip else {False})
+
+
+def _maybe_flip(x: torch.Tensor, flip: bool) -> torch.Tensor:
+    return x.flip(-1) if flip else x
 
 
 def test_random_hflip_mirrors_about_half_of_the_images():
