@@ -1,0 +1,291 @@
+"""Sweeps you can trust: every job runs, each is recorded, and the sweep is summarised.
+
+`SweepCallback` is registered under `hydra.callbacks` in conf/config.yaml:
+
+- on_multirun_start checks the `sweep` node and has Hydra build `Sweeper`
+  where the config asks for its basic sweeper (the defaults list's choice). Hydra 1.3's
+  BasicSweeper launches a batch, then reads every job's return value, which
+  re-raises the first failed job's exception: later batches never run,
+  on_multirun_end is skipped and no summary is written. `Sweeper` records
+  failures instead and also skips finished jobs (`sweep.skip_done=true`).
+- on_job_start, inside the job's process, gives each of n parallel jobs its
+  share of the cores as torch threads (unless trainer.threads is set) and
+  keeps the console for warnings, errors and one line per job.
+- on_job_end writes job.json (status and error) into the job folder and
+  prints the job's line. A job stopped by a signal stops a sequential sweep.
+- on_multirun_end writes summary.csv / summary.md, prints the best job as a
+  command, and exits 1 when any job did not finish.
+
+Exit status of `bprun -m`: 0 when every job completed (skipped ones count as
+completed); 1 after all jobs ran when any failed; 128 + signal when a signal
+stopped the sweep. A config that does not compose (unknown key, wrong type)
+fails the whole sweep up front, before any job runs, with Hydra's message.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.plugins import Plugins
+from hydra.core.utils import JobStatus
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from bprun import sweep_summary as summary
+from bprun.errors import BprunError, Interrupted
+
+log = logging.getLogger("bprun")
+
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+BASIC_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
+
+
+def cores() -> int:
+    """CPU cores this process may use (affinity and container quotas included)."""
+    try:
+        from joblib import cpu_count
+
+        return max(1, cpu_count())
+    except ImportError:
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def parallel_jobs(n_jobs: int | None, n_cores: int) -> int:
+    """How many jobs run side by side for joblib's `n_jobs` (-1: one per core)."""
+    if n_jobs is None or n_jobs == 0:
+        return 1
+    return n_jobs if n_jobs > 0 else max(1, n_cores + 1 + n_jobs)
+
+
+def threads_per_job(n_cores: int, n_parallel: int) -> int:
+    return max(1, n_cores // max(1, n_parallel))
+
+
+def _error_text(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    if isinstance(exc, Interrupted):  # a sweep is continued with skip_done, not trainer.resume
+        text = text.split(" Resume with:")[0]
+    if isinstance(exc, BprunError):
+        return text or type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _fail(message: str) -> None:
+    """A user error in the sweep setup: one line, exit 1 (Hydra would only warn)."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(1)
+
+
+def _not_the_job_error(record: logging.LogRecord) -> bool:
+    return not (record.name == "bprun" and str(record.msg).startswith("error: "))
+
+
+def job_line(name: str, status: str, overrides: str, folder: Path, error: str = "") -> str:
+    """One line per finished job: status, monitored metric, overrides."""
+    metrics = summary._read_json(folder / "metrics.json") or {}
+    best = summary._num((metrics.get("best") or {}).get(metrics.get("monitor")))
+    metric = f"{metrics['monitor']} {best:.4f}" if best is not None else ""
+    seconds = summary._num(metrics.get("wall_time_s"))
+    parts = [f"[{status}]", f"job {name}", metric, overrides]
+    parts.append(f"{seconds:.1f}s" if seconds is not None else "")
+    parts.append(f"error: {error}" if error else "")
+    return "  ".join(p for p in parts if p)
+
+
+class SweepCallback(Callback):
+    def __init__(self) -> None:
+        self.swept: list[str] = []
+        self._started = 0.0
+
+    # ------------------------------------------------------------ the sweep
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if OmegaConf.select(config, "sweep.skip_done") is True:
+            log.warning("sweep.skip_done applies to sweeps (bprun -m ...); ignored here")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        skip = OmegaConf.select(config, "sweep.skip_done", default=False)
+        if not isinstance(skip, bool):
+            _fail(f"sweep.skip_done must be true or false, got '{skip}'")
+        target = OmegaConf.select(config, "hydra.sweeper._target_")
+        if target == BASIC_SWEEPER:
+            # Hydra instantiates sweepers only from the hydra_plugins namespace, by the
+            # class registered under the configured name: register ours under that name.
+            Plugins.instance().class_name_to_class[BASIC_SWEEPER] = Sweeper
+        elif skip:
+            _fail(
+                f"sweep.skip_done works with Hydra's basic sweeper, not {target}: "
+                "drop the hydra/sweeper override or sweep.skip_done=true"
+            )
+        self.swept = _swept(config)
+        sweep_dir = Path(config.hydra.sweep.dir)
+        if skip and not summary.job_folders(sweep_dir):
+            print(
+                f"sweep.skip_done: {sweep_dir} holds no earlier jobs, so every job runs; to "
+                "continue an earlier sweep, pass its folder as hydra.sweep.dir=...",
+                flush=True,
+            )
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        result = self.write_summary(Path(config.hydra.sweep.dir))
+        if result.failed:
+            raise SystemExit(1)
+
+    def write_summary(self, sweep_dir: Path) -> summary.Summary:
+        result = summary.summarize(sweep_dir, self.swept)
+        ok = len(result.jobs) - len(result.failed)
+        print(f"\n{result.markdown}\n", flush=True)
+        print(
+            f"{ok} ok, {len(result.failed)} not ok; "
+            f"summary in {sweep_dir / 'summary.md'} and summary.csv",
+            flush=True,
+        )
+        return result
+
+    # ------------------------------------------------------------ each job
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if config.hydra.mode != RunMode.MULTIRUN:
+            return
+        self._started = time.time()
+        for handler in logging.getLogger().handlers:  # full log stays in the job's bprun.log
+            if not isinstance(handler, logging.FileHandler):
+                handler.setLevel(logging.WARNING)
+                handler.addFilter(_not_the_job_error)  # the job's line below carries it
+        n_jobs = OmegaConf.select(config, "hydra.launcher.n_jobs", default=None)
+        if n_jobs is not None and OmegaConf.select(config, "trainer.threads") is None:
+            import torch
+
+            n_cores = cores()
+            n = parallel_jobs(n_jobs, n_cores)
+            torch.set_num_threads(threads_per_job(n_cores, n))
+            log.info(
+                f"torch threads: {torch.get_num_threads()} "
+                f"({n_cores} cores shared by {n} parallel jobs)"
+            )
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        if config.hydra.mode != RunMode.MULTIRUN:
+            return
+        folder = Path(config.hydra.runtime.output_dir)
+        sweep_dir = Path(config.hydra.sweep.dir)
+        name = folder.relative_to(sweep_dir).as_posix() if folder.is_relative_to(sweep_dir) else ""
+        status, error, exc = "ok", "", None
+        if job_return.status == JobStatus.FAILED:
+            exc = job_return._return_value
+            status = "interrupted" if isinstance(exc, Interrupted) else "failed"
+            error = _error_text(exc)
+            job_return.return_value = _picklable(exc, error)
+        record = {
+            "status": status,
+            "error": error,
+            "overrides": list(job_return.overrides or []),
+            "wall_time_s": time.time() - self._started if self._started else None,
+        }
+        (folder / summary.JOB_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        overrides = summary.describe(list(job_return.overrides or []), self.swept)
+        print(job_line(name or folder.name, status, overrides, folder, error), flush=True)
+        launcher = OmegaConf.select(config, "hydra.launcher._target_")
+        if status == "interrupted" and launcher == BASIC_LAUNCHER:
+            self.write_summary(sweep_dir)
+            print(
+                f"sweep stopped: {error}\nContinue it with the same command plus "
+                f"sweep.skip_done=true hydra.sweep.dir={sweep_dir}",
+                flush=True,
+            )
+            raise SystemExit(exc.exit_code)
+
+
+def _picklable(exc: BaseException, error: str) -> BaseException:
+    """Parallel launchers send the job's exception back to the sweep process; one whose
+    constructor takes extra arguments cannot be unpickled, so send its text instead."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:
+        return RuntimeError(error)
+
+
+class Sweeper(BasicSweeper):
+    """Hydra's basic sweeper that runs every job even when some fail (the callback records
+    them) and, with `sweep.skip_done=true`, launches only the jobs not finished yet.
+
+    A job is identified by its overrides (`sweep.*` aside), so re-running the same
+    command with the same `hydra.sweep.dir` finds the finished jobs whatever their
+    number; the jobs that still run keep the folder they had (or get a free one),
+    and one that was stopped after saving checkpoints/last.pt resumes from it.
+    """
+
+    def sweep(self, arguments: list[str]) -> Any:
+        params = [*self._parse_config(), *arguments]
+        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
+        self.overrides = self.split_arguments(parser.parse_overrides(params), self.max_batch_size)
+        sweep_dir = Path(self.config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        skip = OmegaConf.select(self.config, "sweep.skip_done", default=False)
+        existing = {f: summary.job_key(_overrides(f)) for f in summary.job_folders(sweep_dir)}
+        done = {key: f for f, key in existing.items() if summary.is_done(f)} if skip else {}
+
+        returns, index = [], 0
+        while not self.is_done():
+            batch = self.get_job_batch()
+            self.validate_batch_is_legal(batch)
+            launch = []
+            for i, overrides in enumerate(batch, start=index):
+                folder = done.get(summary.job_key(overrides))
+                if folder is not None:
+                    name = folder.relative_to(sweep_dir).as_posix()
+                    shown = summary.describe(list(overrides), _swept(self.config))
+                    print(job_line(name, "skipped: done", shown, folder), flush=True)
+                elif skip:
+                    subdir = self._free_subdir(overrides, i, sweep_dir, existing)
+                    job = [*overrides, f"hydra.sweep.subdir={_quote(subdir)}"]
+                    if summary.resumable(sweep_dir / subdir):
+                        job.append(f"trainer.resume={_quote(str(sweep_dir / subdir))}")
+                    launch.append(job)
+                else:
+                    launch.append(list(overrides))
+            if launch:
+                returns.append(self.launcher.launch(launch, initial_job_idx=index))
+            index += len(batch)
+        return returns
+
+    def _free_subdir(self, overrides, index: int, sweep_dir: Path, existing: dict) -> str:
+        """The folder job `index` would get; another if an earlier job of other overrides has it."""
+        cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+        with open_dict(cfg):
+            cfg.hydra.job.num = index
+        base = name = str(OmegaConf.select(cfg, "hydra.sweep.subdir"))
+        n = 2
+        while (sweep_dir / name) in existing and existing[sweep_dir / name] != summary.job_key(
+            overrides
+        ):
+            name, n = f"{base}-{n}", n + 1
+        existing[sweep_dir / name] = summary.job_key(overrides)
+        return name
+
+
+def _overrides(folder: Path) -> list[str]:
+    return [str(o) for o in OmegaConf.load(folder / ".hydra" / "overrides.yaml")]
+
+
+def _swept(config: DictConfig) -> list[str]:
+    task = OmegaConf.to_container(config.hydra.overrides.task)
+    return [
+        o.key_or_group.lstrip("+~")
+        for o in OverridesParser.create().parse_overrides(task)
+        if o.is_sweep_override()
+    ]
+
+
+def _quote(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
