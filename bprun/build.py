@@ -51,6 +51,8 @@ def _instantiate(args: dict, group: str, **kwargs):
         return instantiate(args, **kwargs)
     except Exception as e:  # bad class path or bad arguments: name the group and the cause
         cause = e.__cause__ or e
+        if isinstance(cause, BprunError):  # the source's own message already says what to do
+            raise cause from None
         raise BprunError(f"cannot build {group} ({args['_target_']}): {cause}") from None
 
 

@@ -193,6 +193,28 @@ def test_only_the_missing_files_are_listed_and_bad_idx_is_a_clear_error(tmp_path
         load_vision("mnist", str(tmp_path))
 
 
+@pytest.mark.parametrize("name", ["mnist", "cifar10"])
+def test_download_uses_torchvision_and_its_failure_is_one_clear_line(tmp_path, monkeypatch, name):
+    import torchvision.datasets as tvd
+
+    cls = tvd.MNIST if name == "mnist" else tvd.CIFAR10
+    calls = []
+
+    def offline(self):
+        calls.append(self.root)
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried ..., got URLError")
+
+    monkeypatch.setattr(cls, "download", offline)
+    with pytest.raises(BprunError) as err:
+        load_vision(name, str(tmp_path), download=True)
+    msg = str(err.value)
+    assert calls and "\n" not in msg and "could not fetch" in msg and str(tmp_path) in msg
+    # files already there: no download is attempted
+    calls.clear()
+    write_mnist(tmp_path) if name == "mnist" else write_cifar(tmp_path)
+    assert len(load_vision(name, str(tmp_path), download=True).x_train) > 0 and not calls
+
+
 # ---------------------------------------------------------------- normalisation and augmentation
 
 
@@ -393,6 +415,7 @@ def test_missing_dataset_files_end_to_end(bprun, tmp_path):
     assert r.returncode != 0 and "Traceback" not in r.output
     assert str(tmp_path / "empty" / "FashionMNIST" / "raw") in r.output
     assert "dataset.download=true" in r.output and "train-images-idx3-ubyte" in r.output
+    assert "cannot build" not in r.output  # the source's own message, not a wrapper
 
 
 @pytest.mark.parametrize("dataset", ["regression", "timeseries"])
