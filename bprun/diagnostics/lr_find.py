@@ -1,0 +1,248 @@
+"""`task=lr_find`: the learning-rate range test, with Lightning's semantics.
+
+The configured model trains for `num_steps` updates with the learning rate
+growing exponentially from `min_lr` to `max_lr` (Lightning's `_ExponentialLR`:
+update k uses min_lr * (max_lr / min_lr) ** ((k + 1) / num_steps) for k >= 1 and
+min_lr for k = 0). After each update the loss is smoothed as Lightning's
+`_LRCallback` does, bias correction included:
+
+    avg = beta * avg + (1 - beta) * loss
+    smoothed = avg / (1 - beta ** (step + 1))        step = updates done, from 1
+
+and the sweep stops once `smoothed > early_stop_threshold * best` (after the
+first update), or at a non-finite loss. The suggestion is Lightning's: the
+learning rate at the steepest descent (the most negative `np.gradient`) of the
+smoothed losses, leaving out the first `skip_begin` and the last `skip_end`.
+
+The sweep trains the model in place and then restores its weights, the
+optimizer's state, and the RNG state: nothing it learned survives, and it
+writes no checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import logging
+import math
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from bprun.diagnostics.settings import LrFindSettings
+from bprun.engine.settings import Checkpointing, EarlyStopping, GradWatch
+from bprun.engine.trainer import Trainer
+from bprun.errors import BprunError
+
+log = logging.getLogger("bprun")
+
+
+@dataclass
+class LrFindResult:
+    lrs: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)  # smoothed
+    suggestion: float | None = None
+    index: int | None = None  # of the suggestion in lrs / losses
+    stopped_early: bool = False
+
+
+class _Stop(Exception):
+    """Ends the sweep from inside the training loop."""
+
+
+class _Sweep:
+    """Trainer callback: sets each update's learning rate, records the smoothed loss."""
+
+    def __init__(self, s: LrFindSettings, result: LrFindResult):
+        self.s, self.result = s, result
+        self.avg, self.best, self.seen = 0.0, 0.0, []
+
+    def lr(self, k: int) -> float:
+        s = self.s
+        return s.min_lr if k == 0 else s.min_lr * (s.max_lr / s.min_lr) ** ((k + 1) / s.num_steps)
+
+    def _set_lr(self, trainer, lr: float) -> None:
+        for group in trainer.optimizer.param_groups:
+            group["lr"] = lr
+
+    def record_loss(self, module, args, output) -> None:
+        if torch.is_grad_enabled():
+            self.seen.append(output.detach())
+
+    def on_fit_start(self, trainer, train_loader) -> None:
+        self._set_lr(trainer, self.lr(0))
+
+    def on_update_end(self, trainer) -> None:
+        s, r = self.s, self.result
+        step = trainer.update  # Lightning's global_step after the update
+        loss = float(torch.stack(self.seen).float().mean()) if self.seen else math.nan
+        self.seen.clear()
+        self.avg = s.beta * self.avg + (1 - s.beta) * loss
+        smoothed = self.avg / (1 - s.beta ** (step + 1))
+        r.lrs.append(trainer.optimizer.param_groups[0]["lr"])
+        r.losses.append(smoothed)
+        diverged = (
+            s.early_stop_threshold is not None
+            and step > 1
+            and smoothed > s.early_stop_threshold * self.best
+        )
+        if smoothed < self.best or step == 1:
+            self.best = smoothed
+        if diverged or not math.isfinite(loss):
+            r.stopped_early = True
+            raise _Stop
+        if step < s.num_steps:
+            self._set_lr(trainer, self.lr(step))
+
+
+def suggest(
+    lrs: list[float], losses: list[float], skip_begin: int = 10, skip_end: int = 1
+) -> tuple[float | None, int | None]:
+    """Lightning's `_LRFinder.suggestion`: (lr, index) at the steepest negative gradient of the
+    smoothed loss, or (None, None) when fewer than two finite points remain."""
+    window = np.array(losses[skip_begin:-skip_end] if skip_end else losses[skip_begin:])
+    window = window[np.isfinite(window)]
+    if len(window) < 2:
+        return None, None
+    index = int(np.gradient(window).argmin()) + skip_begin
+    return lrs[index], index
+
+
+def find_lr(trainer: Trainer, train_loader, settings: LrFindSettings | None = None) -> LrFindResult:
+    """Run the range test on `trainer`'s model and optimizer over `train_loader`, then put the
+    model, the optimizer and the RNG back as they were."""
+    s = settings or LrFindSettings()
+    if not 0 < s.min_lr < s.max_lr or s.num_steps < 2:
+        raise BprunError(
+            f"lr_find needs 0 < min_lr < max_lr and num_steps >= 2, got min_lr={s.min_lr}, "
+            f"max_lr={s.max_lr}, num_steps={s.num_steps}"
+        )
+    result = LrFindResult()
+    sweep = _Sweep(s, result)
+    model_state = copy.deepcopy(trainer.module.state_dict())
+    optim_state = copy.deepcopy(trainer.optimizer.state_dict())
+    rng = torch.random.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    settings_ = dataclasses.replace(
+        trainer.s,
+        max_epochs=10**9,
+        max_updates=s.num_steps,
+        log_every_n_updates=10**9,
+        progress=False,
+        resume=None,
+        fast_dev_run=False,
+        checkpoint=Checkpointing(enabled=False),
+        early_stopping=EarlyStopping(),
+        log_grad_norms=False,
+        grad_flow_every_n_epochs=None,
+        dead_units=False,
+        grad_watch=GradWatch(),
+    )
+    sweeper = Trainer(
+        settings_,
+        trainer.module,
+        trainer.loss_fn,
+        trainer.optimizer,
+        device=trainer.device,
+        task=trainer.task,
+        num_classes=trainer.num_classes,
+        callbacks=[sweep],
+    )
+    handle = trainer.loss_fn.register_forward_hook(sweep.record_loss)
+    quiet = _Quiet()
+    log.addFilter(quiet)
+    try:
+        with contextlib.suppress(_Stop):
+            sweeper.fit(train_loader, None)
+    finally:
+        log.removeFilter(quiet)
+        handle.remove()
+        trainer.module.load_state_dict(model_state)
+        trainer.optimizer.load_state_dict(optim_state)
+        torch.random.set_rng_state(rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+    result.suggestion, result.index = suggest(result.lrs, result.losses, s.skip_begin, s.skip_end)
+    return result
+
+
+class _Quiet:
+    """Drops the inner trainer's per-epoch lines: a sweep's epoch means nothing."""
+
+    def filter(self, record) -> bool:
+        return record.levelno > logging.INFO or record.module != "trainer"
+
+
+def rerun_command(overrides: list[str], lr: float) -> str:
+    """`bprun <the same overrides> optim.lr=<lr>`, without the lr_find ones."""
+    keep = [
+        o
+        for o in overrides
+        if not o.lstrip("+~").startswith(("task=", "optim.lr=", "lr_find.", "lr_find="))
+    ]
+    return " ".join(["bprun", *map(shlex.quote, keep), f"optim.lr={lr:.3g}"])
+
+
+def lr_find_task(cfg: DictConfig, run_dir: Path) -> float | None:
+    """Build the configured run, sweep, plot, print the suggestion and the command using it."""
+    from bprun.diagnostics import plots
+    from bprun.run import build_trainer
+    from bprun.tracking import write_json
+
+    s: LrFindSettings = OmegaConf.to_object(cfg.lr_find)
+    if "lr" not in cfg.optim:
+        raise BprunError(
+            f"optim={cfg.optim.get('_target_')} has no lr to sweep: pick another optim"
+        )
+    ts = OmegaConf.to_object(cfg.trainer)
+    if ts.fast_dev_run:
+        log.warning("task=lr_find skipped: trainer.fast_dev_run=true (as Lightning does)")
+        return None
+    ts.resume = None
+    trainer, data = build_trainer(cfg, None, ts)
+    log.info(
+        f"lr range test: {s.num_steps} updates, lr {s.min_lr:g} -> {s.max_lr:g} (exponential), "
+        f"{type(trainer.module).__name__} with {type(trainer.optimizer).__name__}"
+    )
+    r = find_lr(trainer, data.train, s)
+    if r.stopped_early:
+        log.info(f"stopped early after {len(r.lrs)} updates: the loss diverged")
+    run_dir = Path(run_dir)
+    fig = plots.lr_find_figure(r.lrs, r.losses, r.index, r.suggestion)
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(log_dir=str(run_dir))
+    try:
+        for i, (lr, loss) in enumerate(zip(r.lrs, r.losses, strict=True)):
+            writer.add_scalar("lr_find/lr", lr, i + 1)
+            if math.isfinite(loss):
+                writer.add_scalar("lr_find/smoothed_loss", loss, i + 1)
+        png = plots.save(fig, run_dir / "lr_find.png", writer, "lr_find")
+    finally:
+        writer.close()
+    command = rerun_command(_task_overrides(), r.suggestion) if r.suggestion else None
+    write_json(
+        {**dataclasses.asdict(r), "settings": dataclasses.asdict(s), "command": command},
+        run_dir / "lr_find.json",
+    )
+    log.info(f"plot: {png}")
+    if r.suggestion is None:
+        raise BprunError(
+            f"lr_find recorded {len(r.lrs)} points, too few for a suggestion: raise "
+            "lr_find.num_steps, lower lr_find.skip_begin, or lower lr_find.min_lr"
+        )
+    log.info(f"suggested learning rate: {r.suggestion:.3g}\ntrain with it:\n  {command}")
+    return r.suggestion
+
+
+def _task_overrides() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    return list(HydraConfig.get().overrides.task)
