@@ -348,7 +348,7 @@ def test_gradcheck_cli_fails_on_a_wrong_backward_naming_the_parameter(bprun, tmp
     searchpath = user_model(tmp_path, "badgrad", BAD_MODEL, "BadGradNet")
     r = bprun("task=gradcheck", "model=badgrad", searchpath, check=False)
     assert r.returncode == 1
-    error = r.output.strip().splitlines()[-1]
+    error = r.stdout.strip().splitlines()[-1]
     assert error.startswith("error: gradient check failed for gain (")
     assert "fc.weight" not in error and "head" not in error
     assert "Traceback" not in r.output
@@ -426,7 +426,7 @@ def test_lr_find_cli_suggests_near_the_shipped_lr_and_writes_no_weights(bprun):
     assert re.search(rf"^\s+bprun .*optim\.lr={suggestion:.3g}$", r.output, re.M)
     found = json.loads((r.run_dir / "lr_find.json").read_text())
     assert found["suggestion"] == pytest.approx(suggestion, rel=1e-2)
-    assert len(found["lr"]) == len(found["losses"]) == 100
+    assert len(found["lrs"]) == len(found["losses"]) == 100
     assert_real_png(r.run_dir / "lr_find.png")
     assert not list(r.run_dir.rglob("*.pt")) and not (r.run_dir / "checkpoints").exists()
     assert not (r.run_dir / "metrics.json").exists()
@@ -527,7 +527,7 @@ def test_detect_anomaly_ends_with_the_op_and_the_layer(bprun, tmp_path):
     r = bprun("model=rootnet", searchpath, "trainer.detect_anomaly=true", "trainer.max_updates=2",
               check=False)  # fmt: skip
     assert r.returncode == 1
-    last = r.output.strip().splitlines()[-1]
+    last = r.stdout.strip().splitlines()[-1]  # stderr holds torch's "anomaly mode on" warning
     assert last.startswith(
         "error: update 1: SqrtBackward0 in layer 'root' (Root) produced nan gradients"
     ), last
