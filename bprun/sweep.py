@@ -136,7 +136,7 @@ class SweepCallback(Callback):
             )
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        result = self.write_summary(Path(config.hydra.sweep.dir))
+        result = self.write_summary(Path(config.hydra.sweep.dir).absolute())
         if result.failed:
             raise SystemExit(1)
 
@@ -176,7 +176,7 @@ class SweepCallback(Callback):
         if config.hydra.mode != RunMode.MULTIRUN:
             return
         folder = Path(config.hydra.runtime.output_dir)
-        sweep_dir = Path(config.hydra.sweep.dir)
+        sweep_dir = Path(config.hydra.sweep.dir).absolute()
         name = folder.relative_to(sweep_dir).as_posix() if folder.is_relative_to(sweep_dir) else ""
         status, error, exc = "ok", "", None
         if job_return.status == JobStatus.FAILED:
@@ -228,7 +228,7 @@ class Sweeper(BasicSweeper):
         params = [*self._parse_config(), *arguments]
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         self.overrides = self.split_arguments(parser.parse_overrides(params), self.max_batch_size)
-        sweep_dir = Path(self.config.hydra.sweep.dir)
+        sweep_dir = Path(self.config.hydra.sweep.dir).absolute()
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         skip = OmegaConf.select(self.config, "sweep.skip_done", default=False)

@@ -242,7 +242,7 @@ class Summary:
 def summarize(sweep_dir: Path, swept: list[str] = ()) -> Summary:
     """Read every job of the sweep, write summary.csv and summary.md (and
     summary_seeds.csv for multi-seed sweeps) into the sweep folder."""
-    sweep_dir = Path(sweep_dir)
+    sweep_dir = Path(sweep_dir).absolute()
     jobs = sort_jobs(read_jobs(sweep_dir))
     keys = shown_keys(jobs, list(swept))
     groups = seed_groups(jobs, keys) if "seed" in keys else []
