@@ -16,8 +16,8 @@ class RecurrentNet(nn.Module):
     """A stacked (optionally bidirectional) GRU or LSTM and a linear head.
 
     `readout` picks what the head sees:
-      last     the final hidden state of the top layer (both directions if bidirectional)
       mean     the top layer's outputs averaged over time
+      last     the final hidden state of the top layer (both directions if bidirectional)
       flatten  every time step's output side by side (the MNIST-1D paper's GRU;
                needs a fixed sequence length, which the input shape gives)
     `dropout` acts between stacked layers and on the features the head reads.
@@ -32,7 +32,7 @@ class RecurrentNet(nn.Module):
         num_layers: int = 1,
         bidirectional: bool = False,
         dropout: float = 0.0,
-        readout: str = "last",
+        readout: str = "mean",
     ):
         super().__init__()
         if cell not in CELLS:

@@ -27,13 +27,13 @@ class Transformer(nn.Module):
         self,
         input_shape: tuple[int, ...],
         num_classes: int,
-        dim: int = 64,
+        dim: int = 32,
         depth: int = 2,
         heads: int = 4,
         mlp_ratio: float = 2.0,
         dropout: float = 0.0,
         patch_size: int = 4,
-        pool: str = "cls",
+        pool: str = "mean",
         activation: str = "gelu",
     ):
         super().__init__()
