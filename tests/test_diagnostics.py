@@ -265,8 +265,10 @@ class LogNet(nn.Module):
 def test_detect_anomaly_names_the_layer_of_a_forward_nan():
     x, y = problem()
     trainer = trainer_for(LogNet(), TrainerSettings(max_updates=2, detect_anomaly=True))
-    with pytest.raises(BprunError, match=r"update 1: the forward of layer 'LogNet' \(LogNet\)"):
+    model = trainer.module
+    with pytest.raises(BprunError, match=r"^update 1: the forward of model LogNet turned finite"):
         trainer.fit(InMemoryLoader(x, y, 16), None)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
 
 
 # ---------------------------------------------------------------------- gradient check

@@ -51,7 +51,11 @@ class AnomalyLocator:
         ]
         if isinstance(trainer.loss_fn, nn.Module):
             modules.append(("loss", trainer.loss_fn))
-        self.kinds = {name: type(m).__name__ for name, m in modules}
+        root = modules[0][0]
+        self.labels = {
+            name: f"layer '{name}' ({type(m).__name__})" if name != root else f"model {name}"
+            for name, m in modules
+        }
         # Anomaly mode prints the whole forward stack when a hook raises; the error names the line.
         warnings.filterwarnings("ignore", message="Error detected in ", category=UserWarning)
         self.quiet = warnings.filters[0]
@@ -69,6 +73,11 @@ class AnomalyLocator:
     def on_fit_end(self, trainer) -> None:
         if self.quiet in warnings.filters:
             warnings.filters.remove(self.quiet)
+        self._release()
+
+    def _release(self) -> None:
+        """Remove the module hooks (also before raising: the fit is over). The warning filter
+        stays until fit end, or for good after an error, when anomaly mode still warns."""
         for h in self.handles:
             h.remove()
         self.handles = []
@@ -118,14 +127,15 @@ class AnomalyLocator:
         if bad is None:
             return
         update = self.trainer.update + 1
+        self._release()
         if _first_bad(inputs, nan_only=False) is not None:
             raise BprunError(
-                f"update {update}: the inputs of layer '{name}' ({self.kinds[name]}) are already "
-                f"{bad} in the forward pass: check the data (or the code between layers) for {bad}"
+                f"update {update}: the inputs of {self.labels[name]} are already {bad} in the "
+                f"forward pass: check the data (or the code between layers) for {bad}"
             )
         raise BprunError(
-            f"update {update}: the forward of layer '{name}' ({self.kinds[name]}) turned finite "
-            f"inputs into {bad} outputs; {FIX}"
+            f"update {update}: the forward of {self.labels[name]} turned finite inputs into "
+            f"{bad} outputs; {FIX}"
         )
 
     # ------------------------------------------------------------------ backward hooks
@@ -135,9 +145,10 @@ class AnomalyLocator:
             if bad is None:
                 return
             where = _forward_line(node)
+            self._release()
             raise BprunError(
-                f"update {self.trainer.update + 1}: {node.name()} in layer '{owner}' "
-                f"({self.kinds.get(owner, '?')}) produced {bad} gradients in the backward pass"
+                f"update {self.trainer.update + 1}: {node.name()} in {self.labels[owner]} "
+                f"produced {bad} gradients in the backward pass"
                 f"{f' (forward: {where})' if where else ''}; {FIX}"
             )
 
