@@ -1,8 +1,9 @@
 """The `bprun` command: the one module that knows Hydra's entry point.
 
 Before Hydra composes, `trainer.resume=<run>` is turned into that run's own
-overrides plus `hydra.run.dir=<run>`, so a resumed run continues in its
-folder with its config, and later overrides on the line apply on top.
+overrides (saved in its checkpoint) plus `hydra.run.dir=<run>`, so a resumed
+run continues in its folder with its config, and later overrides on the line
+apply on top.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from bprun.config import register_configs
 from bprun.errors import BprunError
@@ -24,35 +25,33 @@ log = logging.getLogger("bprun")
 register_configs()
 
 
-def _run_folder_of(path: Path) -> Path:
-    if path.is_dir():
-        return path
-    folder = path.parent
+def _run_folder_of(checkpoint: Path) -> Path:
+    folder = checkpoint.parent
     return folder.parent if folder.name == "checkpoints" else folder
 
 
 def resume_overrides(argv: list[str]) -> list[str]:
-    """Rewrite `trainer.resume=X ...` into the run's saved overrides + these ones."""
+    """Rewrite `trainer.resume=X ...` into the run's own overrides + these ones.
+
+    The run's overrides come from the checkpoint, which only a run that trained
+    with them can have written. Hydra is told to leave the run's `.hydra/` as it
+    is, so a resume that fails changes nothing in the folder.
+    """
     resume = [a for a in argv if a.startswith("trainer.resume=")]
     if not resume or "-m" in argv or "--multirun" in argv:
         return argv
-    target = Path(resume[-1].split("=", 1)[1]).expanduser()
-    if not target.exists():
-        raise BprunError(
-            f"trainer.resume={target}: no such file or folder; give a run folder or a .pt file"
-        )
-    run = _run_folder_of(target)
-    saved = run / ".hydra" / "overrides.yaml"
-    if not saved.is_file():
-        raise BprunError(
-            f"trainer.resume={target}: {saved} is missing, so the run's config is unknown; "
-            "resume from a run folder written by bprun"
-        )
-    skip = ("trainer.resume=", "hydra.run.dir=")
-    previous = [str(o) for o in OmegaConf.load(saved) if not str(o).startswith(skip)]
+    from bprun.engine import checkpoint as ckpt_io
+
+    target = resume[-1].split("=", 1)[1]
+    path = ckpt_io.resolve_checkpoint(target)
+    state = ckpt_io.load_checkpoint(path)
+    if "overrides" not in state:
+        raise BprunError(f"trainer.resume={target}: {path} records no command line to resume with")
+    run = _run_folder_of(path)
     # One override per key, the latest winning: Hydra refuses a group chosen twice.
-    merged = {_key(o): o for o in [*previous, *argv]}
-    return [*merged.values(), f"hydra.run.dir={run}"]
+    merged = {_key(o): o for o in [*state["overrides"], *argv] if not o.startswith("hydra.")}
+    merged.update({_key(o): o for o in argv if o.startswith("hydra.")})
+    return [*merged.values(), f"hydra.run.dir={run}", "hydra.output_subdir=null"]
 
 
 def _key(override: str) -> str:
@@ -67,7 +66,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
     if hc.mode == RunMode.MULTIRUN:
         cfg.trainer.progress = False  # a sweep prints one line per job, not interleaved bars
     try:
-        return run(cfg, Path(hc.runtime.output_dir))
+        return run(cfg, Path(hc.runtime.output_dir), list(hc.overrides.task))
     except BprunError as e:
         log.error(f"error: {e}")
         if hc.mode == RunMode.MULTIRUN:

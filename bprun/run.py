@@ -34,9 +34,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def run(cfg: DictConfig, run_dir: Path) -> float | None:
+def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> float | None:
+    """Run `cfg.task`; `overrides` is the command line, kept in checkpoints for resume."""
     if cfg.task == "train":
-        return train(cfg, run_dir)
+        return train(cfg, run_dir, overrides)
     if cfg.task == "eval":
         return evaluate(cfg)
     if cfg.task == "gradcheck":
@@ -57,7 +58,9 @@ def _settings(cfg: DictConfig) -> TrainerSettings:
     return s
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path | None, s: TrainerSettings):
+def build_trainer(
+    cfg: DictConfig, run_dir: Path | None, s: TrainerSettings, overrides: list[str] = ()
+):
     """Data, model, loss, optimizer, scheduler and Trainer for one config."""
     if s.threads:
         torch.set_num_threads(s.threads)
@@ -90,6 +93,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path | None, s: TrainerSettings):
         num_classes=data.dataset.num_classes,
         run_dir=run_dir,
         config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
+        overrides=overrides,
         callbacks=[
             *tensorboard_callbacks(s, run_dir),
             *diagnostic_callbacks(s, run_dir),
@@ -98,10 +102,10 @@ def build_trainer(cfg: DictConfig, run_dir: Path | None, s: TrainerSettings):
     return trainer, data
 
 
-def train(cfg: DictConfig, run_dir: Path) -> float | None:
+def train(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> float | None:
     started = time.time()
     s = _settings(cfg)
-    trainer, data = build_trainer(cfg, run_dir, s)
+    trainer, data = build_trainer(cfg, run_dir, s, overrides)
     resumed = None
     if s.resume:
         resumed = ckpt_io.resolve_checkpoint(s.resume)

@@ -68,7 +68,7 @@ def bprun(tmp_path, data_dir):
         if "-m" in args:
             extra.append(f"hydra.sweep.dir={tmp_path / 'sweep'}")
         proc = subprocess.run(
-            [BPRUN, *extra, *args],
+            [BPRUN, *(["-m"] if "-m" in args else []), *extra, *[a for a in args if a != "-m"]],
             capture_output=True,
             text=True,
             timeout=timeout,

@@ -208,9 +208,7 @@ MARKER = Path("/tmp/bprun-payload-ran")
 def test_malicious_checkpoint_is_refused_and_never_runs(bprun, tmp_path):
     MARKER.unlink(missing_ok=True)
     run_dir = tmp_path / "evil"
-    (run_dir / ".hydra").mkdir(parents=True)
-    (run_dir / ".hydra" / "overrides.yaml").write_text("[]\n")
-    (run_dir / "checkpoints").mkdir()
+    (run_dir / "checkpoints").mkdir(parents=True)
     torch.save({"model": {}, "x": Payload()}, run_dir / "checkpoints" / "last.pt")
     for args in ([f"trainer.resume={run_dir}"], ["task=eval", f"ckpt={run_dir}"]):
         r = bprun(*args, check=False)
@@ -264,3 +262,16 @@ def test_checkpoint_errors_are_bprun_errors(tmp_path):
         ckpt_io.resolve_checkpoint(tmp_path / "missing")
     with pytest.raises(BprunError, match="no checkpoints/last.pt"):
         ckpt_io.resolve_checkpoint(tmp_path)
+
+
+def test_resume_with_a_schedule_of_another_length_is_refused(bprun, tmp_path):
+    for sched in ("cosine", "onecycle"):
+        run = tmp_path / sched
+        bprun("trainer.max_epochs=1", f"sched={sched}", f"hydra.run.dir={run}")
+        r = bprun(f"trainer.resume={run}", "trainer.max_epochs=2", check=False)
+        assert r.returncode != 0 and "scheduler steps" in r.output
+        assert "max_epochs" in r.output and "Traceback" not in r.output
+        assert (run / "metrics.json").is_file() and (run / "checkpoints" / "last.pt").is_file()
+        assert "trainer.max_epochs=2" not in (run / ".hydra" / "overrides.yaml").read_text()
+    # the failed attempt changed nothing: resuming as the run was configured still works
+    assert bprun(f"trainer.resume={tmp_path}/onecycle").metrics["status"] == "completed"

@@ -48,6 +48,7 @@ class Trainer:
         run_dir: str | Path | None = None,
         tracker=None,
         config_yaml: str = "",
+        overrides: list[str] = (),
         callbacks: tuple = (),
     ):
         s = self.s = settings
@@ -66,6 +67,7 @@ class Trainer:
         self.task, self.num_classes = task, num_classes
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.tracker, self.config_yaml = tracker, config_yaml
+        self.overrides = [o for o in overrides if not o.startswith("trainer.resume=")]
         # Hooks: each a list of bound methods, so a hook nobody implements costs one empty loop.
         self.callbacks = list(callbacks)
         self._on_fit_start = self._hook("on_fit_start")  # (trainer, train_loader)
@@ -327,8 +329,13 @@ class Trainer:
         if self.scaler is None:
             self.optimizer.step()
             stepped = True
+        elif self.scheduler is None or self.scheduler_interval != "step":
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            stepped = True
         else:
-            # The scaler skips updates whose gradients overflowed; the scheduler must too.
+            # The scaler skips updates whose gradients overflowed; a per-update scheduler
+            # must too. Reading the scale syncs with the device, so only then.
             before = self.scaler.get_scale()
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -436,13 +443,14 @@ class Trainer:
             "best": dict(self.best),
             "history": list(self.history),
             "config": self.config_yaml,
+            "overrides": list(self.overrides),  # the command line that resume re-composes
         }
 
     def load_state_dict(self, state: dict, path: str | Path = "checkpoint") -> None:
         ckpt_io.load_model_state(self.module, state["model"], path)
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state.get("scheduler") is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
+            self._load_scheduler(state["scheduler"])
         if self.scaler is not None and state.get("scaler") is not None:
             self.scaler.load_state_dict(state["scaler"])
         p = state["progress"]
@@ -454,6 +462,27 @@ class Trainer:
         self.best, self.history = dict(state["best"]), list(state["history"])
         self._last_saved = Path(path)
         ckpt_io.set_rng_state(state["rng"])
+
+    def _load_scheduler(self, state: dict) -> None:
+        """Restore the scheduler; a schedule whose length no longer fits the run is an error.
+
+        Stretching a half-done cosine or one-cycle schedule would not give the
+        curve either was configured for (a finished cosine sits at eta_min), so
+        a longer resumed run needs sched=none or the run's own length.
+        """
+        parts = [self.scheduler, *getattr(self.scheduler, "_schedulers", [])]
+        lengths = [
+            {k: getattr(p, k) for k in ("T_max", "total_steps") if hasattr(p, k)} for p in parts
+        ]
+        self.scheduler.load_state_dict(state)
+        for part, fresh in zip(parts, lengths, strict=True):
+            for key, value in fresh.items():
+                if getattr(part, key) != value:
+                    raise BprunError(
+                        f"the checkpoint's {type(part).__name__} was built for {key}="
+                        f"{getattr(part, key)} scheduler steps, this run needs {value}: resume with "
+                        "the run's own trainer.max_epochs and max_updates"
+                    )
 
     def save(self, path: Path) -> Path:
         self._flush_train_log()  # never save state that follows a non-finite loss
