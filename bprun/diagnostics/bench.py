@@ -1,6 +1,6 @@
 """What the training-time instruments cost: updates/s with each one on, against all off.
 
-    python -m bprun.diagnostics.bench [--updates 400] [--rounds 5] [--threads 1]
+    python -m bprun.diagnostics.bench [--updates 400] [--rounds 5] [--threads 1] [--device cpu]
 
 The shipped MNIST-1D MLP (`bprun` defaults) trains a fresh copy of the same
 initial weights for the same updates with each variant, the variants taking
@@ -42,15 +42,16 @@ VARIANTS = {
 }
 
 
-def rate(cfg, data, initial, settings: TrainerSettings, run_dir: str) -> float:
-    """Updates per second of one fit with `settings`, callbacks included."""
+def rate(cfg, data, initial, settings: TrainerSettings, run_dir: str, device) -> float:
+    """Updates per second of one fit with `settings`, callbacks included (the fit ends with a
+    host read of the losses, so queued device work is inside the timing)."""
     model = copy.deepcopy(initial)
     trainer = Trainer(
         settings,
         model,
         build_loss(cfg.loss),
         build_optimizer(cfg.optim, model),
-        device="cpu",
+        device=device,
         task=data.dataset.task,
         num_classes=data.dataset.num_classes,
         callbacks=diagnostic_callbacks(settings, run_dir),
@@ -70,14 +71,16 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     register_configs()
     with initialize_config_module("bprun.conf", version_base="1.3"):
         cfg = compose("config")
-    data = build_data(cfg.dataset, torch.device("cpu"), seed=0)
+    device = torch.device(args.device)
+    data = build_data(cfg.dataset, device, seed=0)
     torch.manual_seed(0)
-    initial = build_model(cfg.model, data.dataset)
+    initial = build_model(cfg.model, data.dataset).to(device)
     base = TrainerSettings(
         max_epochs=10**6,
         max_updates=args.updates,
@@ -87,14 +90,14 @@ def main(argv=None) -> None:
     names = ["off", *(v for v in args.variants.split(",") if v != "off")]
     print(
         f"torch {torch.__version__}, {args.threads} thread(s), MNIST-1D MLP, {args.updates} "
-        f"updates x {args.rounds} rounds, log every {args.log_every} updates, CPU"
+        f"updates x {args.rounds} rounds, log every {args.log_every} updates, {device}"
     )
     ratios: dict[str, list[float]] = {n: [] for n in names}
     rates: dict[str, list[float]] = {n: [] for n in names}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds + 1):  # round 0 warms up
             row = {
-                n: rate(cfg, data, initial, dataclasses.replace(base, **VARIANTS[n]), tmp)
+                n: rate(cfg, data, initial, dataclasses.replace(base, **VARIANTS[n]), tmp, device)
                 for n in names
             }
             if r:
