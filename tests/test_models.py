@@ -327,7 +327,7 @@ def test_every_sequence_model_trains_on_mnist1d(bprun, tmp_path):
         "trainer.max_epochs=2",
         "optim.lr=3e-3",
         "-m",
-    )  # -m last: the fixture's own overrides come first
+    )
     jobs = _sweep_jobs(tmp_path / "sweep")
     assert sorted(jobs) == sorted(names), r.output[-2000:]
     for name, m in jobs.items():
