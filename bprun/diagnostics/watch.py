@@ -31,22 +31,25 @@ class GradWatch:
             if threshold is not None
         ]
         shape = (len(self.kinds), len(names))
+        # One comparison for both kinds: vanishing is norm < v, exploding is -norm < -e.
+        sign = [1.0 if kind == "vanishing" else -1.0 for kind, _ in self.kinds]
+        self.sign = torch.tensor(sign, device=device).unsqueeze(1)
+        self.limit = torch.tensor(
+            [s * t for s, (_, t) in zip(sign, self.kinds, strict=True)], device=device
+        ).unsqueeze(1)
         self.count = torch.zeros(shape, dtype=torch.int32, device=device)
         self.fired_at = torch.full(shape, -1.0, device=device)  # update offset in the window
         self.fired_norm = torch.zeros(shape, device=device)
         self.window_start = 0
 
     def step(self, norms: torch.Tensor, update: int) -> None:
-        """Count consecutive crossings for the norms of update `update` (no host sync)."""
-        rows = [
-            norms < threshold if kind == "vanishing" else ~(norms <= threshold)  # NaN explodes
-            for kind, threshold in self.kinds
-        ]
-        crossed = torch.stack(rows)
-        self.count = torch.where(crossed, self.count + 1, 0)
+        """Count consecutive crossings for the norms of update `update`: seven small kernels,
+        all in place, no host sync. A NaN norm counts as exploding."""
+        crossed = torch.nan_to_num(norms, nan=math.inf) * self.sign < self.limit
+        self.count.add_(1).mul_(crossed)
         newly = self.count == self.patience
-        self.fired_at = torch.where(newly, float(update - self.window_start), self.fired_at)
-        self.fired_norm = torch.where(newly, norms.expand_as(self.fired_norm), self.fired_norm)
+        self.fired_at.masked_fill_(newly, float(update - self.window_start))
+        torch.where(newly, norms, self.fired_norm, out=self.fired_norm)
 
     def state(self) -> torch.Tensor:
         """Everything `read` needs, as one flat float vector (to be read with the caller's)."""
