@@ -81,8 +81,12 @@ def main() -> None:
     # As with `python -m`, modules in the working directory can be `_target_`s.
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
+    # Hydra's parser wants its flags before the overrides; accept them anywhere.
+    argv = sys.argv[1:]
+    flags = [a for a in argv if a in ("-m", "--multirun")]
+    argv = flags + [a for a in argv if a not in flags]
     try:
-        sys.argv[1:] = resume_overrides(sys.argv[1:])
+        sys.argv[1:] = resume_overrides(argv)
     except BprunError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
