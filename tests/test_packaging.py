@@ -14,21 +14,45 @@ from conftest import ROOT
 def test_wheel_install_runs(tmp_path, data_dir):
     wheels, target = tmp_path / "wheels", tmp_path / "site"
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", wheels, ROOT],
-                   check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", wheels, ROOT],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     wheel = next(wheels.glob("bprun-*.whl"))
-    subprocess.run([*pip, "install", "--no-deps", "--target", target, wheel],
-                   check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [*pip, "install", "--no-deps", "--target", target, wheel],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     assert (target / "bprun" / "conf" / "config.yaml").is_file()
     assert (target / "bprun" / "conf" / "model" / "mlp.yaml").is_file()
     env = {**os.environ, "PYTHONPATH": str(target), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "bprun", f"hydra.run.dir={tmp_path}/run", f"paths.data_dir={data_dir}",
-         "trainer.fast_dev_run=true", "model=cnn"],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "bprun",
+            f"hydra.run.dir={tmp_path}/run",
+            f"paths.data_dir={data_dir}",
+            "trainer.fast_dev_run=true",
+            "model=cnn",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (tmp_path / "run" / "metrics.json").is_file()
-    probe = subprocess.run([sys.executable, "-c", "import bprun; print(bprun.__file__)"],
-                           capture_output=True, text=True, env=env, cwd=tmp_path)
+    probe = subprocess.run(
+        [sys.executable, "-c", "import bprun; print(bprun.__file__)"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
     assert probe.stdout.startswith(str(target))

@@ -7,8 +7,11 @@ import pytest
 
 def test_early_stopping_in_a_real_run(bprun):
     # min_delta 10: nothing after the first check counts as improvement -> stop at check 3
-    r = bprun("trainer.max_epochs=20", "trainer.early_stopping.patience=2",
-              "trainer.early_stopping.min_delta=10")
+    r = bprun(
+        "trainer.max_epochs=20",
+        "trainer.early_stopping.patience=2",
+        "trainer.early_stopping.min_delta=10",
+    )
     m = r.metrics
     assert m["epochs"] == 3
     assert m["stop_reason"].startswith("early stopping: val/loss did not improve in the last 2")
@@ -16,9 +19,14 @@ def test_early_stopping_in_a_real_run(bprun):
 
 
 def test_early_stopping_threshold_on_accuracy(bprun):
-    r = bprun("model=cnn", "optim=adamw", "trainer.max_epochs=30",
-              "trainer.early_stopping.monitor=val/acc", "trainer.early_stopping.mode=max",
-              "trainer.early_stopping.stopping_threshold=0.5")
+    r = bprun(
+        "model=cnn",
+        "optim=adamw",
+        "trainer.max_epochs=30",
+        "trainer.early_stopping.monitor=val/acc",
+        "trainer.early_stopping.mode=max",
+        "trainer.early_stopping.stopping_threshold=0.5",
+    )
     m = r.metrics
     assert m["epochs"] < 30 and "stopping threshold" in m["stop_reason"]
     assert m["history"][-1]["val/acc"] > 0.5 and all(h["val/acc"] <= 0.5 for h in m["history"][:-1])
@@ -26,7 +34,9 @@ def test_early_stopping_threshold_on_accuracy(bprun):
 
 @pytest.mark.slow
 def test_bf16_mixed_trains_the_cnn_on_cpu(bprun):
-    m = bprun("model=cnn", "optim=adamw", "trainer.precision=bf16-mixed", "trainer.max_epochs=10").metrics
+    m = bprun(
+        "model=cnn", "optim=adamw", "trainer.precision=bf16-mixed", "trainer.max_epochs=10"
+    ).metrics
     assert m["test"]["test/acc"] >= 0.85
 
 
@@ -35,13 +45,22 @@ def test_nonfinite_loss_stops_naming_update_and_last_good_checkpoint(bprun):
     assert r.returncode != 0 and "Traceback" not in r.output
     assert "loss became non-finite" in r.output and "at update" in r.output
     assert r.metrics["status"] == "failed"
-    ckpts = list((r.run_dir / "checkpoints").glob("*.pt")) if (r.run_dir / "checkpoints").exists() else []
+    ckpts = (
+        list((r.run_dir / "checkpoints").glob("*.pt"))
+        if (r.run_dir / "checkpoints").exists()
+        else []
+    )
     assert ckpts == []  # the very first updates blew up: nothing non-finite was saved
 
 
 def test_nonfinite_skip_counts_and_gives_up(bprun):
-    r = bprun("optim=sgd", "optim.lr=1e30", "trainer.nonfinite=skip",
-              "trainer.max_consecutive_skips=3", check=False)
+    r = bprun(
+        "optim=sgd",
+        "optim.lr=1e30",
+        "trainer.nonfinite=skip",
+        "trainer.max_consecutive_skips=3",
+        check=False,
+    )
     assert r.returncode != 0 and "consecutive updates had a non-finite loss" in r.output
     assert "update skipped" in r.output
 
@@ -55,10 +74,20 @@ def test_fast_dev_run_writes_no_checkpoints(bprun):
 
 
 def test_limit_train_batches_fraction_and_count(bprun, tmp_path):
-    assert bprun("trainer.max_epochs=1", "trainer.limit_train_batches=0.25",
-                 f"hydra.run.dir={tmp_path}/a").metrics["updates"] == 9
-    assert bprun("trainer.max_epochs=2", "trainer.limit_train_batches=5",
-                 f"hydra.run.dir={tmp_path}/b").metrics["updates"] == 10
+    assert (
+        bprun(
+            "trainer.max_epochs=1",
+            "trainer.limit_train_batches=0.25",
+            f"hydra.run.dir={tmp_path}/a",
+        ).metrics["updates"]
+        == 9
+    )
+    assert (
+        bprun(
+            "trainer.max_epochs=2", "trainer.limit_train_batches=5", f"hydra.run.dir={tmp_path}/b"
+        ).metrics["updates"]
+        == 10
+    )
 
 
 def test_overfit_batches_drives_training_loss_down(bprun):
@@ -69,14 +98,21 @@ def test_overfit_batches_drives_training_loss_down(bprun):
 
 
 def test_detect_anomaly_runs(bprun):
-    assert bprun("trainer.detect_anomaly=true", "trainer.max_updates=3").metrics["status"] == "completed"
+    assert (
+        bprun("trainer.detect_anomaly=true", "trainer.max_updates=3").metrics["status"]
+        == "completed"
+    )
 
 
 def test_gradient_clipping_and_accumulation_from_the_command_line(bprun):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    r = bprun("trainer.max_epochs=1", "trainer.grad_clip.max=0.5", "trainer.accumulate=3",
-              "trainer.log_every_n_updates=4")
+    r = bprun(
+        "trainer.max_epochs=1",
+        "trainer.grad_clip.max=0.5",
+        "trainer.accumulate=3",
+        "trainer.log_every_n_updates=4",
+    )
     assert r.metrics["updates"] == 12
     acc = EventAccumulator(str(r.run_dir))
     acc.Reload()
