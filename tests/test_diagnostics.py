@@ -420,6 +420,17 @@ def test_find_lr_leaves_the_model_and_optimizer_as_they_were():
     assert trainer.update == 0 and trainer.history == []
 
 
+def test_find_lr_takes_a_loss_function_too():
+    x, y = problem(n=256)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 3))
+    loss = nn.functional.cross_entropy
+    trainer = trainer_for(model, TrainerSettings(progress=False), loss=loss)
+    result = find_lr(trainer, InMemoryLoader(x, y, 32), LrFindSettings(num_steps=12, skip_begin=2))
+    assert len(result.lrs) == 12 and all(math.isfinite(v) for v in result.losses)
+    assert trainer.loss_fn is loss
+
+
 def test_lr_find_cli_suggests_near_the_shipped_lr_and_writes_no_weights(bprun):
     r = bprun("task=lr_find")
     shipped = float(re.search(r"^lr: (\S+)", (CONF / "optim" / "adam.yaml").read_text(), re.M)[1])

@@ -9,8 +9,10 @@ min_lr for k = 0). After each update the loss is smoothed as Lightning's
     avg = beta * avg + (1 - beta) * loss
     smoothed = avg / (1 - beta ** (step + 1))        step = updates done, from 1
 
-and the sweep stops once `smoothed > early_stop_threshold * best` (after the
-first update), or at a non-finite loss. The suggestion is Lightning's: the
+(the exponent is Lightning's: its global step already counts the update, so
+the first points read about half the loss; `skip_begin` leaves them out of
+the suggestion). The sweep stops once `smoothed > early_stop_threshold * best`
+(after the first update), or at a non-finite loss. The suggestion is Lightning's: the
 learning rate at the steepest descent (the most negative `np.gradient`) of the
 smoothed losses, leaving out the first `skip_begin` and the last `skip_end`.
 
@@ -33,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from bprun.diagnostics.settings import LrFindSettings
 from bprun.engine.settings import Checkpointing, EarlyStopping, GradWatch
@@ -127,7 +130,10 @@ def find_lr(trainer: Trainer, train_loader, settings: LrFindSettings | None = No
     model_state = copy.deepcopy(trainer.module.state_dict())
     optim_state = copy.deepcopy(trainer.optimizer.state_dict())
     rng = torch.random.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    cuda_rng = torch.cuda.get_rng_state_all() if trainer.device.type == "cuda" else None
+    loss_fn = trainer.loss_fn
+    if not isinstance(loss_fn, nn.Module):  # a plain function: wrap it to hook its output
+        loss_fn = _LossModule(loss_fn)
     settings_ = dataclasses.replace(
         trainer.s,
         max_epochs=10**9,
@@ -146,14 +152,14 @@ def find_lr(trainer: Trainer, train_loader, settings: LrFindSettings | None = No
     sweeper = Trainer(
         settings_,
         trainer.module,
-        trainer.loss_fn,
+        loss_fn,
         trainer.optimizer,
         device=trainer.device,
         task=trainer.task,
         num_classes=trainer.num_classes,
         callbacks=[sweep],
     )
-    handle = trainer.loss_fn.register_forward_hook(sweep.record_loss)
+    handle = loss_fn.register_forward_hook(sweep.record_loss)
     quiet = _Quiet()
     log.addFilter(quiet)
     try:
@@ -169,6 +175,15 @@ def find_lr(trainer: Trainer, train_loader, settings: LrFindSettings | None = No
             torch.cuda.set_rng_state_all(cuda_rng)
     result.suggestion, result.index = suggest(result.lrs, result.losses, s.skip_begin, s.skip_end)
     return result
+
+
+class _LossModule(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, output, target):
+        return self.fn(output, target)
 
 
 class _Quiet:
