@@ -54,7 +54,13 @@ class GradientMonitor:
                 "gradients and log nothing"
             )
         w = self.watch_settings
-        if w.vanish_below is not None or w.explode_above is not None:
+        if not self.weights:
+            log.warning(
+                f"{type(trainer.module).__name__} has no weight matrices or kernels: the "
+                "gradient watch and the gradient-flow chart have nothing to show"
+            )
+            self.flow_every = None
+        elif w.vanish_below is not None or w.explode_above is not None:
             self.watch = GradWatch(
                 self.weight_names, w.vanish_below, w.explode_above, w.patience, device
             )
@@ -96,9 +102,11 @@ class GradientMonitor:
         payload = []
         ratios = self._before is not None and self._before[1] == update
         if ratios:
+            payload.append(self._gn)
             before = self._before[0]
-            delta = torch._foreach_sub([p.detach() for p in self.weights], before)
-            payload += [self._gn, stacked_norms(delta) / stacked_norms(before).clamp_min(1e-12)]
+            if before:
+                delta = torch._foreach_sub([p.detach() for p in self.weights], before)
+                payload.append(stacked_norms(delta) / stacked_norms(before).clamp_min(1e-12))
         if self.watch is not None:
             payload.append(self.watch.state())
         self._gn = self._before = None
