@@ -150,6 +150,8 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> float | 
         )
         if resumed:
             summary["resumed_from"] = str(resumed)
+        if getattr(trainer, "grad_watch_events", None):
+            summary["grad_watch_events"] = trainer.grad_watch_events
         write_json(summary, run_dir / "metrics.json")
         log_hparams(trainer.tracker, cfg, summary)
         trainer.tracker.close()
