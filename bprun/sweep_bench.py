@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> float:
         "overrides", nargs="*", help="extra overrides for every job, e.g. trainer.device=cpu"
     )
     p.add_argument("--jobs", type=int, default=4, help="jobs in the sweep (default 4)")
-    p.add_argument("--epochs", type=int, default=30, help="epochs per job (default 30)")
+    p.add_argument("--epochs", type=int, default=100, help="epochs per job (default 100)")
     p.add_argument("--n-jobs", type=int, default=cores(), help="parallel jobs (default: cores)")
     p.add_argument("--data-dir", default="data")
     p.add_argument("--out", default="outputs/sweep_bench", help="scratch folder, replaced")
