@@ -5,7 +5,9 @@ end to end as a user runs it: with Hydra's basic launcher (one job after
 another, torch using every core), the same with one thread a job, and with
 `hydra/launcher=joblib` (one job per core, each limited to its share of
 threads by bprun's sweep callback). Prints the wall times and the speed-ups.
-A benchmark, not a test: run it on a quiet machine.
+A benchmark, not a test: run it on a quiet machine. Jobs must be long enough
+(the default: about 15 s each on one core) for parallelism to outweigh the
+start-up of joblib's worker processes, which import torch afresh.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ def main(argv: list[str] | None = None) -> float:
         "overrides", nargs="*", help="extra overrides for every job, e.g. trainer.device=cpu"
     )
     p.add_argument("--jobs", type=int, default=4, help="jobs in the sweep (default 4)")
-    p.add_argument("--epochs", type=int, default=100, help="epochs per job (default 100)")
+    p.add_argument("--epochs", type=int, default=300, help="epochs per job (default 300)")
     p.add_argument("--n-jobs", type=int, default=cores(), help="parallel jobs (default: cores)")
     p.add_argument("--data-dir", default="data")
     p.add_argument("--out", default="outputs/sweep_bench", help="scratch folder, replaced")
