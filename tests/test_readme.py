@@ -45,5 +45,7 @@ def test_readme_command_runs(command, bprun, tmp_path):
         assert "model" in r.stdout
         return
     r = bprun(*args, "trainer.max_epochs=1", "trainer.max_updates=5", cwd=tmp_path)
-    if "-m" not in args:
+    if "-m" in args:
+        assert (r.run_dir.parent / "sweep" / "summary.csv").is_file()
+    elif not any(a.startswith("task=") for a in args):
         assert r.metrics["status"] == "completed"
