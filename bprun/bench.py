@@ -92,31 +92,39 @@ def measure(cfg, variant: dict, updates: int, rounds: int, device: torch.device)
         model = copy.deepcopy(initial)
         return model, build_optimizer(cfg.optim, model)
 
-    engine_rate, plain_rate = [], []
-    for r in range(rounds + 1):  # round 0 warms up caches and allocators
+    def timed(run) -> float:
         model, opt = fresh()
         sync(device)
         t = time.perf_counter()
+        run(model, opt)
+        sync(device)
+        return updates / (time.perf_counter() - t)
+
+    def engine(model, opt):
         engine_loop(settings, model, loss_fn, opt, data, device)
-        sync(device)
-        e = updates / (time.perf_counter() - t)
-        model, opt = fresh()
-        sync(device)
-        t = time.perf_counter()
+
+    def plain(model, opt):
+        train = data.train
         plain_loop(
             model,
             loss_fn,
             opt,
-            data.train.x,
-            data.train.y,
-            data.train.batch_size,
+            train.x,
+            train.y,
+            train.batch_size,
             updates,
-            data.train.seed,
+            train.seed,
             clip,
             dtype,
         )
-        sync(device)
-        p = updates / (time.perf_counter() - t)
+
+    engine_rate, plain_rate = [], []
+    for r in range(rounds + 1):  # round 0 warms up caches and allocators
+        # Alternate which loop goes first, so neither gains from its place in the round.
+        if r % 2:
+            p, e = timed(plain), timed(engine)
+        else:
+            e, p = timed(engine), timed(plain)
         if r > 0:
             engine_rate.append(e)
             plain_rate.append(p)
@@ -138,8 +146,8 @@ VARIANTS = {
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--updates", type=int, default=300)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--updates", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--models", default="mlp,cnn")
     parser.add_argument("--variants", default="features off,grad clip,bf16-mixed")
