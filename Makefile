@@ -18,7 +18,7 @@ run: install
 	$(BIN)/bprun $(ARGS)
 
 test: install
-	$(BIN)/pytest $(ARGS)
+	$(BIN)/pytest -n auto $(ARGS)
 
 lint: install
 	$(BIN)/ruff check bprun tests
