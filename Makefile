@@ -10,8 +10,8 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install -qq --upgrade pip
+	$(BIN)/python -m pip install -qq -e '.[dev]'
 	touch $(STAMP)
 
 run: install
@@ -21,8 +21,8 @@ test: install
 	$(BIN)/pytest -n auto $(ARGS)
 
 lint: install
-	$(BIN)/ruff check bprun tests
-	$(BIN)/ruff format --check bprun tests
+	$(BIN)/ruff check bprun tests hydra_plugins
+	$(BIN)/ruff format --check bprun tests hydra_plugins
 
 bench: install
 	$(BIN)/python -m bprun.bench $(ARGS)

@@ -133,8 +133,6 @@ def _count(limit: float | None, total: int) -> int | None:
     """Lightning's convention: a float up to 1.0 is a fraction of the batches, above it a count."""
     if limit is None:
         return None
-    if limit <= 0:
-        raise BprunError(f"batch limits must be positive, got {limit}")
     return max(1, math.ceil(limit * total)) if limit <= 1.0 else int(limit)
 
 

@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 
 from bprun.config import register_configs
 from bprun.errors import BprunError
+from bprun.overrides import merge
 
 log = logging.getLogger("bprun")
 register_configs()
@@ -44,29 +45,23 @@ def resume_overrides(argv: list[str]) -> list[str]:
 
     target = resume[-1].split("=", 1)[1]
     path = ckpt_io.resolve_checkpoint(target)
-    state = ckpt_io.load_checkpoint(path)
-    if "overrides" not in state:
+    saved = (ckpt_io.load_checkpoint(path).get("extra") or {}).get("overrides")
+    if saved is None:
         raise BprunError(f"trainer.resume={target}: {path} records no command line to resume with")
     run = _run_folder_of(path)
-    # One override per key, the latest winning: Hydra refuses a group chosen twice.
-    merged = {_key(o): o for o in [*state["overrides"], *argv] if not o.startswith("hydra.")}
-    merged.update({_key(o): o for o in argv if o.startswith("hydra.")})
-    return [*merged.values(), f"hydra.run.dir={run}", "hydra.output_subdir=null"]
-
-
-def _key(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~")
+    line = merge([o for o in saved if not o.startswith("hydra.")], argv)
+    return [*line, f"hydra.run.dir={run}", "hydra.output_subdir=null"]
 
 
 @hydra.main(version_base="1.3", config_path="pkg://bprun.conf", config_name="config")
 def hydra_main(cfg: DictConfig) -> float | None:
-    from bprun.run import run  # torch loads only once the config is valid
+    from bprun.tasks import run_task  # torch loads only once the config is valid
 
     hc = HydraConfig.get()
     if hc.mode == RunMode.MULTIRUN:
         cfg.trainer.progress = False  # a sweep prints one line per job, not interleaved bars
     try:
-        return run(cfg, Path(hc.runtime.output_dir), list(hc.overrides.task))
+        return run_task(cfg, Path(hc.runtime.output_dir), list(hc.overrides.task))
     except BprunError as e:
         log.error(f"error: {e}")
         if hc.mode == RunMode.MULTIRUN:
@@ -83,6 +78,11 @@ def main() -> None:
         sys.path.insert(0, os.getcwd())
     # Hydra's parser wants its flags before the overrides; accept them anywhere.
     argv = sys.argv[1:]
+    if "--help" in argv or "-h" in argv:
+        from bprun.help import render
+
+        print(render(argv))
+        return
     flags = [a for a in argv if a in ("-m", "--multirun")]
     argv = flags + [a for a in argv if a not in flags]
     try:

@@ -162,7 +162,7 @@ def test_top_k_keeps_the_best_and_names_files(bprun):
     assert {"model", "optimizer", "rng", "progress", "early_stopping", "topk", "config"} <= set(
         state
     )
-    assert "model:" in state["config"]
+    assert "model:" in state["extra"]["config"]
 
 
 def test_interrupted_write_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):

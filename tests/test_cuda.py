@@ -89,7 +89,16 @@ def test_scheduler_does_not_step_when_the_scaler_skips():
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.99)
     s = TrainerSettings(progress=False, max_updates=40, precision="16-mixed", device="cuda")
-    t = Trainer(s, m, nn.CrossEntropyLoss(), opt, sched, "step", device="cuda", num_classes=4)
+    t = Trainer(
+        s,
+        m,
+        nn.CrossEntropyLoss(),
+        opt,
+        sched,
+        scheduler_interval="step",
+        device="cuda",
+        num_classes=4,
+    )
     t.scaler = torch.amp.GradScaler("cuda", init_scale=2.0**40)  # overflows at first
     skipped = []
     scale = [t.scaler.get_scale()]

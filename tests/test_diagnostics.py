@@ -23,12 +23,13 @@ from bprun.diagnostics.anomaly import AnomalyLocator
 from bprun.diagnostics.dead_units import DeadUnits
 from bprun.diagnostics.grad_flow import GradientMonitor
 from bprun.diagnostics.gradcheck import check_gradients
-from bprun.diagnostics.lr_find import _Sweep, find_lr, rerun_command, suggest
+from bprun.diagnostics.lr_find import _Sweep, find_lr, suggest
 from bprun.diagnostics.settings import GradcheckSettings, LrFindSettings
 from bprun.diagnostics.watch import GradWatch
 from bprun.engine import Trainer, TrainerSettings
 from bprun.engine.settings import GradWatch as GradWatchSettings
 from bprun.errors import BprunError
+from bprun.tasks.lr_find import rerun_command
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 DEEP = "model.hidden=[" + ",".join(["64"] * 20) + "]"
@@ -80,8 +81,8 @@ def trainer_for(model, settings: TrainerSettings, optimizer=None, run_dir=None, 
         optimizer or torch.optim.SGD(model.parameters(), lr=0.1),
         num_classes=3,
         callbacks=diagnostic_callbacks(settings, run_dir),
+        tracker=Capture(),
     )
-    trainer.tracker = Capture()
     return trainer
 
 
@@ -222,7 +223,7 @@ def test_rnn_with_large_recurrent_init_trips_the_exploding_warning(caplog):
     trainer = trainer_for(model, s, torch.optim.SGD(model.parameters(), lr=1e-12))
     with caplog.at_level("WARNING", logger="bprun"):
         trainer.fit(InMemoryLoader(x, y, 16), None)
-    events = trainer.grad_watch_events
+    events = trainer.summarize({})["grad_watch_events"]
     assert {"rnn.weight_ih_l0", "rnn.weight_hh_l0"} <= {e["layer"] for e in events}
     assert {e["update"] for e in events} == {3} and all(e["kind"] == "exploding" for e in events)
     assert all(e["norm"] > 1e5 for e in events)

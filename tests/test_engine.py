@@ -109,9 +109,15 @@ def test_step_scheduler_counts_updates_and_epoch_scheduler_counts_epochs():
         opt = torch.optim.SGD(model.parameters(), lr=1.0)
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
         s = TrainerSettings(progress=False, max_epochs=2, accumulate=2)
-        Trainer(s, model, nn.CrossEntropyLoss(), opt, sched, interval, num_classes=3).fit(
-            InMemoryLoader(x, y, 5, shuffle=True), InMemoryLoader(x, y, 100)
-        )
+        Trainer(
+            s,
+            model,
+            nn.CrossEntropyLoss(),
+            opt,
+            sched,
+            scheduler_interval=interval,
+            num_classes=3,
+        ).fit(InMemoryLoader(x, y, 5, shuffle=True), InMemoryLoader(x, y, 100))
         assert sched.last_epoch == expected
 
 
@@ -122,7 +128,7 @@ def test_plateau_scheduler_receives_the_monitored_metric():
     # threshold 10: no change of the metric counts as an improvement
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=0, factor=0.5, threshold=10)
     s = TrainerSettings(progress=False, max_epochs=4)
-    Trainer(s, model, nn.CrossEntropyLoss(), opt, sched, "epoch", num_classes=3).fit(
+    Trainer(s, model, nn.CrossEntropyLoss(), opt, sched, num_classes=3).fit(
         InMemoryLoader(x, y, 50), InMemoryLoader(x, y, 100)
     )
     assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**4)  # one cut per check

@@ -29,6 +29,7 @@ def test_wheel_install_runs(tmp_path, data_dir):
     )
     assert (target / "bprun" / "conf" / "config.yaml").is_file()
     assert (target / "bprun" / "conf" / "model" / "mlp.yaml").is_file()
+    assert (target / "hydra_plugins" / "bprun_sweeper" / "sweeper.py").is_file()
     env = {**os.environ, "PYTHONPATH": str(target), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [
@@ -56,3 +57,12 @@ def test_wheel_install_runs(tmp_path, data_dir):
         cwd=tmp_path,
     )
     assert probe.stdout.startswith(str(target))
+    # Hydra's own discovery finds the grid sweeper in the installed hydra_plugins namespace.
+    discover = (
+        "from hydra.core.plugins import Plugins; from hydra.plugins.sweeper import Sweeper; "
+        "print([c.__module__ for c in Plugins.instance().discover(Sweeper)])"
+    )
+    found = subprocess.run(
+        [sys.executable, "-c", discover], capture_output=True, text=True, env=env, cwd=tmp_path
+    )
+    assert "hydra_plugins.bprun_sweeper.sweeper" in found.stdout, found.stderr

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from conftest import BPRUN
 
-from bprun import sweep_summary
-from bprun.sweep import cores, parallel_jobs, threads_per_job
+from bprun.sweep import summary as sweep_summary
+from bprun.sweep.callback import cores, parallel_jobs, threads_per_job
 
 FAST = ("trainer.fast_dev_run=true",)
 

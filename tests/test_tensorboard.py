@@ -21,8 +21,8 @@ from bprun.data.loader import InMemoryLoader
 from bprun.engine.settings import TrainerSettings
 from bprun.engine.trainer import Trainer
 from bprun.errors import BprunError
-from bprun.tb_callbacks import Graph, Histograms, LearningRates, tensorboard_callbacks
-from bprun.tracking import Tracker
+from bprun.tracking.callbacks import Graph, Histograms, LearningRates, tensorboard_callbacks
+from bprun.tracking.tensorboard import Tracker
 
 TENSORBOARD = str(Path(sys.executable).with_name("tensorboard"))
 
@@ -145,9 +145,14 @@ def fit(tmp_path: Path, settings: TrainerSettings, model=None, optimizer=None, *
     optimizer = optimizer or torch.optim.SGD(model.parameters(), lr=0.1)
     callbacks = tensorboard_callbacks(settings, tmp_path)
     trainer = Trainer(
-        settings, model, nn.CrossEntropyLoss(), optimizer, num_classes=3, callbacks=callbacks
+        settings,
+        model,
+        nn.CrossEntropyLoss(),
+        optimizer,
+        num_classes=3,
+        callbacks=callbacks,
+        tracker=Tracker(tmp_path),
     )
-    trainer.tracker = Tracker(tmp_path)
     x, y = problem()
     trainer.fit(InMemoryLoader(x, y, 10, shuffle=True, **loader), InMemoryLoader(x, y, 100))
     trainer.tracker.close()

@@ -16,7 +16,7 @@ from test_data import write_cifar, write_mnist
 
 from bprun.config import register_configs
 from bprun.errors import BprunError
-from bprun.run import train
+from bprun.tasks.train import run as train
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = sorted(p.stem for p in (ROOT / "conf" / "model").glob("*.yaml"))

@@ -8,12 +8,13 @@ regression and forecasting tasks in `bprun.data.synthetic`.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from bprun.io import atomic_write
 
 
 @dataclass
@@ -60,13 +61,6 @@ def split_validation(
     return x[train], y[train], x[val], y[val]
 
 
-def _atomic_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def load_mnist1d(data_dir: str = "data", num_samples: int = 5000, seed: int = 42) -> Dataset:
     """MNIST-1D with the reference generator settings (4000 train / 1000 test).
 
@@ -88,7 +82,7 @@ def load_mnist1d(data_dir: str = "data", num_samples: int = 5000, seed: int = 42
         args.num_samples, args.seed = num_samples, seed
         raw = make_dataset(args)
         arrays = {k: torch.from_numpy(np.asarray(raw[k])) for k in ("x", "y", "x_test", "y_test")}
-        _atomic_save(arrays, cache)
+        atomic_write(cache, lambda f: torch.save(arrays, f))
     # (N, 40) signals become (N, 1, 40): one channel, so 1-D convolutions apply directly.
     return Dataset(
         x_train=arrays["x"].float().unsqueeze(1),

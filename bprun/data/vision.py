@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import codecs
 import gzip
-import os
 import pickle
 import shutil
 from pathlib import Path
@@ -29,6 +28,7 @@ import torchvision.datasets as tvd
 
 from bprun.data.sources import Dataset
 from bprun.errors import BprunError
+from bprun.io import atomic_write
 
 # option name -> (torchvision class, classes)
 DATASETS = {
@@ -129,18 +129,14 @@ def _gunzip_missing(folder: Path, files: list[str]) -> None:
         raw, packed = folder / f, folder / f"{f}.gz"
         if raw.is_file() or not packed.is_file():
             continue
-        tmp = folder / f".{f}.{os.getpid()}.tmp"
         try:
-            with gzip.open(packed, "rb") as src, open(tmp, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-            os.replace(tmp, raw)
+            with gzip.open(packed, "rb") as src:
+                atomic_write(raw, lambda dst, src=src: shutil.copyfileobj(src, dst))
         except (OSError, EOFError) as e:
             raise BprunError(
                 f"cannot unpack {packed} ({type(e).__name__}: {e}); the file is damaged: "
                 "delete it and fetch it again (dataset.download=true)"
             ) from None
-        finally:
-            tmp.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------- CIFAR

@@ -14,12 +14,9 @@ The tasks `task=gradcheck` and `task=lr_find` live in `gradcheck.py` and `lr_fin
 Modules importing torch are imported lazily, so that config validation stays light.
 """
 
-from bprun.errors import BprunError
-
 
 def diagnostic_callbacks(settings, run_dir) -> list:
     """Trainer callbacks for the instruments switched on in `settings`."""
-    _check(settings)
     callbacks: list = []
     watch = settings.grad_watch
     if (
@@ -40,29 +37,3 @@ def diagnostic_callbacks(settings, run_dir) -> list:
 
         callbacks.append(AnomalyLocator(settings))
     return callbacks
-
-
-def _check(settings) -> None:
-    """Instrument settings that cannot work, named with their fix."""
-    every = settings.grad_flow_every_n_epochs
-    if every is not None and every < 1:
-        raise BprunError(
-            f"trainer.grad_flow_every_n_epochs must be at least 1 (or null), got {every}"
-        )
-    w = settings.grad_watch
-    if w.patience < 1:
-        raise BprunError(f"trainer.grad_watch.patience must be at least 1, got {w.patience}")
-    for key, value in (("vanish_below", w.vanish_below), ("explode_above", w.explode_above)):
-        if value is not None and not value > 0:
-            raise BprunError(
-                f"trainer.grad_watch.{key} must be a positive norm (or null), got {value}"
-            )
-    if (
-        w.vanish_below is not None
-        and w.explode_above is not None
-        and w.vanish_below >= w.explode_above
-    ):
-        raise BprunError(
-            f"trainer.grad_watch.vanish_below={w.vanish_below} must be below "
-            f"trainer.grad_watch.explode_above={w.explode_above}"
-        )

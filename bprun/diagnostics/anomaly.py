@@ -30,13 +30,14 @@ import warnings
 import torch
 from torch import nn
 
+from bprun.engine.callbacks import Callback
 from bprun.errors import BprunError
 
 FIX = "lower optim.lr, set trainer.grad_clip.max, or guard the operation (e.g. clamp its input)"
 FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')
 
 
-class AnomalyLocator:
+class AnomalyLocator(Callback):
     def __init__(self, settings):
         self.check_forward = settings.nonfinite == "stop"
 

@@ -21,6 +21,8 @@ import logging
 import torch
 from torch import nn
 
+from bprun.engine.callbacks import Callback
+
 log = logging.getLogger("bprun")
 
 FAMILY = (
@@ -38,7 +40,7 @@ FAMILY = (
 )
 
 
-class DeadUnits:
+class DeadUnits(Callback):
     """TensorBoard tags `dead_units/<layer>`: the fraction of dead units on the log update's
     batch (all micro-batches of it when accumulating)."""
 

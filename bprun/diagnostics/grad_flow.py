@@ -19,15 +19,16 @@ import torch
 from bprun.diagnostics import plots
 from bprun.diagnostics.norms import grads, is_weight, named_trainable, stacked_norms
 from bprun.diagnostics.watch import GradWatch, describe
+from bprun.engine.callbacks import Callback
 
 log = logging.getLogger("bprun")
 
 
-class GradientMonitor:
+class GradientMonitor(Callback):
     """TensorBoard tags: `grad_norm/<param>` for every parameter, `update_ratio/<weight>`
     (||dW|| / ||W|| of the update, for weight matrices and kernels), `grad_watch/<kind>_layers` (layers now in an episode) and the `grad_watch` text;
     images `grad_flow`. Charts also land in `<run>/grad_flow/epoch_NNN.png`. Watch events
-    are kept in `trainer.grad_watch_events` and counted per epoch in the epoch metrics."""
+    are counted per epoch in the epoch metrics and listed in metrics.json."""
 
     def __init__(self, settings, run_dir):
         self.every = settings.log_every_n_updates
@@ -47,7 +48,7 @@ class GradientMonitor:
         device = trainer.device
         self.numel = torch.tensor([float(p.numel()) for p in self.weights], device=device)
         # With float16 loss scaling and no clipping, the gradients are still scaled here.
-        self.unscale = trainer.scaler is not None and trainer.s.grad_clip.max is None
+        self.unscale = trainer.scaler is not None and trainer.settings.grad_clip.max is None
         if trainer.uses_closure:
             log.warning(
                 "optim=lbfgs steps inside its closure: the gradient-flow instruments see no "
@@ -65,7 +66,6 @@ class GradientMonitor:
                 self.weight_names, w.vanish_below, w.explode_above, w.patience, device
             )
             self.watch.window_start = trainer.update
-        trainer.grad_watch_events = self.events
         self._epoch_seen = 0
         self._gn = self._before = None
         self._flow: list = []
@@ -144,6 +144,10 @@ class GradientMonitor:
             self._chart(trainer)
 
     # ------------------------------------------------------------------ pieces
+    def on_summary(self, trainer, summary: dict) -> None:
+        if self.events:
+            summary["grad_watch_events"] = self.events
+
     def _chart_epoch(self, trainer) -> bool:
         return bool(self.flow_every) and (trainer.epoch + 1) % self.flow_every == 0
 

@@ -26,12 +26,10 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from bprun.diagnostics.settings import GradcheckSettings
@@ -165,65 +163,3 @@ def table(results: list[ParamCheck]) -> str:
             f"{r.kinks:>5}  {verdict:<18}  {'ok' if r.passed else 'FAILED'}"
         )
     return "\n".join(rows)
-
-
-def gradcheck_task(cfg: DictConfig, run_dir: Path) -> float:
-    """Build the configured data, model and loss, check one small batch, write gradcheck.json;
-    a BprunError naming the failing parameters when any fails."""
-    from bprun.build import build_data, build_loss, build_model
-    from bprun.engine.precision import resolve_device
-    from bprun.run import seed_everything
-    from bprun.tracking import write_json
-
-    s: GradcheckSettings = OmegaConf.to_object(cfg.gradcheck)
-    if s.batch_size < 1 or s.eps <= 0 or s.threshold <= 0 or s.max_coords < 1:
-        raise BprunError(
-            "gradcheck.batch_size, eps, threshold and max_coords must be positive, got "
-            f"{s.batch_size}, {s.eps}, {s.threshold}, {s.max_coords}"
-        )
-    if cfg.trainer.threads:
-        torch.set_num_threads(cfg.trainer.threads)
-    device = resolve_device(cfg.trainer.device)
-    if device.type == "mps":
-        device = torch.device("cpu")  # no float64 on MPS
-    data = build_data(cfg.dataset, device, cfg.seed)
-    seed_everything(cfg.seed)
-    model = build_model(cfg.model, data.dataset).to(device)
-    loss_fn = build_loss(cfg.loss)
-    x, y = next(data.train.batches(0))
-    x, y = x[: s.batch_size], y[: s.batch_size]
-    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    how = "every coordinate" if n_params < s.full_below else f"{s.max_coords} coordinates/tensor"
-    log.info(
-        f"gradient check of {type(model).__name__} ({n_params:,} parameters, {how}) with "
-        f"{type(loss_fn).__name__} on {len(x)} samples, float64, eps={s.eps:g}"
-    )
-    results = check_gradients(model, loss_fn, x, y, s)
-    failed = [r for r in results if not r.passed]
-    path = write_json(
-        {
-            "passed": not failed,
-            "threshold": s.threshold,
-            "eps": s.eps,
-            "floor": s.floor,
-            "batch_size": len(x),
-            "parameters": [asdict(r) for r in results],
-        },
-        Path(run_dir) / "gradcheck.json",
-    )
-    log.info("\n" + table(results))
-    worst = max(r.max_rel_error for r in results)
-    if failed:
-        names = ", ".join(f"{r.name} ({r.max_rel_error:.2e})" for r in failed)
-        raise BprunError(
-            f"gradient check failed for {names}: autograd disagrees with finite differences "
-            f"beyond gradcheck.threshold={s.threshold:g}; fix the backward of the layers that "
-            f"own them (details in {path})"
-        )
-    kinks = sum(r.kinks for r in results)
-    log.info(
-        f"gradient check passed: max relative error {worst:.2e} <= {s.threshold:g}"
-        + (f" ({kinks} coordinates at kinks left out)" if kinks else "")
-        + f"; wrote {path}"
-    )
-    return worst

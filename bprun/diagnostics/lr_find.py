@@ -28,19 +28,16 @@ import copy
 import dataclasses
 import logging
 import math
-import shlex
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from bprun.diagnostics.settings import LrFindSettings
+from bprun.engine.callbacks import Callback
 from bprun.engine.settings import Checkpointing, EarlyStopping, GradWatch
 from bprun.engine.trainer import Trainer
-from bprun.errors import BprunError
 
 log = logging.getLogger("bprun")
 
@@ -58,7 +55,7 @@ class _Stop(Exception):
     """Ends the sweep from inside the training loop."""
 
 
-class _Sweep:
+class _Sweep(Callback):
     """Trainer callback: sets each update's learning rate, records the smoothed loss."""
 
     def __init__(self, s: LrFindSettings, result: LrFindResult):
@@ -120,11 +117,6 @@ def find_lr(trainer: Trainer, train_loader, settings: LrFindSettings | None = No
     """Run the range test on `trainer`'s model and optimizer over `train_loader`, then put the
     model, the optimizer and the RNG back as they were."""
     s = settings or LrFindSettings()
-    if not 0 < s.min_lr < s.max_lr or s.num_steps < 2:
-        raise BprunError(
-            f"lr_find needs 0 < min_lr < max_lr and num_steps >= 2, got min_lr={s.min_lr}, "
-            f"max_lr={s.max_lr}, num_steps={s.num_steps}"
-        )
     result = LrFindResult()
     sweep = _Sweep(s, result)
     model_state = copy.deepcopy(trainer.module.state_dict())
@@ -135,7 +127,7 @@ def find_lr(trainer: Trainer, train_loader, settings: LrFindSettings | None = No
     if not isinstance(loss_fn, nn.Module):  # a plain function: wrap it to hook its output
         loss_fn = _LossModule(loss_fn)
     settings_ = dataclasses.replace(
-        trainer.s,
+        trainer.settings,
         max_epochs=10**9,
         max_updates=s.num_steps,
         log_every_n_updates=10**9,
@@ -191,73 +183,3 @@ class _Quiet:
 
     def filter(self, record) -> bool:
         return record.levelno > logging.INFO or record.module != "trainer"
-
-
-def rerun_command(overrides: list[str], lr: float) -> str:
-    """`bprun <the same overrides> optim.lr=<lr>`, without the lr_find ones."""
-    keep = [
-        o
-        for o in overrides
-        if not o.lstrip("+~").startswith(("task=", "optim.lr=", "lr_find.", "lr_find="))
-    ]
-    return " ".join(["bprun", *map(shlex.quote, keep), f"optim.lr={lr:.3g}"])
-
-
-def lr_find_task(cfg: DictConfig, run_dir: Path) -> float | None:
-    """Build the configured run, sweep, plot, print the suggestion and the command using it."""
-    from bprun.diagnostics import plots
-    from bprun.run import build_trainer
-    from bprun.tracking import write_json
-
-    s: LrFindSettings = OmegaConf.to_object(cfg.lr_find)
-    if "lr" not in cfg.optim:
-        raise BprunError(
-            f"optim={cfg.optim.get('_target_')} has no lr to sweep: pick another optim"
-        )
-    ts = OmegaConf.to_object(cfg.trainer)
-    if ts.fast_dev_run:
-        log.warning("task=lr_find skipped: trainer.fast_dev_run=true (as Lightning does)")
-        return None
-    ts.resume = None
-    trainer, data = build_trainer(cfg, None, ts)
-    log.info(
-        f"lr range test: {s.num_steps} updates, lr {s.min_lr:g} -> {s.max_lr:g} (exponential), "
-        f"{type(trainer.module).__name__} with {type(trainer.optimizer).__name__}"
-    )
-    r = find_lr(trainer, data.train, s)
-    if r.stopped_early:
-        log.info(f"stopped early after {len(r.lrs)} updates: the loss diverged")
-    run_dir = Path(run_dir)
-    fig = plots.lr_find_figure(r.lrs, r.losses, r.index, r.suggestion)
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = SummaryWriter(log_dir=str(run_dir))
-    try:
-        for i, (lr, loss) in enumerate(zip(r.lrs, r.losses, strict=True)):
-            writer.add_scalar("lr_find/lr", lr, i + 1)
-            if math.isfinite(loss):
-                writer.add_scalar("lr_find/smoothed_loss", loss, i + 1)
-        png = plots.save(fig, run_dir / "lr_find.png", writer, "lr_find")
-    finally:
-        writer.close()
-    command = rerun_command(_task_overrides(), r.suggestion) if r.suggestion else None
-    write_json(
-        {**dataclasses.asdict(r), "settings": dataclasses.asdict(s), "command": command},
-        run_dir / "lr_find.json",
-    )
-    log.info(f"plot: {png}")
-    if r.suggestion is None:
-        raise BprunError(
-            f"lr_find recorded {len(r.lrs)} points, too few for a suggestion: raise "
-            "lr_find.num_steps, lower lr_find.skip_begin, or lower lr_find.min_lr"
-        )
-    log.info(f"suggested learning rate: {r.suggestion:.3g}\ntrain with it:\n  {command}")
-    return r.suggestion
-
-
-def _task_overrides() -> list[str]:
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        return []
-    return list(HydraConfig.get().overrides.task)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from bprun.errors import BprunError
+
 
 @dataclass
 class GradcheckSettings:
@@ -22,6 +24,16 @@ class GradcheckSettings:
     full_below: int = 5000  # models with fewer parameters are checked at every coordinate
     seed: int = 0  # picks the sampled coordinates and the dropout masks
 
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if self.batch_size < 1 or self.eps <= 0 or self.threshold <= 0 or self.max_coords < 1:
+            raise BprunError(
+                "gradcheck.batch_size, eps, threshold and max_coords must be positive, got "
+                f"{self.batch_size}, {self.eps}, {self.threshold}, {self.max_coords}"
+            )
+
 
 @dataclass
 class LrFindSettings:
@@ -34,3 +46,13 @@ class LrFindSettings:
     beta: float = 0.98  # smoothing of the loss
     skip_begin: int = 10  # points left out at the start when picking the steepest descent
     skip_end: int = 1  # and at the end
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if not 0 < self.min_lr < self.max_lr or self.num_steps < 2:
+            raise BprunError(
+                "lr_find needs 0 < min_lr < max_lr and num_steps >= 2, got "
+                f"min_lr={self.min_lr}, max_lr={self.max_lr}, num_steps={self.num_steps}"
+            )

@@ -6,7 +6,6 @@ A checkpoint holds tensors and plain Python values only, so it is read with
 
 from __future__ import annotations
 
-import os
 import pickle
 import random
 import re
@@ -18,30 +17,14 @@ import torch
 from torch import nn
 
 from bprun.errors import BprunError
+from bprun.io import atomic_write
 
 FORMAT_VERSION = 1
 
 
 def atomic_save(obj, path: str | Path) -> Path:
-    """Write `obj` so that `path` always holds either the old or the new file, never a torn one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
-    return path
+    """`torch.save` so that `path` always holds either the old or the new file, never a torn one."""
+    return atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def resolve_checkpoint(path: str | Path, what: str = "trainer.resume") -> Path:

@@ -20,8 +20,6 @@ class EarlyStopper:
         stopping_threshold: float | None = None,
         divergence_threshold: float | None = None,
     ):
-        if mode not in ("min", "max"):
-            raise ValueError(f"early_stopping.mode must be min or max, got '{mode}'")
         self.monitor, self.mode, self.patience = monitor, mode, patience
         self.min_delta = abs(min_delta)
         self.check_finite = check_finite

@@ -2,12 +2,19 @@
 
 Plain dataclasses: the engine reads them, and `bprun.config` registers them as
 the Hydra schema of the `trainer` group, so a misspelt key or a wrong type
-fails when the config is composed.
+fails when the config is composed. Values are checked once, when the settings
+are built (`validate()`, run by `__post_init__`), in the manner of Lightning's
+configuration validator: every check of a setting lives here. No torch import:
+the command line validates settings before it loads torch.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from bprun.errors import BprunError
+
+PRECISIONS = ("32", "bf16-mixed", "16-mixed")
 
 
 @dataclass
@@ -79,3 +86,60 @@ class TrainerSettings:
     grad_watch: GradWatch = field(default_factory=GradWatch)
     channels_last: bool = False
     compile: bool = False  # torch.compile the model
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise BprunError naming the first setting whose value cannot work, and its fix."""
+        _one_of("trainer.precision", str(self.precision), PRECISIONS)
+        self.precision = str(self.precision)
+        _one_of("trainer.mode", self.mode, ("min", "max"))
+        _one_of("trainer.checkpoint.mode", self.checkpoint.mode, ("min", "max"))
+        _one_of("trainer.early_stopping.mode", self.early_stopping.mode, ("min", "max"))
+        _one_of("trainer.nonfinite", self.nonfinite, ("stop", "skip"))
+        _one_of("trainer.grad_clip.algorithm", self.grad_clip.algorithm, ("norm", "value"))
+        _at_least("trainer.max_epochs", self.max_epochs, 1)
+        _at_least("trainer.accumulate", self.accumulate, 1)
+        _at_least("trainer.log_every_n_updates", self.log_every_n_updates, 1)
+        _at_least("trainer.max_consecutive_skips", self.max_consecutive_skips, 0)
+        _at_least("trainer.checkpoint.save_top_k", self.checkpoint.save_top_k, -1)
+        _at_least("trainer.grad_watch.patience", self.grad_watch.patience, 1)
+        for key, value in (
+            ("trainer.max_updates", self.max_updates),
+            ("trainer.threads", self.threads),
+            ("trainer.checkpoint.every_n_updates", self.checkpoint.every_n_updates),
+            ("trainer.log_histograms_every_n_epochs", self.log_histograms_every_n_epochs),
+            ("trainer.grad_flow_every_n_epochs", self.grad_flow_every_n_epochs),
+        ):
+            if value is not None:
+                _at_least(key, value, 1, "(or null: off)")
+        if self.early_stopping.patience is not None:
+            _at_least("trainer.early_stopping.patience", self.early_stopping.patience, 0)
+        for key, value in (
+            ("trainer.grad_clip.max", self.grad_clip.max),
+            ("trainer.limit_train_batches", self.limit_train_batches),
+            ("trainer.limit_val_batches", self.limit_val_batches),
+            ("trainer.overfit_batches", self.overfit_batches),
+            ("trainer.grad_watch.vanish_below", self.grad_watch.vanish_below),
+            ("trainer.grad_watch.explode_above", self.grad_watch.explode_above),
+        ):
+            if value is not None and not value > 0:
+                raise BprunError(f"{key} must be positive (or null: off), got {value}")
+        w = self.grad_watch
+        if w.vanish_below is not None and w.explode_above is not None:
+            if w.vanish_below >= w.explode_above:
+                raise BprunError(
+                    f"trainer.grad_watch.vanish_below={w.vanish_below} must be below "
+                    f"trainer.grad_watch.explode_above={w.explode_above}"
+                )
+
+
+def _one_of(key: str, value, choices: tuple) -> None:
+    if value not in choices:
+        raise BprunError(f"{key}='{value}' is not known: choose one of {', '.join(choices)}")
+
+
+def _at_least(key: str, value: int, low: int, note: str = "") -> None:
+    if value < low:
+        raise BprunError(f"{key} must be at least {low}{' ' + note if note else ''}, got {value}")

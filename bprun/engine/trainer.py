@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from bprun.data.loader import InMemoryLoader
 from bprun.engine import checkpoint as ckpt_io
+from bprun.engine.callbacks import implemented
 from bprun.engine.early_stopping import EarlyStopper
 from bprun.engine.metrics import Metrics
 from bprun.engine.precision import Precision
@@ -34,6 +35,13 @@ class NonFiniteLoss(BprunError):
 
 
 class Trainer:
+    """Fits `model` with `optimizer` on loaders of (x, y) batches.
+
+    `extra_state` is saved in every checkpoint as it is (plain values only) and
+    given back by `load_state_dict`: the caller's record of how the run was made
+    (the train task keeps the config and the command line there for resume).
+    """
+
     def __init__(
         self,
         settings: TrainerSettings,
@@ -41,17 +49,17 @@ class Trainer:
         loss_fn: nn.Module,
         optimizer: torch.optim.Optimizer,
         scheduler=None,
+        *,
         scheduler_interval: str = "epoch",
         device: torch.device | str = "cpu",
         task: str = "classification",
         num_classes: int = 0,
         run_dir: str | Path | None = None,
         tracker=None,
-        config_yaml: str = "",
-        overrides: list[str] = (),
-        callbacks: tuple = (),
+        callbacks: list | tuple = (),
+        extra_state: dict | None = None,
     ):
-        s = self.s = settings
+        s = self.settings = settings
         self.device = torch.device(device)
         self.precision = Precision(s.precision, self.device)
         self.scaler = self.precision.scaler
@@ -61,22 +69,21 @@ class Trainer:
         self.model = torch.compile(model) if s.compile else model
         self.loss_fn, self.optimizer = loss_fn, optimizer
         self.scheduler, self.scheduler_interval = scheduler, scheduler_interval
-        if scheduler_interval not in ("step", "epoch"):
-            raise BprunError(f"sched.interval must be step or epoch, got '{scheduler_interval}'")
         self.plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
         self.task, self.num_classes = task, num_classes
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        self.tracker, self.config_yaml = tracker, config_yaml
-        self.overrides = [o for o in overrides if not o.startswith("trainer.resume=")]
-        # Hooks: each a list of bound methods, so a hook nobody implements costs one empty loop.
+        self.tracker = tracker
+        self.extra_state = dict(extra_state or {})
+        # Each hook is the list of callbacks implementing it: an unused hook costs one empty loop.
         self.callbacks = list(callbacks)
-        self._on_fit_start = self._hook("on_fit_start")  # (trainer, train_loader)
-        self._on_before_step = self._hook("on_before_optimizer_step")  # (trainer): grads final
-        self._on_update_end = self._hook("on_update_end")  # (trainer): after step and zero_grad
-        self._on_epoch_end = self._hook("on_epoch_end")  # (trainer, metrics) before logging
-        self._on_fit_end = self._hook("on_fit_end")  # (trainer)
-        self._check_combinations()
+        self._on_fit_start = implemented(self.callbacks, "on_fit_start")
+        self._on_before_step = implemented(self.callbacks, "on_before_optimizer_step")
+        self._on_update_end = implemented(self.callbacks, "on_update_end")
+        self._on_epoch_end = implemented(self.callbacks, "on_epoch_end")
+        self._on_fit_end = implemented(self.callbacks, "on_fit_end")
+        self._on_summary = implemented(self.callbacks, "on_summary")
         self.uses_closure = isinstance(optimizer, torch.optim.LBFGS)
+        self._check_optimizer()
         self.params = [p for p in model.parameters() if p.requires_grad]
 
         # Progress: what the next update is. Together with the RNG state this is
@@ -109,29 +116,11 @@ class Trainer:
             else None
         )
 
-    def _hook(self, name: str) -> list:
-        return [getattr(cb, name) for cb in self.callbacks if hasattr(cb, name)]
-
     # ------------------------------------------------------------------ checks
-    def _check_combinations(self) -> None:
-        s = self.s
-        if s.accumulate < 1:
-            raise BprunError(f"trainer.accumulate must be at least 1, got {s.accumulate}")
-        if s.nonfinite not in ("stop", "skip"):
-            raise BprunError(f"trainer.nonfinite must be stop or skip, got '{s.nonfinite}'")
-        if s.grad_clip.algorithm not in ("norm", "value"):
-            raise BprunError(
-                f"trainer.grad_clip.algorithm must be norm or value, got '{s.grad_clip.algorithm}'"
-            )
-        for name, mode in (
-            ("trainer.mode", s.mode),
-            ("trainer.checkpoint.mode", s.checkpoint.mode),
-        ):
-            if mode not in ("min", "max"):
-                raise BprunError(f"{name} must be min or max, got '{mode}'")
-        if s.log_every_n_updates < 1:
-            raise BprunError("trainer.log_every_n_updates must be at least 1")
-        if isinstance(self.optimizer, torch.optim.LBFGS):
+    def _check_optimizer(self) -> None:
+        """What the settings cannot know alone: combinations with the optimizer."""
+        s = self.settings
+        if self.uses_closure:
             if s.accumulate > 1:
                 raise BprunError(
                     "optim=lbfgs evaluates the loss several times per update through a closure and "
@@ -147,7 +136,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ fit
     def fit(self, train: InMemoryLoader, val: InMemoryLoader | None) -> dict:
-        s = self.s
+        s = self.settings
         anomaly = torch.autograd.detect_anomaly() if s.detect_anomaly else contextlib.nullcontext()
         start = time.perf_counter()
         with StopSignals() as self.signals, anomaly:
@@ -164,7 +153,7 @@ class Trainer:
         return {"stop_reason": self.stop_reason, "best": self.best, "history": self.history}
 
     def _run_epoch(self, train: InMemoryLoader, val: InMemoryLoader | None) -> None:
-        s = self.s
+        s = self.settings
         t0 = time.perf_counter()
         samples_before = self.batch * train.batch_size
         self.model.train()
@@ -212,7 +201,8 @@ class Trainer:
             self._interrupt()
 
     def _train_epoch(self, loader: InMemoryLoader) -> None:
-        s, k = self.s, self.s.accumulate
+        s = self.settings
+        k = s.accumulate
         n = len(loader)
         bar = None
         if s.progress and sys.stdout.isatty():
@@ -269,7 +259,7 @@ class Trainer:
     def _backward(self, x: torch.Tensor, y: torch.Tensor, scale: float | None) -> None:
         with self.precision.autocast():
             loss = self.loss_fn(self.model(x), y)
-        if self.s.nonfinite == "skip" and not torch.isfinite(loss):
+        if self.settings.nonfinite == "skip" and not torch.isfinite(loss):
             self._window_finite = False
             return
         self._pending.append((self.update, loss.detach()))
@@ -292,7 +282,7 @@ class Trainer:
             self._step_scheduler({})
 
     def _clip(self) -> None:
-        clip = self.s.grad_clip
+        clip = self.settings.grad_clip
         if clip.max is None:
             return
         if self.scaler is not None:
@@ -315,10 +305,10 @@ class Trainer:
             log.warning(
                 f"update {self.update + 1}: non-finite loss, update skipped ({self.skipped} so far)"
             )
-            if self.consecutive_skips > self.s.max_consecutive_skips:
+            if self.consecutive_skips > self.settings.max_consecutive_skips:
                 raise NonFiniteLoss(
                     f"{self.consecutive_skips} consecutive updates had a non-finite loss "
-                    f"(trainer.max_consecutive_skips={self.s.max_consecutive_skips}); "
+                    f"(trainer.max_consecutive_skips={self.settings.max_consecutive_skips}); "
                     "lower optim.lr or set trainer.grad_clip.max"
                 )
             return
@@ -346,7 +336,7 @@ class Trainer:
 
     def _step_scheduler(self, metrics: dict) -> None:
         if self.plateau:
-            value = metrics.get(self.s.monitor)
+            value = metrics.get(self.settings.monitor)
             if value is not None:
                 self.scheduler.step(value)
         else:
@@ -383,6 +373,12 @@ class Trainer:
         if bar is not None:
             bar.set_postfix(loss=f"{scalars['train/loss']:.4f}")
 
+    def summarize(self, summary: dict) -> dict:
+        """Let the callbacks add their results to the run's summary (metrics.json)."""
+        for fn in self._on_summary:
+            fn(self, summary)
+        return summary
+
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self, loader: InMemoryLoader, prefix: str) -> dict[str, float]:
@@ -390,7 +386,7 @@ class Trainer:
         self.model.eval()
         metrics = Metrics(self.task, self.num_classes)
         for x, y in loader.batches():
-            if self.s.channels_last and x.dim() == 4:
+            if self.settings.channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             with self.precision.autocast():
                 out = self.model(x)
@@ -409,13 +405,13 @@ class Trainer:
         return self.evaluate(loader, "test")
 
     def _track_best(self, metrics: dict) -> None:
-        value = metrics.get(self.s.monitor)
+        value = metrics.get(self.settings.monitor)
         if value is None:
-            raise BprunError(_unknown_metric("trainer.monitor", self.s.monitor, metrics))
+            raise BprunError(_unknown_metric("trainer.monitor", self.settings.monitor, metrics))
         if not math.isfinite(value):
             return
-        old = self.best.get(self.s.monitor)
-        if old is None or (value < old if self.s.mode == "min" else value > old):
+        old = self.best.get(self.settings.monitor)
+        if old is None or (value < old if self.settings.mode == "min" else value > old):
             self.best = dict(metrics)
             if self.topk is None or self.topk.k == 0:
                 self._best_state = {
@@ -442,8 +438,7 @@ class Trainer:
             "topk": self.topk.state_dict() if self.topk is not None else None,
             "best": dict(self.best),
             "history": list(self.history),
-            "config": self.config_yaml,
-            "overrides": list(self.overrides),  # the command line that resume re-composes
+            "extra": self.extra_state,
         }
 
     def load_state_dict(self, state: dict, path: str | Path = "checkpoint") -> None:
@@ -460,6 +455,7 @@ class Trainer:
         if self.topk is not None and state.get("topk") is not None:
             self.topk.load_state_dict(state["topk"])
         self.best, self.history = dict(state["best"]), list(state["history"])
+        self.extra_state = dict(state.get("extra") or {})
         self._last_saved = Path(path)
         ckpt_io.set_rng_state(state["rng"])
 
@@ -508,7 +504,7 @@ class Trainer:
 
         signum = self.signals.received
         where = ""
-        if self.ckpt_dir is not None and not self.s.fast_dev_run:
+        if self.ckpt_dir is not None and not self.settings.fast_dev_run:
             path = self.save(self.ckpt_dir / "last.pt")
             where = f"; saved {path}. Resume with:\n  bprun trainer.resume={self.run_dir}"
         raise Interrupted(

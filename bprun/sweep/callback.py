@@ -2,12 +2,9 @@
 
 `SweepCallback` is registered under `hydra.callbacks` in conf/config.yaml:
 
-- on_multirun_start checks the `sweep` node and has Hydra build `Sweeper`
-  where the config asks for its basic sweeper (the defaults list's choice). Hydra 1.3's
-  BasicSweeper launches a batch, then reads every job's return value, which
-  re-raises the first failed job's exception: later batches never run,
-  on_multirun_end is skipped and no summary is written. `Sweeper` records
-  failures instead and also skips finished jobs (`sweep.skip_done=true`).
+- on_multirun_start checks the `sweep` node. The jobs themselves come from
+  bprun's grid sweeper (hydra_plugins/bprun_sweeper), which runs every job
+  even when some fail and skips finished ones with `sweep.skip_done=true`.
 - on_job_start, inside the job's process, gives each of n parallel jobs its
   share of the cores as torch threads (unless trainer.threads is set) and
   keeps the console for warnings, errors and one line per job.
@@ -33,20 +30,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.plugins import Plugins
 from hydra.core.utils import JobStatus
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
-from bprun import sweep_summary as summary
 from bprun.errors import BprunError, Interrupted
+from bprun.sweep import summary
 
 log = logging.getLogger("bprun")
 
-BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+SWEEPER = "hydra_plugins.bprun_sweeper.sweeper.BprunSweeper"
 BASIC_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
 
 
@@ -90,18 +84,6 @@ def _not_the_job_error(record: logging.LogRecord) -> bool:
     return not (record.name == "bprun" and str(record.msg).startswith("error: "))
 
 
-def job_line(name: str, status: str, overrides: str, folder: Path, error: str = "") -> str:
-    """One line per finished job: status, monitored metric, overrides."""
-    metrics = summary._read_json(folder / "metrics.json") or {}
-    best = summary._num((metrics.get("best") or {}).get(metrics.get("monitor")))
-    metric = f"{metrics['monitor']} {best:.4f}" if best is not None else ""
-    seconds = summary._num(metrics.get("wall_time_s"))
-    parts = [f"[{status}]", f"job {name}", metric, overrides]
-    parts.append(f"{seconds:.1f}s" if seconds is not None else "")
-    parts.append(f"error: {error}" if error else "")
-    return "  ".join(p for p in parts if p)
-
-
 class SweepCallback(Callback):
     def __init__(self) -> None:
         self.swept: list[str] = []
@@ -117,16 +99,12 @@ class SweepCallback(Callback):
         if not isinstance(skip, bool):
             _fail(f"sweep.skip_done must be true or false, got '{skip}'")
         target = OmegaConf.select(config, "hydra.sweeper._target_")
-        if target == BASIC_SWEEPER:
-            # Hydra instantiates sweepers only from the hydra_plugins namespace, by the
-            # class registered under the configured name: register ours under that name.
-            Plugins.instance().class_name_to_class[BASIC_SWEEPER] = Sweeper
-        elif skip:
+        if skip and target != SWEEPER:
             _fail(
-                f"sweep.skip_done works with Hydra's basic sweeper, not {target}: "
+                f"sweep.skip_done works with bprun's grid sweeper, not {target}: "
                 "drop the hydra/sweeper override or sweep.skip_done=true"
             )
-        self.swept = _swept(config)
+        self.swept = summary.swept_keys(config)
         sweep_dir = Path(config.hydra.sweep.dir)
         if skip and not summary.job_folders(sweep_dir):
             print(
@@ -192,7 +170,7 @@ class SweepCallback(Callback):
         }
         (folder / summary.JOB_FILE).write_text(json.dumps(record, indent=2) + "\n")
         overrides = summary.describe(list(job_return.overrides or []), self.swept)
-        print(job_line(name or folder.name, status, overrides, folder, error), flush=True)
+        print(summary.job_line(name or folder.name, status, overrides, folder, error), flush=True)
         launcher = OmegaConf.select(config, "hydra.launcher._target_")
         if status == "interrupted" and launcher == BASIC_LAUNCHER:
             self.write_summary(sweep_dir)
@@ -212,80 +190,3 @@ def _picklable(exc: BaseException, error: str) -> BaseException:
         return exc
     except Exception:
         return RuntimeError(error)
-
-
-class Sweeper(BasicSweeper):
-    """Hydra's basic sweeper that runs every job even when some fail (the callback records
-    them) and, with `sweep.skip_done=true`, launches only the jobs not finished yet.
-
-    A job is identified by its overrides (`sweep.*` aside), so re-running the same
-    command with the same `hydra.sweep.dir` finds the finished jobs whatever their
-    number; the jobs that still run keep the folder they had (or get a free one),
-    and one that was stopped after saving checkpoints/last.pt resumes from it.
-    """
-
-    def sweep(self, arguments: list[str]) -> Any:
-        params = [*self._parse_config(), *arguments]
-        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
-        self.overrides = self.split_arguments(parser.parse_overrides(params), self.max_batch_size)
-        sweep_dir = Path(self.config.hydra.sweep.dir).absolute()
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
-        skip = OmegaConf.select(self.config, "sweep.skip_done", default=False)
-        existing = {f: summary.job_key(_overrides(f)) for f in summary.job_folders(sweep_dir)}
-        done = {key: f for f, key in existing.items() if summary.is_done(f)} if skip else {}
-
-        returns, index = [], 0
-        while not self.is_done():
-            batch = self.get_job_batch()
-            self.validate_batch_is_legal(batch)
-            launch = []
-            for i, overrides in enumerate(batch, start=index):
-                folder = done.get(summary.job_key(overrides))
-                if folder is not None:
-                    name = folder.relative_to(sweep_dir).as_posix()
-                    shown = summary.describe(list(overrides), _swept(self.config))
-                    print(job_line(name, "skipped: done", shown, folder), flush=True)
-                elif skip:
-                    subdir = self._free_subdir(overrides, i, sweep_dir, existing)
-                    job = [*overrides, f"hydra.sweep.subdir={_quote(subdir)}"]
-                    if summary.resumable(sweep_dir / subdir):
-                        job.append(f"trainer.resume={_quote(str(sweep_dir / subdir))}")
-                    launch.append(job)
-                else:
-                    launch.append(list(overrides))
-            if launch:
-                returns.append(self.launcher.launch(launch, initial_job_idx=index))
-            index += len(batch)
-        return returns
-
-    def _free_subdir(self, overrides, index: int, sweep_dir: Path, existing: dict) -> str:
-        """The folder job `index` would get; another if an earlier job of other overrides has it."""
-        cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
-        with open_dict(cfg):
-            cfg.hydra.job.num = index
-        base = name = str(OmegaConf.select(cfg, "hydra.sweep.subdir"))
-        n = 2
-        while (sweep_dir / name) in existing and existing[sweep_dir / name] != summary.job_key(
-            overrides
-        ):
-            name, n = f"{base}-{n}", n + 1
-        existing[sweep_dir / name] = summary.job_key(overrides)
-        return name
-
-
-def _overrides(folder: Path) -> list[str]:
-    return [str(o) for o in OmegaConf.load(folder / ".hydra" / "overrides.yaml")]
-
-
-def _swept(config: DictConfig) -> list[str]:
-    task = OmegaConf.to_container(config.hydra.overrides.task)
-    return [
-        o.key_or_group.lstrip("+~")
-        for o in OverridesParser.create().parse_overrides(task)
-        if o.is_sweep_override()
-    ]
-
-
-def _quote(value: str) -> str:
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"

@@ -1,6 +1,6 @@
 """What the training-time instruments cost: updates/s with each one on, against all off.
 
-    python -m bprun.diagnostics.bench [--updates 400] [--rounds 5] [--threads 1] [--device cpu]
+    python -m bprun.bench.instruments [--updates 400] [--rounds 5] [--threads 1] [--device cpu]
 
 The shipped MNIST-1D MLP (`bprun` defaults) trains a fresh copy of the same
 initial weights for the same updates with each variant, the variants taking
@@ -27,7 +27,7 @@ from bprun.config import register_configs
 from bprun.diagnostics import diagnostic_callbacks
 from bprun.engine import Trainer, TrainerSettings
 from bprun.engine.settings import GradWatch
-from bprun.tracking import Tracker
+from bprun.tracking.tensorboard import Tracker
 
 VARIANTS = {
     "off": {},
@@ -55,8 +55,8 @@ def rate(cfg, data, initial, settings: TrainerSettings, run_dir: str, device) ->
         task=data.dataset.task,
         num_classes=data.dataset.num_classes,
         callbacks=diagnostic_callbacks(settings, run_dir),
+        tracker=Tracker(run_dir),
     )
-    trainer.tracker = Tracker(run_dir)
     t = time.perf_counter()
     trainer.fit(data.train, None)
     seconds = time.perf_counter() - t

@@ -1,4 +1,4 @@
-"""How much faster a sweep runs with parallel jobs: `python -m bprun.sweep_bench`.
+"""How much faster a sweep runs with parallel jobs: `python -m bprun.bench.sweep`.
 
 Times the same sweep (`--jobs` learning rates of the default MLP on MNIST-1D)
 end to end as a user runs it: with Hydra's basic launcher (one job after
@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from bprun.sweep import cores
+from bprun.sweep.callback import cores
 
 
 def bprun(*args: str) -> float:

@@ -10,7 +10,6 @@ that crashed before writing metrics.json still gets a row, and jobs skipped by
 from __future__ import annotations
 
 import csv
-import json
 import math
 import re
 import shlex
@@ -19,6 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import OmegaConf
+
+from bprun.io import read_json
+from bprun.overrides import key_of, run_overrides
 
 JOB_FILE = "job.json"  # written by the sweep callback when a job ends
 
@@ -43,45 +45,22 @@ class Job:
         return self.status == "ok" and self.best is not None and math.isfinite(self.best)
 
 
-def key_of(override: str) -> str:
-    """`+model.depth=3` -> `model.depth`."""
-    return override.split("=", 1)[0].lstrip("+~")
-
-
-def run_overrides(overrides: list[str]) -> list[str]:
-    """The overrides that define a run: all but the `sweep.*` switches and the
-    `trainer.resume` a continued sweep adds to an interrupted job."""
-    return [
-        o
-        for o in overrides
-        if not key_of(o).startswith(("sweep.", "hydra.")) and key_of(o) != "trainer.resume"
-    ]
-
-
 def job_key(overrides) -> tuple[str, ...]:
     """What identifies a job across re-runs of a sweep: its overrides, in any order."""
     return tuple(sorted(run_overrides(list(overrides))))
 
 
-def _num(value) -> float | None:
+def num(value) -> float | None:
     try:
         return None if value is None else float(value)  # "nan"/"inf" come back as strings
     except (TypeError, ValueError):
         return None
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def read_job(folder: Path, sweep_dir: Path) -> Job:
-    overrides = [str(o) for o in OmegaConf.load(folder / ".hydra" / "overrides.yaml")]
-    job = Job(folder.relative_to(sweep_dir).as_posix(), folder, overrides)
-    record = _read_json(folder / JOB_FILE) or {}
-    metrics = _read_json(folder / "metrics.json")
+    job = Job(folder.relative_to(sweep_dir).as_posix(), folder, job_overrides(folder))
+    record = read_json(folder / JOB_FILE) or {}
+    metrics = read_json(folder / "metrics.json")
     if metrics is not None:
         job.status = {"completed": "ok", "interrupted": "interrupted"}.get(
             metrics.get("status"), "failed"
@@ -89,15 +68,15 @@ def read_job(folder: Path, sweep_dir: Path) -> Job:
         job.error = metrics.get("error", "")
         job.monitor, job.mode = metrics.get("monitor", ""), metrics.get("mode", "min")
         best = metrics.get("best") or {}
-        job.best, job.best_epoch = _num(best.get(job.monitor)), best.get("epoch")
-        job.test = {k: _num(v) for k, v in (metrics.get("test") or {}).items()}
-        job.epochs, job.wall_time_s = metrics.get("epochs"), _num(metrics.get("wall_time_s"))
+        job.best, job.best_epoch = num(best.get(job.monitor)), best.get("epoch")
+        job.test = {k: num(v) for k, v in (metrics.get("test") or {}).items()}
+        job.epochs, job.wall_time_s = metrics.get("epochs"), num(metrics.get("wall_time_s"))
         if metrics.get("status") == "running" and not record:
             job.error = "the job ended without finishing (killed?); metrics.json says running"
     if record:
         job.status, job.error = record["status"], record.get("error") or job.error
         if job.wall_time_s is None:
-            job.wall_time_s = _num(record.get("wall_time_s"))
+            job.wall_time_s = num(record.get("wall_time_s"))
     if metrics is None and not record:
         job.error = "no metrics.json: the job ended before it could write one (killed?)"
     if job.status == "ok":
@@ -105,18 +84,47 @@ def read_job(folder: Path, sweep_dir: Path) -> Job:
     return job
 
 
+def job_overrides(folder: Path) -> list[str]:
+    """The overrides a job folder was run with (Hydra's `.hydra/overrides.yaml`)."""
+    return [str(o) for o in OmegaConf.load(folder / ".hydra" / "overrides.yaml")]
+
+
+def swept_keys(config) -> list[str]:
+    """The keys the sweep's command line varies (`optim=sgd,adam` -> `optim`)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    task = OmegaConf.to_container(config.hydra.overrides.task)
+    return [
+        o.key_or_group.lstrip("+~")
+        for o in OverridesParser.create().parse_overrides(task)
+        if o.is_sweep_override()
+    ]
+
+
+def job_line(name: str, status: str, overrides: str, folder: Path, error: str = "") -> str:
+    """One line per finished job: status, monitored metric, overrides."""
+    metrics = read_json(folder / "metrics.json") or {}
+    best = num((metrics.get("best") or {}).get(metrics.get("monitor")))
+    metric = f"{metrics['monitor']} {best:.4f}" if best is not None else ""
+    seconds = num(metrics.get("wall_time_s"))
+    parts = [f"[{status}]", f"job {name}", metric, overrides]
+    parts.append(f"{seconds:.1f}s" if seconds is not None else "")
+    parts.append(f"error: {error}" if error else "")
+    return "  ".join(p for p in parts if p)
+
+
 def is_done(folder: Path) -> bool:
     """A job that needs no re-run: metrics.json says completed (or, for tasks that
     write none, the job ended without error)."""
-    metrics = _read_json(folder / "metrics.json")
+    metrics = read_json(folder / "metrics.json")
     if metrics is not None:
         return metrics.get("status") == "completed"
-    return (_read_json(folder / JOB_FILE) or {}).get("status") == "ok"
+    return (read_json(folder / JOB_FILE) or {}).get("status") == "ok"
 
 
 def resumable(folder: Path) -> bool:
     """A job stopped part-way (not failed) that saved checkpoints/last.pt."""
-    metrics = _read_json(folder / "metrics.json") or {}
+    metrics = read_json(folder / "metrics.json") or {}
     stopped = metrics.get("status") in ("interrupted", "running")
     return stopped and (folder / "checkpoints" / "last.pt").is_file()
 

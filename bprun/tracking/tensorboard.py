@@ -1,17 +1,13 @@
-"""Where a run's results go: TensorBoard event files and metrics.json in the run folder."""
+"""TensorBoard event files in the run folder: scalars, text, histograms and the HPARAMS tab."""
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 
 from torch.utils.tensorboard import SummaryWriter
-
-from bprun import tb_callbacks
 
 
 class Tracker:
@@ -45,17 +41,12 @@ class Tracker:
         self.writer.close()
 
 
-def tensorboard_callbacks(settings, run_dir) -> list:
-    """Trainer callbacks for the TensorBoard extras switched on in `settings`."""
-    return tb_callbacks.tensorboard_callbacks(settings, run_dir)
-
-
 # Config parts that say where things are or belong to other tasks, not how a run trains.
 _NOT_HPARAMS = ("paths", "gradcheck", "lr_find", "sweep", "ckpt", "hydra")
 _NOT_HPARAM_LEAVES = ("_partial_", "data_dir", "resume", "progress")
 
 
-def hparam_values(cfg) -> dict[str, float | int | str]:
+def hparam_values(cfg, choices: dict[str, str] | None = None) -> dict[str, float | int | str]:
     """Flattened scalar config values plus the group choices (`optim: adamw`)."""
     from omegaconf import OmegaConf
 
@@ -78,21 +69,14 @@ def hparam_values(cfg) -> dict[str, float | int | str]:
 
     container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
     walk({k: v for k, v in container.items() if k not in _NOT_HPARAMS}, "")
-    values.update(_choices())
+    values.update(
+        {
+            k: str(v)
+            for k, v in (choices or {}).items()
+            if v is not None and not k.startswith("hydra/") and k not in _NOT_HPARAMS
+        }
+    )
     return values
-
-
-def _choices() -> dict[str, str]:
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        return {}
-    choices = HydraConfig.get().runtime.choices
-    return {
-        k: str(v)
-        for k, v in choices.items()
-        if v is not None and not k.startswith("hydra/") and k not in _NOT_HPARAMS
-    }
 
 
 def final_metrics(summary: dict) -> dict[str, float]:
@@ -103,7 +87,7 @@ def final_metrics(summary: dict) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
-def log_hparams(tracker: Tracker, cfg, summary: dict) -> None:
+def log_hparams(tracker: Tracker, cfg, summary: dict, choices: dict | None = None) -> None:
     """Hyperparameters with the final metrics, for TensorBoard's HPARAMS tab.
 
     Written into the run's own event file, not through SummaryWriter.add_hparams,
@@ -122,7 +106,7 @@ def log_hparams(tracker: Tracker, cfg, summary: dict) -> None:
         for name, value in metrics.items():
             if name.startswith("best/") and math.isfinite(value):
                 tracker.writer.add_scalar(name, value, step)
-        _, start, _ = hparams(hparam_values(cfg), metrics)
+        _, start, _ = hparams(hparam_values(cfg, choices), metrics)
         writer = tracker.writer._get_file_writer()
         writer.add_summary(start, step)
         writer.add_summary(_session_end(summary.get("status") == "completed"), step)
@@ -146,45 +130,3 @@ def _session_end(success: bool):
     )
     tag = metadata.SESSION_END_INFO_TAG
     return Summary(value=[Summary.Value(tag=tag, metadata=SummaryMetadata(plugin_data=plugin))])
-
-
-def _plain(value):
-    """JSON has no NaN or infinity: write them as strings a reader can still parse."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
-def write_json(data: dict, path: str | Path) -> Path:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(_plain(data), indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
-def result_table(summary: dict) -> str:
-    """The short table printed at the end of a run."""
-    monitor = summary["monitor"]
-    best, test = summary.get("best", {}), summary.get("test", {})
-    rows = []
-    if best:
-        rows.append((f"best {monitor}", f"{best[monitor]:.4f}  (epoch {best['epoch']})"))
-        for k, v in best.items():
-            if k.startswith("val/") and k != monitor:
-                rows.append((f"  {k}", f"{v:.4f}"))
-    for k, v in test.items():
-        rows.append((k, f"{v:.4f}"))
-    rows += [
-        ("epochs", str(summary["epochs"])),
-        ("updates", str(summary["updates"])),
-        ("wall time", f"{summary['wall_time_s']:.1f} s"),
-        ("stopped", summary.get("stop_reason") or "-"),
-        ("run folder", summary["run_dir"]),
-    ]
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(["", "Result"] + [f"  {k:<{width}}  {v}" for k, v in rows])

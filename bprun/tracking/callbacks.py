@@ -12,12 +12,12 @@ import warnings
 
 import torch
 
-from bprun.errors import BprunError
+from bprun.engine.callbacks import Callback
 
 log = logging.getLogger("bprun")
 
 
-class LearningRates:
+class LearningRates(Callback):
     """`lr/group0`, `lr/group1`, ... beside every `lr` the trainer logs.
 
     The trainer logs `lr` (group 0) at its log intervals and epoch ends; the
@@ -30,7 +30,7 @@ class LearningRates:
             trainer.tracker.watch_param_groups(trainer.optimizer.param_groups)
 
 
-class Histograms:
+class Histograms(Callback):
     """Weight and gradient histograms per parameter every `every` epochs.
 
     Weights are logged at the end of such an epoch; gradients in
@@ -44,7 +44,7 @@ class Histograms:
         self.updates_per_epoch = 1
 
     def on_fit_start(self, trainer, train_loader) -> None:
-        self.updates_per_epoch = max(1, -(-len(train_loader) // trainer.s.accumulate))
+        self.updates_per_epoch = max(1, -(-len(train_loader) // trainer.settings.accumulate))
 
     def _due(self, trainer) -> bool:
         return trainer.tracker is not None and (trainer.epoch + 1) % self.every == 0
@@ -53,11 +53,11 @@ class Histograms:
         if not self._due(trainer):
             return
         step = trainer.update + 1
-        max_updates = trainer.s.max_updates
+        max_updates = trainer.settings.max_updates
         if step % self.updates_per_epoch and not (max_updates and step >= max_updates):
             return
         scale = 1.0
-        if trainer.scaler is not None and trainer.s.grad_clip.max is None:
+        if trainer.scaler is not None and trainer.settings.grad_clip.max is None:
             scale = 1.0 / trainer.scaler.get_scale()  # not unscaled without clipping
         for name, p in trainer.module.named_parameters():
             if p.grad is not None:
@@ -70,7 +70,7 @@ class Histograms:
             trainer.tracker.histogram(f"weights/{name}", p.detach().float(), trainer.update)
 
 
-class Graph:
+class Graph(Callback):
     """The model graph, traced once on two samples of the first training batch.
 
     Tracing runs the model in eval mode under a forked RNG, so the run's
@@ -107,10 +107,6 @@ def tensorboard_callbacks(settings, run_dir) -> list:
     callbacks: list = [LearningRates()]
     every = settings.log_histograms_every_n_epochs
     if every is not None:
-        if every < 1:
-            raise BprunError(
-                f"trainer.log_histograms_every_n_epochs must be at least 1 (or null: off), got {every}"
-            )
         callbacks.append(Histograms(every))
     if settings.log_graph:
         callbacks.append(Graph())

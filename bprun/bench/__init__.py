@@ -1,0 +1,8 @@
+"""Benchmarks against hand-written PyTorch, reported as ratios measured in one run.
+
+    python -m bprun.bench               engine vs. a plain training loop (loop.py)
+    python -m bprun.bench.instruments   the gradient instruments' cost per update
+    python -m bprun.bench.sweep         a 4-job sweep, sequential vs. parallel jobs
+
+Not timed tests: each prints a table for the README.
+"""

@@ -1,0 +1,3 @@
+from bprun.bench.loop import main
+
+main()

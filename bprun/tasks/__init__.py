@@ -1,0 +1,31 @@
+"""What a run does, by `task=`: each task is a module with
+
+    run(cfg, run_dir, overrides) -> float | None
+
+(the value a sweeper optimises, or None). A task module is imported only when
+chosen, so the command line validates the config before torch loads.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from bprun.errors import BprunError
+
+# task name -> (module, what it does), as `bprun --help` lists them.
+TASKS = {
+    "train": ("bprun.tasks.train", "fit, test with the best weights, write metrics.json"),
+    "eval": ("bprun.tasks.eval", "test a saved run (ckpt=<run folder or .pt>), write eval.json"),
+    "gradcheck": ("bprun.tasks.gradcheck", "check autograd against finite differences"),
+    "lr_find": ("bprun.tasks.lr_find", "learning-rate range test, plot and suggestion"),
+}
+
+
+def run_task(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> float | None:
+    if cfg.task not in TASKS:
+        raise BprunError(f"task='{cfg.task}' is not known: use task={' or '.join(TASKS)}")
+    module = importlib.import_module(TASKS[cfg.task][0])
+    return module.run(cfg, run_dir, list(overrides))

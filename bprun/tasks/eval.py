@@ -1,0 +1,51 @@
+"""`task=eval`: rebuild the model from a checkpoint's own config and test it."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from bprun.engine import checkpoint as ckpt_io
+from bprun.engine.precision import resolve_device
+from bprun.engine.settings import TrainerSettings
+from bprun.errors import BprunError
+from bprun.io import write_json
+from bprun.tasks.setup import build_trainer
+
+log = logging.getLogger("bprun")
+
+
+def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> float | None:
+    """Test the checkpoint `ckpt` (a run folder means its best weights); write eval.json."""
+    if not cfg.get("ckpt"):
+        raise BprunError("task=eval needs ckpt=<run folder or .pt file>")
+    path = ckpt_io.resolve_checkpoint(cfg.ckpt, "ckpt")
+    state = ckpt_io.load_checkpoint(path)
+    if Path(cfg.ckpt).is_dir() and state.get("topk") and state["topk"]["entries"]:
+        best = path.parent / state["topk"]["entries"][0][1]
+        if best.is_file():
+            path, state = best, ckpt_io.load_checkpoint(best)
+    config = (state.get("extra") or {}).get("config")
+    if not config:
+        raise BprunError(f"{path} carries no config; it was not written by bprun train")
+    saved = OmegaConf.create(config)
+    s = TrainerSettings(
+        **{
+            k: v
+            for k, v in OmegaConf.to_container(saved.trainer).items()
+            if not isinstance(v, dict)
+        }
+    )
+    s.device, s.resume, s.compile = cfg.trainer.device, None, False
+    if s.precision == "16-mixed" and resolve_device(s.device).type != "cuda":
+        s.precision = "32"  # float16 autocast needs CUDA; evaluate in full precision
+    trainer, data = build_trainer(saved, None, s)
+    ckpt_io.load_model_state(trainer.module, state["model"], path)
+    metrics = trainer.evaluate(data.test, "test")
+    out = write_json({"checkpoint": str(path), **metrics}, path.parent / "eval.json")
+    for k, v in metrics.items():
+        log.info(f"{k:<10} {v:.4f}")
+    log.info(f"wrote {out}")
+    return metrics.get("test/loss")

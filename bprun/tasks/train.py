@@ -1,0 +1,91 @@
+"""`task=train`: build the run, fit, test with the best weights, write metrics.json.
+
+The checkpoint's extra state carries what resume needs to re-create the run:
+the resolved config and the command line (`trainer.resume=` itself left out).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from bprun.engine import checkpoint as ckpt_io
+from bprun.errors import Interrupted
+from bprun.io import write_json
+from bprun.overrides import key_of
+from bprun.tasks.setup import build_trainer, trainer_settings
+from bprun.tracking.console import result_table
+from bprun.tracking.tensorboard import Tracker, log_hparams
+
+log = logging.getLogger("bprun")
+
+
+def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> float | None:
+    """Train; returns the best monitored value (None when there is none) for sweepers."""
+    started = time.time()
+    s = trainer_settings(cfg)
+    resumed = ckpt_io.resolve_checkpoint(s.resume) if s.resume else None
+    state = ckpt_io.load_checkpoint(resumed) if resumed else None
+    tracker = Tracker(run_dir, purge_step=state["progress"]["update"] + 1 if state else None)
+    extra = {
+        "config": OmegaConf.to_yaml(cfg, resolve=True),
+        "overrides": [o for o in overrides if key_of(o) != "trainer.resume"],
+    }
+    trainer, data = build_trainer(cfg, run_dir, s, tracker=tracker, extra_state=extra)
+    if state is not None:
+        trainer.load_state_dict(state, resumed)
+        trainer.extra_state = extra  # the command line of this run, for the next resume
+        log.info(f"resumed from {resumed} at epoch {trainer.epoch + 1}, update {trainer.update}")
+    else:
+        tracker.text("config", "```\n" + extra["config"] + "\n```")
+    n_params = sum(p.numel() for p in trainer.module.parameters())
+    log.info(
+        f"{type(trainer.module).__name__} with {n_params:,} parameters on {trainer.device}; "
+        f"{data.train.num_samples} train / {data.val.num_samples if data.val else 0} val / "
+        f"{data.test.num_samples} test samples; run folder {run_dir}"
+    )
+
+    summary = {"status": "running", "monitor": s.monitor, "mode": s.mode, "run_dir": str(run_dir)}
+    try:
+        trainer.fit(data.train, data.val)
+        summary["test"] = trainer.test(data.test)
+        tracker.log(summary["test"], trainer.update)
+        summary["status"] = "completed"
+    except BaseException as e:
+        summary["status"] = (
+            "interrupted" if isinstance(e, (KeyboardInterrupt, Interrupted)) else "failed"
+        )
+        summary["error"] = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise
+    finally:
+        summary.update(
+            stop_reason=trainer.stop_reason,
+            best=trainer.best,
+            final=trainer.history[-1] if trainer.history else {},
+            epochs=trainer.epoch,
+            updates=trainer.update,
+            wall_time_s=time.time() - started,
+            history=trainer.history,
+        )
+        if resumed:
+            summary["resumed_from"] = str(resumed)
+        trainer.summarize(summary)
+        write_json(summary, run_dir / "metrics.json")
+        log_hparams(tracker, cfg, summary, group_choices())
+        tracker.close()
+    log.info(result_table(summary))
+    best = trainer.best.get(s.monitor)
+    return float(best) if best is not None and math.isfinite(best) else None
+
+
+def group_choices() -> dict[str, str]:
+    """The config groups picked (`optim: adamw`), for TensorBoard's HPARAMS tab."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return {}
+    return {k: str(v) for k, v in HydraConfig.get().runtime.choices.items() if v is not None}
