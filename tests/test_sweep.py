@@ -70,7 +70,7 @@ def test_job_that_fails_before_training_still_gets_a_row(bprun, tmp_path):
     assert [row["status"] for row in table] == ["ok", "failed"]
     failed = table[1]
     assert not (Path(failed["folder"]) / "metrics.json").exists()
-    assert "trainer.nonfinite must be stop or skip" in failed["error"]
+    assert "trainer.nonfinite='explode' is not known: choose one of stop, skip" in failed["error"]
     assert "Traceback" not in r.output
 
 
