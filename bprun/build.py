@@ -18,11 +18,12 @@ from torch import nn
 from bprun.data import Dataset, InMemoryLoader, split_validation
 from bprun.data.augment import make_transforms
 from bprun.errors import BprunError
+from bprun.losses import check_fits
 from bprun.models import init_weights
 from bprun.optim import param_groups_weight_decay
 
 DATA_KEYS = {
-    "batch_size": 64,
+    "batch_size": 100,
     "eval_batch_size": 1000,
     "val_fraction": 0.1,
     "val_seed": 0,
@@ -47,6 +48,7 @@ def _instantiate(args: dict, group: str, **kwargs):
     # Plain lists and dicts, never ListConfig: they end up in optimizer and scheduler
     # state, which must load with torch.load(weights_only=True).
     args.setdefault("_convert_", "all")
+    _check_lists(args, group)
     try:
         return instantiate(args, **kwargs)
     except Exception as e:  # bad class path or bad arguments: name the group and the cause
@@ -54,6 +56,28 @@ def _instantiate(args: dict, group: str, **kwargs):
         if isinstance(cause, BprunError):  # the source's own message already says what to do
             raise cause from None
         raise BprunError(f"cannot build {group} ({args['_target_']}): {cause}") from None
+
+
+def _check_lists(args: dict, group: str) -> None:
+    """A scalar given where the target takes a list (`model.hidden=128`): say how to write it."""
+    import inspect
+
+    from hydra.utils import get_object
+
+    try:
+        target = get_object(args["_target_"])
+        params = inspect.signature(target).parameters
+    except Exception:  # unresolvable targets fail in instantiate with their own message
+        return
+    for key, value in args.items():
+        p = params.get(key)
+        if p is None or isinstance(value, (list, tuple, dict)) or value is None:
+            continue
+        annotation = p.annotation if isinstance(p.annotation, str) else str(p.annotation)
+        if annotation.startswith(("list", "tuple", "Sequence", "typing.List", "typing.Sequence")):
+            raise BprunError(
+                f"{group}.{key} takes a list, got {value!r}: write {group}.{key}=[{value}]"
+            )
 
 
 @dataclass
@@ -76,6 +100,11 @@ def build_data(
     """Loaders over tensors on `device`. Inputs stay in their stored dtype there (uint8 for
     images); the loaders' transforms make them float and, for training only, augment them."""
     args, own = _split(node, DATA_KEYS)
+    for key in ("batch_size", "eval_batch_size"):
+        if not isinstance(own[key], int) or own[key] < 1:
+            raise BprunError(f"dataset.{key} must be a whole number of at least 1, got {own[key]}")
+    if not 0 <= own["val_fraction"] < 1:
+        raise BprunError(f"dataset.val_fraction must be in [0, 1), got {own['val_fraction']}")
     dataset: Dataset = _instantiate(args, "dataset")
     try:
         x_tr, y_tr, x_val, y_val = split_validation(
@@ -147,9 +176,14 @@ def build_model(node: DictConfig, dataset: Dataset) -> nn.Module:
         raise BprunError(str(e)) from None
 
 
-def build_loss(node: DictConfig) -> nn.Module:
+def build_loss(node: DictConfig, task: str = "classification") -> nn.Module:
+    """The loss node; `loss=auto` picks the one the dataset's task calls for. A loss made
+    for the other kind of task is an error naming the ones that fit."""
     args, _ = _split(node, {})
-    return _instantiate(args, "loss")
+    extra = {"task": task} if args.get("_target_") == "bprun.losses.for_task" else {}
+    loss = _instantiate(args, "loss", **extra)
+    check_fits(loss, task)
+    return loss
 
 
 def build_optimizer(node: DictConfig, model: nn.Module) -> torch.optim.Optimizer:

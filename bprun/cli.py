@@ -8,8 +8,11 @@ apply on top.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -18,9 +21,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from bprun.checks import check_command_line
 from bprun.config import register_configs
 from bprun.errors import BprunError
-from bprun.overrides import merge
+from bprun.overrides import key_of, merge
 
 log = logging.getLogger("bprun")
 register_configs()
@@ -53,40 +57,109 @@ def resume_overrides(argv: list[str]) -> list[str]:
     return [*line, f"hydra.run.dir={run}", "hydra.output_subdir=null"]
 
 
+def eval_overrides(argv: list[str]) -> list[str]:
+    """`task=eval ckpt=X`: the run folder of X is the job's folder (eval.json goes beside the
+    checkpoint); no new run folder, and Hydra leaves the run's `.hydra/` as it is."""
+    if "task=eval" not in argv or "-m" in argv or "--multirun" in argv:
+        return argv
+    ckpt = [a.split("=", 1)[1] for a in argv if key_of(a) == "ckpt"]
+    if not ckpt or not ckpt[-1]:
+        raise BprunError("task=eval needs ckpt=<run folder or .pt file>")
+    from bprun.engine import checkpoint as ckpt_io
+
+    path = ckpt_io.resolve_checkpoint(ckpt[-1], "ckpt")
+    return [*argv, f"hydra.run.dir={_run_folder_of(path)}", "hydra.output_subdir=null"]
+
+
+class SignalExit(KeyboardInterrupt):
+    """A stop signal outside the training loop (which handles its own, saving first)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+    def __str__(self) -> str:
+        name = signal.Signals(self.signum).name
+        return f"stopped by {name} outside the training loop; nothing was left to save"
+
+
+def _raise_signal_exit(signum, frame):
+    raise SignalExit(signum)
+
+
+def _exit_code(e: KeyboardInterrupt) -> int:
+    return 128 + e.signum if isinstance(e, SignalExit) else 130
+
+
+def discard_unused(run_dir: Path) -> None:
+    """Remove a run folder that holds nothing but Hydra's record, the log and event files
+    without a result: what a command rejected before training leaves behind."""
+    if not run_dir.is_dir():
+        return
+    for entry in run_dir.iterdir():
+        if entry.name not in (".hydra", "bprun.log") and not entry.name.startswith("events."):
+            return
+    shutil.rmtree(run_dir, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        run_dir.parent.rmdir()  # the date folder, when this run was its only one
+
+
 @hydra.main(version_base="1.3", config_path="pkg://bprun.conf", config_name="config")
 def hydra_main(cfg: DictConfig) -> float | None:
-    from bprun.tasks import run_task  # torch loads only once the config is valid
-
     hc = HydraConfig.get()
-    if hc.mode == RunMode.MULTIRUN:
+    multirun = hc.mode == RunMode.MULTIRUN
+    run_dir = Path(hc.runtime.output_dir)
+    own_folder = not multirun and cfg.task != "eval" and not cfg.trainer.get("resume")
+    if multirun:
         cfg.trainer.progress = False  # a sweep prints one line per job, not interleaved bars
     try:
-        return run_task(cfg, Path(hc.runtime.output_dir), list(hc.overrides.task))
+        from bprun.tasks import run_task  # torch loads only once the config is valid
+
+        return run_task(cfg, run_dir, list(hc.overrides.task))
     except BprunError as e:
         log.error(f"error: {e}")
-        if hc.mode == RunMode.MULTIRUN:
+        if multirun:
             raise  # the sweep records the failed job and goes on
+        if own_folder:
+            discard_unused(run_dir)
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        log.error("aborted")
-        sys.exit(130)
+    except KeyboardInterrupt as e:
+        log.error(f"error: {e}" if isinstance(e, SignalExit) else "aborted")
+        if multirun and isinstance(e, SignalExit):
+            raise
+        if own_folder:
+            discard_unused(run_dir)
+        sys.exit(_exit_code(e))
 
 
 def main() -> None:
+    # A stop signal at any moment ends with a message and 128 + N; the training loop
+    # replaces these handlers with its own, which save a checkpoint first.
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(signum, _raise_signal_exit)
+    try:
+        _main(sys.argv[1:])
+    except KeyboardInterrupt as e:
+        print(f"error: {e}" if isinstance(e, SignalExit) else "aborted", file=sys.stderr)
+        sys.exit(_exit_code(e))
+
+
+def _main(argv: list[str]) -> None:
     # As with `python -m`, modules in the working directory can be `_target_`s.
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
-    # Hydra's parser wants its flags before the overrides; accept them anywhere.
-    argv = sys.argv[1:]
     if "--help" in argv or "-h" in argv:
         from bprun.help import render
 
         print(render(argv))
         return
+    # Hydra's parser wants its flags before the overrides; accept them anywhere.
     flags = [a for a in argv if a in ("-m", "--multirun")]
     argv = flags + [a for a in argv if a not in flags]
     try:
-        sys.argv[1:] = resume_overrides(argv)
+        if not any(a.startswith("--") and a != "--multirun" for a in argv):
+            check_command_line(argv, multirun=bool(flags))  # Hydra's own flags pass through
+        sys.argv[1:] = eval_overrides(resume_overrides(argv))
     except BprunError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)

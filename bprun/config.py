@@ -1,6 +1,7 @@
 """Hydra schemas and plugins: registered before compose, so it validates keys and types."""
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
 from bprun.diagnostics.settings import GradcheckSettings, LrFindSettings
 from bprun.engine.settings import TrainerSettings
@@ -11,7 +12,37 @@ def register_configs() -> None:
     cs.store(group="trainer", name="trainer_schema", node=TrainerSettings)
     cs.store(group="gradcheck", name="gradcheck_schema", node=GradcheckSettings)
     cs.store(group="lr_find", name="lr_find_schema", node=LrFindSettings)
+    OmegaConf.register_new_resolver("run_name", run_name, replace=True)
     register_plugins()
+
+
+def run_name(overrides: str) -> str:
+    """`_model:cnn+optim:adamw` from Hydra's override_dirname ("" without overrides): the
+    tail of a run folder's name, which TensorBoard shows. Only characters that make one
+    folder and that the command line takes unquoted (`trainer.resume=<folder>`) are kept."""
+    name = overrides.translate(_UNSAFE)
+    if len(name) > 96:
+        name = name[:96].rsplit("+", 1)[0] + "+..."
+    return f"_{name}" if name else ""
+
+
+_UNSAFE = str.maketrans(
+    {
+        "/": "_",
+        "\\": "_",
+        ",": ".",
+        " ": "",
+        "'": "",
+        '"': "",
+        "[": "",
+        "]": "",
+        "{": "",
+        "}": "",
+        "(": "",
+        ")": "",
+        "=": ":",
+    }
+)
 
 
 def register_plugins() -> None:

@@ -37,11 +37,23 @@ def _regression_targets(name: str, out: torch.Tensor, target: torch.Tensor) -> N
         )
 
 
+class CrossEntropyLoss(nn.CrossEntropyLoss):
+    """Softmax cross-entropy of logits and int64 class labels."""
+
+    task = "classification"
+
+    def forward(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        _class_targets("cross_entropy", out, target)
+        return super().forward(out, target)
+
+
 class NLLLoss(nn.NLLLoss):
     """Negative log-likelihood of logits: log_softmax, then torch's NLLLoss.
 
     The same value as cross_entropy; kept for configs and papers that name it.
     """
+
+    task = "classification"
 
     def forward(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         _class_targets("nll", out, target)
@@ -68,6 +80,8 @@ class BCEWithLogitsLoss(nn.BCEWithLogitsLoss):
 class MSELoss(nn.MSELoss):
     """Mean squared error (regression)."""
 
+    task = "regression"
+
     def forward(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         _regression_targets("mse", out, target)
         return super().forward(out, target)
@@ -75,6 +89,8 @@ class MSELoss(nn.MSELoss):
 
 class L1Loss(nn.L1Loss):
     """Mean absolute error (regression)."""
+
+    task = "regression"
 
     def forward(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         _regression_targets("l1", out, target)
@@ -84,6 +100,38 @@ class L1Loss(nn.L1Loss):
 class HuberLoss(nn.HuberLoss):
     """Squared error below `delta`, absolute error above it: MSE that shrugs off outliers."""
 
+    task = "regression"
+
     def forward(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         _regression_targets("huber", out, target)
         return super().forward(out, target)
+
+
+def for_task(task: str) -> nn.Module:
+    """`loss=auto`: cross-entropy for a classification dataset, mean squared error for regression."""
+    return CrossEntropyLoss() if task == "classification" else MSELoss()
+
+
+# torch's own losses, by the task they fit (bprun's wrappers say it in their `task`).
+_TORCH_TASKS = {
+    nn.CrossEntropyLoss: "classification",
+    nn.NLLLoss: "classification",
+    nn.MSELoss: "regression",
+    nn.L1Loss: "regression",
+    nn.HuberLoss: "regression",
+    nn.SmoothL1Loss: "regression",
+}
+
+
+def check_fits(loss: nn.Module, task: str) -> None:
+    """A classification loss on a regression dataset (or the reverse) fails before training."""
+    kind = getattr(loss, "task", None)
+    if kind is None:
+        kind = next((t for cls, t in _TORCH_TASKS.items() if isinstance(loss, cls)), None)
+    if kind is None or kind == task:
+        return
+    fits = "loss=mse, l1 or huber" if task == "regression" else "loss=cross_entropy or nll"
+    raise BprunError(
+        f"the loss {type(loss).__name__} is for {kind}, but the dataset poses a {task} task: "
+        f"use {fits} (or loss=auto, which follows the dataset)"
+    )

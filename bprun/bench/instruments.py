@@ -49,7 +49,7 @@ def rate(cfg, data, initial, settings: TrainerSettings, run_dir: str, device) ->
     trainer = Trainer(
         settings,
         model,
-        build_loss(cfg.loss),
+        build_loss(cfg.loss, data.dataset.task),
         build_optimizer(cfg.optim, model),
         device=device,
         task=data.dataset.task,

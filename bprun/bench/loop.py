@@ -78,7 +78,7 @@ def measure(cfg, variant: dict, updates: int, rounds: int, device: torch.device)
     data = build_data(cfg.dataset, device, seed=0)
     torch.manual_seed(0)
     initial = build_model(cfg.model, data.dataset).to(device)
-    loss_fn = build_loss(cfg.loss)
+    loss_fn = build_loss(cfg.loss, data.dataset.task)
     settings = TrainerSettings(
         max_epochs=10**6,
         max_updates=updates,

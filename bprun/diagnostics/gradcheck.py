@@ -150,16 +150,20 @@ def _autograd_gradcheck(f: DeterministicLoss, name: str, p: nn.Parameter, s) -> 
 
 
 def table(results: list[ParamCheck]) -> str:
-    """The per-parameter table printed by task=gradcheck."""
+    """The per-parameter table printed by task=gradcheck. The `autograd.gradcheck` column
+    is shown when that check ran (models under `full_below` parameters)."""
     width = max(9, *(len(r.name) for r in results))
+    ran = any(r.autograd_gradcheck is not None for r in results)
     head = f"  {'parameter':<{width}}  {'shape':<14} {'checked':>7} {'max rel err':>11} "
-    head += f"{'kinks':>5}  {'autograd.gradcheck':<18}  result"
+    head += f"{'kinks':>5}  " + (f"{'autograd.gradcheck':<18}  " if ran else "") + "result"
     rows = [head]
     for r in results:
         shape = "x".join(map(str, r.shape)) or "scalar"
         verdict = {None: "-", True: "passed", False: "FAILED"}[r.autograd_gradcheck]
         rows.append(
             f"  {r.name:<{width}}  {shape:<14} {r.checked:>7} {r.max_rel_error:>11.2e} "
-            f"{r.kinks:>5}  {verdict:<18}  {'ok' if r.passed else 'FAILED'}"
+            f"{r.kinks:>5}  "
+            + (f"{verdict:<18}  " if ran else "")
+            + ("ok" if r.passed else "FAILED")
         )
     return "\n".join(rows)

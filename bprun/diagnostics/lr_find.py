@@ -3,15 +3,17 @@
 The configured model trains for `num_steps` updates with the learning rate
 growing exponentially from `min_lr` to `max_lr` (Lightning's `_ExponentialLR`:
 update k uses min_lr * (max_lr / min_lr) ** ((k + 1) / num_steps) for k >= 1 and
-min_lr for k = 0). After each update the loss is smoothed as Lightning's
-`_LRCallback` does, bias correction included:
+min_lr for k = 0). After each update the loss is smoothed with an exponential
+moving average and its bias correction:
 
     avg = beta * avg + (1 - beta) * loss
-    smoothed = avg / (1 - beta ** (step + 1))        step = updates done, from 1
+    smoothed = avg / (1 - beta ** n)                  n = losses averaged so far
 
-(the exponent is Lightning's: its global step already counts the update, so
-the first points read about half the loss; `skip_begin` leaves them out of
-the suggestion). The sweep stops once `smoothed > early_stop_threshold * best`
+so the first point is the first loss and the curve starts where the untrained
+model is (about ln 10 = 2.3 for 10 classes). Lightning's `_LRCallback` divides
+by 1 - beta ** (n + 1), one power too many: its first points read about half
+the loss and rise over the first ~50 updates whatever the learning rate does.
+The sweep stops once `smoothed > early_stop_threshold * best`
 (after the first update), or at a non-finite loss. The suggestion is Lightning's: the
 learning rate at the steepest descent (the most negative `np.gradient`) of the
 smoothed losses, leaving out the first `skip_begin` and the last `skip_end`.
@@ -79,11 +81,11 @@ class _Sweep(Callback):
 
     def on_update_end(self, trainer) -> None:
         s, r = self.s, self.result
-        step = trainer.update  # Lightning's global_step after the update
+        step = trainer.update  # updates done, this one included: the losses averaged
         loss = float(torch.stack(self.seen).float().mean()) if self.seen else math.nan
         self.seen.clear()
         self.avg = s.beta * self.avg + (1 - s.beta) * loss
-        smoothed = self.avg / (1 - s.beta ** (step + 1))
+        smoothed = self.avg / (1 - s.beta**step)
         r.lrs.append(trainer.optimizer.param_groups[0]["lr"])
         r.losses.append(smoothed)
         diverged = (

@@ -46,13 +46,17 @@ def resolve_checkpoint(path: str | Path, what: str = "trainer.resume") -> Path:
 def load_checkpoint(path: str | Path) -> dict:
     """Read a checkpoint safely; any problem becomes a one-line BprunError."""
     path = Path(path)
+    if path.is_file() and not _torch_file(path):
+        raise BprunError(
+            f"{path} is not a bprun checkpoint (not a file torch.save wrote): give a run folder "
+            "or one of its checkpoints/*.pt"
+        )
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise BprunError(
             f"refused to load {path}: it holds Python objects, not only tensors and plain values "
-            f"({first[:160]}); it was not written by bprun and may run code, so it is not loaded"
+            f"({_shorten(str(e))}); it was not written by bprun and may run code, so it is not loaded"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         raise BprunError(
@@ -62,6 +66,20 @@ def load_checkpoint(path: str | Path) -> dict:
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise BprunError(f"{path} is not a bprun checkpoint (no 'model' entry)")
     return ckpt
+
+
+def _torch_file(path: Path) -> bool:
+    """torch.save writes a zip archive (or, in its legacy format, a pickle: byte 0x80)."""
+    if zipfile.is_zipfile(path):
+        return True
+    with open(path, "rb") as f:
+        return f.read(1) == b"\x80"
+
+
+def _shorten(text: str, limit: int = 160) -> str:
+    """The first line of `text`, cut at a word boundary."""
+    first = text.strip().splitlines()[0] if text.strip() else "no details"
+    return first if len(first) <= limit else first[:limit].rsplit(" ", 1)[0] + " ..."
 
 
 def load_model_state(module: nn.Module, state: dict, path: str | Path) -> None:

@@ -20,6 +20,15 @@ class Metrics:
         self.count = 0  # samples
         self.elements = 0  # output elements (regression)
 
+    @staticmethod
+    def names(task: str, num_classes: int, prefix: str) -> list[str]:
+        """The metrics `compute(prefix)` gives for this task, known before any data is seen."""
+        if task == "classification":
+            return [
+                f"{prefix}/{m}" for m in ("loss", "acc", *(["top5"] if num_classes > 5 else []))
+            ]
+        return [f"{prefix}/{m}" for m in ("loss", "mae", "rmse")]
+
     def update(self, loss: torch.Tensor, out: torch.Tensor, y: torch.Tensor) -> None:
         n = y.shape[0]
         out = out.detach().float()

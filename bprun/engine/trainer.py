@@ -7,6 +7,7 @@ The Trainer takes objects (model, loss, optimizer, scheduler, loaders) and a
 from __future__ import annotations
 
 import contextlib
+import difflib
 import logging
 import math
 import sys
@@ -133,6 +134,27 @@ class Trainer:
                 )
             if s.nonfinite == "skip":
                 raise BprunError("optim=lbfgs does not support trainer.nonfinite=skip: use stop")
+
+    def metric_names(self, validates: bool = True) -> list[str]:
+        """Every metric an epoch reports: train loss, validation metrics, callbacks' own."""
+        names = ["train/loss"]
+        if validates:
+            names += Metrics.names(self.task, self.num_classes, "val")
+        for cb in self.callbacks:
+            names += list(getattr(cb, "metric_names", ()))
+        return names
+
+    def check_monitors(self, validates: bool = True) -> None:
+        """Monitored names that no epoch will report fail now, not after the first epoch."""
+        s, known = self.settings, self.metric_names(validates)
+        watched = [("trainer.monitor", s.monitor)]
+        if self.stopper.enabled:
+            watched.append(("trainer.early_stopping.monitor", s.early_stopping.monitor))
+        if self.topk is not None and validates:
+            watched.append(("trainer.checkpoint.monitor", s.checkpoint.monitor))
+        for key, name in watched:
+            if name not in known and validates:
+                raise BprunError(_unknown_metric(key, name, dict.fromkeys(known)))
 
     # ------------------------------------------------------------------ fit
     def fit(self, train: InMemoryLoader, val: InMemoryLoader | None) -> dict:
@@ -513,8 +535,10 @@ class Trainer:
 
 
 def _unknown_metric(key: str, name: str, metrics: dict) -> str:
-    known = ", ".join(k for k in metrics if "/" in k)
-    return f"{key}='{name}' is not a metric of this run: choose one of {known}"
+    known = [k for k in metrics if "/" in k]
+    near = difflib.get_close_matches(name, known, n=1)
+    hint = f"did you mean {key}={near[0]}? " if near else ""
+    return f"{key}={name} is not a metric of this run: {hint}(choose one of {', '.join(known)})"
 
 
 def _epoch_line(m: dict, max_epochs: int) -> str:

@@ -12,6 +12,7 @@ from bprun.engine.precision import resolve_device
 from bprun.engine.settings import TrainerSettings
 from bprun.errors import BprunError
 from bprun.io import write_json
+from bprun.overrides import key_of
 from bprun.tasks.setup import build_trainer
 
 log = logging.getLogger("bprun")
@@ -31,6 +32,14 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> float | No
     if not config:
         raise BprunError(f"{path} carries no config; it was not written by bprun train")
     saved = OmegaConf.create(config)
+    other_data = any(key_of(o).split(".")[0] == "dataset" for o in overrides)
+    if other_data:
+        # The saved model on another dataset: its shapes must fit (load_model_state says which not).
+        log.info(
+            f"evaluating the model trained on {saved.dataset.get('_target_')} on "
+            f"{cfg.dataset.get('_target_')}, as the command line asks"
+        )
+        saved.dataset = cfg.dataset
     s = TrainerSettings(
         **{
             k: v
@@ -42,7 +51,15 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> float | No
     if s.precision == "16-mixed" and resolve_device(s.device).type != "cuda":
         s.precision = "32"  # float16 autocast needs CUDA; evaluate in full precision
     trainer, data = build_trainer(saved, None, s)
-    ckpt_io.load_model_state(trainer.module, state["model"], path)
+    try:
+        ckpt_io.load_model_state(trainer.module, state["model"], path)
+    except BprunError as e:
+        if not other_data:
+            raise
+        raise BprunError(
+            f"the model saved in {path} does not fit this dataset's input shape or classes "
+            f"({str(e).split('(', 1)[-1].split(')')[0]}): evaluate it on data shaped like its own"
+        ) from None
     metrics = trainer.evaluate(data.test, "test")
     out = write_json({"checkpoint": str(path), **metrics}, path.parent / "eval.json")
     for k, v in metrics.items():

@@ -30,7 +30,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> float:
     data = build_data(cfg.dataset, device, cfg.seed)
     seed_everything(cfg.seed)
     model = build_model(cfg.model, data.dataset).to(device)
-    loss_fn = build_loss(cfg.loss)
+    loss_fn = build_loss(cfg.loss, data.dataset.task)
     x, y = next(data.train.batches(0))
     x, y = x[: s.batch_size], y[: s.batch_size]
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)

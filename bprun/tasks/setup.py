@@ -53,6 +53,7 @@ def build_trainer(
     """(Trainer, data) for one config: data, model, loss, optimizer, scheduler and the
     callbacks of the instruments switched on."""
     device = setup_device(s)
+    warn_own_data_ignored(cfg)
     data = build_data(
         cfg.dataset,
         device,
@@ -73,7 +74,7 @@ def build_trainer(
     trainer = Trainer(
         s,
         model,
-        build_loss(cfg.loss),
+        build_loss(cfg.loss, data.dataset.task),
         optimizer,
         scheduler,
         scheduler_interval=interval,
@@ -103,4 +104,28 @@ def warn_slow_precision(s: TrainerSettings, model: torch.nn.Module, device: torc
             "trainer.precision=bf16-mixed on the CPU: convolutions run about 19x slower than in "
             "float32 here (3.9 against 75 updates/s on the MNIST-1D CNN); use trainer.precision=32 "
             "unless memory is what you need"
+        )
+
+
+USER_DATA = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".csv", ".parquet", ".npz", ".npy"}
+
+
+def warn_own_data_ignored(cfg: DictConfig) -> None:
+    """`paths.data_dir=<a folder of the user's files>` with a shipped dataset trains on that
+    dataset, not on the files: say so, and where its cache goes."""
+    data_dir = cfg.dataset.get("data_dir")
+    if not data_dir or not Path(data_dir).is_dir():
+        return
+    root = Path(data_dir)
+    found = [p for p in root.iterdir() if p.is_file() and p.suffix.lower() in USER_DATA]
+    for sub in (p for p in root.iterdir() if p.is_dir()):
+        found += [p for p in sub.iterdir() if p.is_file() and p.suffix.lower() in USER_DATA][:1]
+    if found:
+        target = cfg.dataset.get("_target_", "?").rsplit(".", 1)[-1]
+        shown = ", ".join(str(p.relative_to(root)) for p in found[:3])
+        log.warning(
+            f"paths.data_dir={data_dir} holds files of your own ({shown}, ...), but the dataset "
+            f"is {target}, which reads and caches its own data in a sub-folder there. To train "
+            "on your files use dataset=image_folder dataset.root=<folder>, dataset=table "
+            "dataset.path=<file> or dataset=arrays dataset.path=<file>"
         )

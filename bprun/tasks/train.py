@@ -30,12 +30,20 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> float | No
     s = trainer_settings(cfg)
     resumed = ckpt_io.resolve_checkpoint(s.resume) if s.resume else None
     state = ckpt_io.load_checkpoint(resumed) if resumed else None
+    if state is not None and (done := finished(state, s)):
+        log.info(
+            f"{run_dir} is finished ({done}); nothing to do. To train on, resume with a larger "
+            "trainer.max_epochs or trainer.max_updates"
+        )
+        best = state["best"].get(s.monitor)
+        return float(best) if best is not None and math.isfinite(best) else None
     tracker = Tracker(run_dir, purge_step=state["progress"]["update"] + 1 if state else None)
     extra = {
         "config": OmegaConf.to_yaml(cfg, resolve=True),
         "overrides": [o for o in overrides if key_of(o) != "trainer.resume"],
     }
     trainer, data = build_trainer(cfg, run_dir, s, tracker=tracker, extra_state=extra)
+    trainer.check_monitors(validates=data.val is not None)
     if state is not None:
         trainer.load_state_dict(state, resumed)
         trainer.extra_state = extra  # the command line of this run, for the next resume
@@ -80,6 +88,19 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> float | No
     log.info(result_table(summary))
     best = trainer.best.get(s.monitor)
     return float(best) if best is not None and math.isfinite(best) else None
+
+
+def finished(state: dict, s) -> str | None:
+    """Why a checkpoint's run needs no more training under settings `s`, or None."""
+    progress = state["progress"]
+    reason = (state.get("early_stopping") or {}).get("stopped_reason")
+    if progress["epoch"] >= s.max_epochs:
+        return f"epoch {progress['epoch']} of trainer.max_epochs={s.max_epochs}"
+    if s.max_updates is not None and progress["update"] >= s.max_updates:
+        return f"update {progress['update']} of trainer.max_updates={s.max_updates}"
+    if reason and progress["batch"] == 0:
+        return f"early stopping: {reason}"
+    return None
 
 
 def group_choices() -> dict[str, str]:

@@ -1,0 +1,162 @@
+"""The command line checked before anything runs: one line per mistake, with its fix.
+
+`check_command_line` composes the config once, as Hydra will, and turns
+composition errors into a message that names the key or option and the
+closest valid ones ("did you mean"). It also refuses `+key=value` on the
+typed nodes (trainer, gradcheck, lr_find), where Hydra would add a key that
+nothing reads. No torch here: this runs before the task is imported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+
+from omegaconf import DictConfig, OmegaConf
+
+from bprun.errors import BprunError
+from bprun.overrides import key_of
+
+TYPED = {  # node -> its schema, imported lazily by name
+    "trainer": ("bprun.engine.settings", "TrainerSettings"),
+    "gradcheck": ("bprun.diagnostics.settings", "GradcheckSettings"),
+    "lr_find": ("bprun.diagnostics.settings", "LrFindSettings"),
+}
+
+
+def closest(word: str, choices, n: int = 3) -> list[str]:
+    return difflib.get_close_matches(word, list(choices), n=n, cutoff=0.6)
+
+
+def did_you_mean(word: str, choices, prefix: str = "") -> str:
+    near = closest(word, choices)
+    return f"did you mean {' or '.join(prefix + c for c in near)}?" if near else ""
+
+
+def single_run(argv: list[str]) -> list[str]:
+    """A sweep's command line reduced to its first job (the first value of each list)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    lines = []
+    for text, o in zip(argv, OverridesParser.create().parse_overrides(argv), strict=True):
+        if not o.is_sweep_override():
+            lines.append(text)
+        elif o.is_discrete_sweep():
+            first = next(iter(o.sweep_string_iterator()))
+            lines.append(f"{text.split('=', 1)[0]}={first}")
+        # intervals belong to searches; the search checks them itself
+    return lines
+
+
+def compose(overrides: list[str]) -> DictConfig:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+
+    with initialize_config_module("bprun.conf", version_base="1.3"):
+        return hydra_compose("config", overrides=overrides)
+
+
+def check_command_line(argv: list[str], multirun: bool = False) -> None:
+    """Raise BprunError naming the first override that cannot work, and its fix."""
+    from hydra.errors import (
+        ConfigCompositionException,
+        MissingConfigException,
+        OverrideParseException,
+    )
+
+    overrides = [a for a in argv if not a.startswith("-")]
+    try:
+        if multirun:
+            overrides = single_run(overrides)
+        cfg = compose(overrides)
+    except MissingConfigException as e:
+        raise BprunError(_missing_option(str(e), overrides)) from None
+    except ConfigCompositionException as e:
+        raise BprunError(_bad_override(e, overrides)) from None
+    except OverrideParseException as e:
+        raise BprunError(f"cannot read the command line: {_first_line(e)}") from None
+    check_typed_keys(cfg)
+    from bprun.tasks import TASKS
+
+    if cfg.task not in TASKS:
+        hint = did_you_mean(str(cfg.task), TASKS, "task=")
+        raise BprunError(
+            f"task={cfg.task} is not a task: "
+            + (hint + " " if hint else "")
+            + f"(choose one of {', '.join(TASKS)})"
+        )
+
+
+def check_typed_keys(cfg: DictConfig) -> None:
+    """Keys added with `+` under a typed node: nothing would read them."""
+    import importlib
+
+    for node, (module, name) in TYPED.items():
+        if node not in cfg:
+            continue
+        schema = getattr(importlib.import_module(module), name)
+        _unknown_keys(OmegaConf.to_container(cfg[node]), schema, node)
+
+
+def _unknown_keys(values: dict, schema, path: str) -> None:
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for key, value in values.items():
+        if key not in fields:
+            hint = (
+                did_you_mean(key, fields, f"{path}.") or f"bprun --cfg job lists {path}'s settings"
+            )
+            raise BprunError(
+                f"{path}.{key} is not a setting of {path} (a + adds a key nothing reads): {hint}"
+            )
+        sub = (
+            fields[key].default_factory
+            if fields[key].default_factory is not dataclasses.MISSING
+            else None
+        )
+        if isinstance(value, dict) and sub is not None and dataclasses.is_dataclass(sub):
+            _unknown_keys(value, sub, f"{path}.{key}")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _missing_option(message: str, overrides: list[str]) -> str:
+    """`model=cnnn` -> the closest options of the group."""
+    found = re.search(r"Could not find '([^']+)'", message)
+    if not found:
+        return _first_line(Exception(message))
+    group, _, option = found.group(1).rpartition("/")
+    from bprun.help import config_folders, groups
+
+    options = groups(config_folders(overrides)).get(group, {})
+    if not options:
+        return f"{group} is not a config group: bprun --help lists them"
+    hint = did_you_mean(option, options, f"{group}=")
+    return (
+        f"{group}={option} is not an option of {group}: "
+        + (hint + " " if hint else "")
+        + f"(choose one of {', '.join(options)})"
+    )
+
+
+def _bad_override(e: BaseException, overrides: list[str]) -> str:
+    cause = e.__cause__
+    key = getattr(cause, "full_key", None)
+    text = _first_line(cause) if cause is not None else _first_line(e)
+    if key and ("not in" in text or "not in struct" in text):
+        parent, _, leaf = key.rpartition(".")
+        base = compose([o for o in overrides if key_of(o) != key])
+        node = OmegaConf.select(base, parent) if parent else base
+        keys = list(node.keys()) if isinstance(node, DictConfig) else []
+        hint = did_you_mean(leaf, keys, f"{parent}." if parent else "")
+        where = parent or "the config"
+        return f"{key} is not a setting of {where}: " + (
+            hint or f"bprun --cfg job lists every setting ({', '.join(map(str, keys[:12]))})"
+        )
+    if key:
+        value = next((o.split("=", 1)[1] for o in overrides if key_of(o) == key), "?")
+        return f"{key}={value}: {text}"
+    return _first_line(e)
