@@ -3,28 +3,35 @@
 Before Hydra composes, `trainer.resume=<run>` is turned into that run's own
 overrides (saved in its checkpoint) plus `hydra.run.dir=<run>`, so a resumed
 run continues in its folder with its config, and later overrides on the line
-apply on top.
+apply on top; `task=eval ckpt=<run>` runs in that run's folder. The command line
+is checked first (`bprun.checks`): a mistake is one line and leaves no run folder.
+Stop signals are handled from the first line on: outside the training loop
+(which saves before it stops) they end the command with a message and 128 + N.
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import os
-import shutil
-import signal
-import sys
-from pathlib import Path
+from bprun.errors import SignalExit, stop_on_signals
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
-from omegaconf import DictConfig
+stop_on_signals()  # a stop signal at any moment of start-up ends with a message and 128 + N
 
-from bprun.checks import check_command_line
-from bprun.config import register_configs
-from bprun.errors import BprunError
-from bprun.overrides import key_of, merge
+import contextlib  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.types import RunMode  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from bprun.checks import check_command_line  # noqa: E402
+from bprun.config import register_configs  # noqa: E402
+from bprun.errors import BprunError  # noqa: E402
+from bprun.overrides import key_of, merge  # noqa: E402
 
 log = logging.getLogger("bprun")
 register_configs()
@@ -71,24 +78,14 @@ def eval_overrides(argv: list[str]) -> list[str]:
     return [*argv, f"hydra.run.dir={_run_folder_of(path)}", "hydra.output_subdir=null"]
 
 
-class SignalExit(KeyboardInterrupt):
-    """A stop signal outside the training loop (which handles its own, saving first)."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
-
-    def __str__(self) -> str:
-        name = signal.Signals(self.signum).name
-        return f"stopped by {name} outside the training loop; nothing was left to save"
-
-
-def _raise_signal_exit(signum, frame):
-    raise SignalExit(signum)
-
-
 def _exit_code(e: KeyboardInterrupt) -> int:
-    return 128 + e.signum if isinstance(e, SignalExit) else 130
+    return e.exit_code if isinstance(e, SignalExit) else 130
+
+
+def _interrupt_text(e: KeyboardInterrupt) -> str:
+    """Ctrl-C aborts; SIGTERM and SIGUSR1 say what stopped the command."""
+    stopped = isinstance(e, SignalExit) and e.signum != signal.SIGINT
+    return f"error: {e}" if stopped else "aborted"
 
 
 def discard_unused(run_dir: Path) -> None:
@@ -124,7 +121,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
             discard_unused(run_dir)
         sys.exit(e.exit_code)
     except KeyboardInterrupt as e:
-        log.error(f"error: {e}" if isinstance(e, SignalExit) else "aborted")
+        log.error(_interrupt_text(e))
         if multirun and isinstance(e, SignalExit):
             raise
         if own_folder:
@@ -133,14 +130,11 @@ def hydra_main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    # A stop signal at any moment ends with a message and 128 + N; the training loop
-    # replaces these handlers with its own, which save a checkpoint first.
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
-        signal.signal(signum, _raise_signal_exit)
+    stop_on_signals(raising=True)
     try:
         _main(sys.argv[1:])
     except KeyboardInterrupt as e:
-        print(f"error: {e}" if isinstance(e, SignalExit) else "aborted", file=sys.stderr)
+        print(_interrupt_text(e), file=sys.stderr)
         sys.exit(_exit_code(e))
 
 

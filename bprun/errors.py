@@ -17,3 +17,39 @@ class Interrupted(BprunError):
     def __init__(self, message: str, signum: int):
         super().__init__(message)
         self.exit_code = 128 + signum
+
+
+class SignalExit(KeyboardInterrupt):
+    """A stop signal outside the training loop, which handles its own (saving first)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+        self.exit_code = 128 + signum
+
+    def __str__(self) -> str:
+        import signal
+
+        name = signal.Signals(self.signum).name
+        return f"stopped by {name} outside the training loop; nothing was left to save"
+
+
+def stop_on_signals(raising: bool = False) -> None:
+    """SIGTERM, SIGINT and SIGUSR1 end the command from now on (the training loop puts its
+    own handlers in place while it runs, and these back when it ends). Until `raising` is
+    switched on, the command is still importing: nothing to clean up, and an exception
+    there would print a traceback, so the handler writes its line and exits at once."""
+    import os
+    import signal
+    import sys
+
+    def _stop(signum, frame):
+        if raising:
+            raise SignalExit(signum)
+        interrupted = SignalExit(signum)
+        text = "aborted" if signum == signal.SIGINT else f"error: {interrupted}"
+        sys.stderr.write(text + "\n")
+        os._exit(interrupted.exit_code)
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(signum, _stop)
