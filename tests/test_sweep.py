@@ -108,7 +108,7 @@ def test_skip_done_reruns_nothing_that_finished(bprun, tmp_path):
     assert sorted(row["optim.lr"] for row in table) == ["0.01", "0.02", "0.03"]
     assert all(row["status"] == "ok" and row["best"] for row in table)
     new = next(row for row in table if row["optim.lr"] == "0.03")
-    assert Path(new["folder"]).name == "2"
+    assert Path(new["folder"]).name.startswith("2_optim.lr:0.03")
 
 
 def test_sweep_switch_with_a_wrong_value_is_a_one_line_error(bprun):
