@@ -9,8 +9,12 @@ and log through `trainer.tracker` (None when the run has no folder).
     on_fit_start                before the first update of `fit` (also after a resume)
     on_before_optimizer_step    per update: gradients are final (accumulated, unscaled, clipped)
     on_update_end               per update: after the step and zero_grad
+    on_validation               per epoch: after its updates and validation; may add metrics
+                                (e.g. val_ema/*) that monitor, early stopping and top-k read
     on_epoch_end                per epoch: validation metrics are in, before they are logged
     on_fit_end                  after the last epoch, before the test
+    on_test_start               before the test split: the best state is loaded (model and
+                                callbacks); a callback may put other weights in the model
     on_summary                  once at the end, success or not: add results to metrics.json
 
 The per-update hooks run in the hot loop: keep them free of host-device
@@ -35,11 +39,18 @@ class Callback:
     def on_update_end(self, trainer: Trainer) -> None:
         """An update is done: `trainer.update` counts it; gradients are gone."""
 
+    def on_validation(self, trainer: Trainer, metrics: dict, val_loader: Any) -> None:
+        """The epoch's updates and validation are done (`val_loader` is None without a
+        validation split); metrics added here can be monitored and ranked."""
+
     def on_epoch_end(self, trainer: Trainer, metrics: dict) -> None:
         """An epoch ended; `metrics` holds its train and validation values and may be extended."""
 
     def on_fit_end(self, trainer: Trainer) -> None:
         """Training ended (limit reached or stopped early), before the test split runs."""
+
+    def on_test_start(self, trainer: Trainer) -> None:
+        """The test split is evaluated next, with the best state loaded into the model."""
 
     def on_summary(self, trainer: Trainer, summary: dict) -> None:
         """The run ends, completed or not: add this callback's results to `summary`,
@@ -50,8 +61,10 @@ HOOKS = (
     "on_fit_start",
     "on_before_optimizer_step",
     "on_update_end",
+    "on_validation",
     "on_epoch_end",
     "on_fit_end",
+    "on_test_start",
     "on_summary",
 )
 

@@ -55,6 +55,28 @@ class GradWatch:
 
 
 @dataclass
+class EMA:
+    """An exponential moving average of the weights (and float buffers); off while `decay` is
+    None. Validated each epoch as `val_ema/*`; the test and `task=eval` use it when on."""
+
+    decay: float | None = None  # e.g. 0.999: average <- decay * average + (1 - decay) * weights
+    warmup: bool = False  # decay min(decay, (1 + n) / (10 + n)) over the first n updates
+    every_n_updates: int = 1  # average every N optimizer updates
+    device: str | None = None  # None: beside the weights; cpu: in host memory
+
+
+@dataclass
+class SWA:
+    """Stochastic weight averaging (torch.optim.swa_utils); off while `start_epoch` is None.
+    Validated each epoch as `val_swa/*`; BatchNorm statistics are recomputed before the test."""
+
+    start_epoch: int | None = None  # first epoch (1-based) run at the SWA lr and averaged
+    lr: float | None = None  # the SWA learning rate; None keeps the schedule's
+    anneal_epochs: int = 1  # epochs over which the lr moves to swa.lr
+    anneal_strategy: str = "cos"  # cos | linear
+
+
+@dataclass
 class TrainerSettings:
     max_epochs: int = 20
     max_updates: int | None = None  # stop after this many optimizer updates
@@ -86,6 +108,8 @@ class TrainerSettings:
     grad_watch: GradWatch = field(default_factory=GradWatch)
     channels_last: bool = False
     compile: bool = False  # torch.compile the model
+    ema: EMA = field(default_factory=EMA)
+    swa: SWA = field(default_factory=SWA)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -126,6 +150,7 @@ class TrainerSettings:
         ):
             if value is not None and not value > 0:
                 raise BprunError(f"{key} must be positive (or null: off), got {value}")
+        self._validate_averaging()
         w = self.grad_watch
         if w.vanish_below is not None and w.explode_above is not None:
             if w.vanish_below >= w.explode_above:
@@ -133,6 +158,37 @@ class TrainerSettings:
                     f"trainer.grad_watch.vanish_below={w.vanish_below} must be below "
                     f"trainer.grad_watch.explode_above={w.explode_above}"
                 )
+
+    def _validate_averaging(self) -> None:
+        ema, swa = self.ema, self.swa
+        if ema.decay is not None and not 0 < ema.decay < 1:
+            raise BprunError(
+                f"trainer.ema.decay must be between 0 and 1 (e.g. 0.999), got {ema.decay}"
+            )
+        _at_least("trainer.ema.every_n_updates", ema.every_n_updates, 1)
+        if ema.device not in (None, "cpu"):
+            raise BprunError(
+                f"trainer.ema.device='{ema.device}' is not known: use cpu, or null for the "
+                "device of the weights"
+            )
+        _at_least("trainer.swa.anneal_epochs", swa.anneal_epochs, 1)
+        _one_of("trainer.swa.anneal_strategy", swa.anneal_strategy, ("cos", "linear"))
+        if swa.lr is not None and not swa.lr > 0:
+            raise BprunError(
+                f"trainer.swa.lr must be positive (or null: the schedule's), got {swa.lr}"
+            )
+        if swa.start_epoch is None:
+            return
+        if ema.decay is not None:
+            raise BprunError(
+                "trainer.ema.decay and trainer.swa.start_epoch are both set: average the weights "
+                "one way, set the other to null"
+            )
+        if not 1 <= swa.start_epoch <= self.max_epochs:
+            raise BprunError(
+                f"trainer.swa.start_epoch={swa.start_epoch} must lie in 1..trainer.max_epochs"
+                f"={self.max_epochs}, or be null: off"
+            )
 
 
 def _one_of(key: str, value, choices: tuple) -> None:

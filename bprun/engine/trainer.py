@@ -80,7 +80,10 @@ class Trainer:
         self._on_fit_start = implemented(self.callbacks, "on_fit_start")
         self._on_before_step = implemented(self.callbacks, "on_before_optimizer_step")
         self._on_update_end = implemented(self.callbacks, "on_update_end")
+        self._on_validation = implemented(self.callbacks, "on_validation")
         self._on_epoch_end = implemented(self.callbacks, "on_epoch_end")
+        self._on_test_start = implemented(self.callbacks, "on_test_start")
+        self._stateful = [cb for cb in self.callbacks if getattr(cb, "state_key", None)]
         self._on_fit_end = implemented(self.callbacks, "on_fit_end")
         self._on_summary = implemented(self.callbacks, "on_summary")
         self.uses_closure = isinstance(optimizer, torch.optim.LBFGS)
@@ -188,6 +191,8 @@ class Trainer:
         metrics["train/loss"] = loss_sum / max(loss_count, 1)
         if val is not None:
             metrics.update(self.evaluate(val, "val"))
+        for fn in self._on_validation:
+            fn(self, metrics, val)
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
         metrics["time/epoch_s"] = seconds
         metrics["throughput/samples_per_s"] = samples / max(seconds, 1e-9)
@@ -421,9 +426,14 @@ class Trainer:
         """Evaluate on the test split with the best-validation weights."""
         best = self.topk.best if self.topk is not None else None
         if best is not None and best.exists():
-            ckpt_io.load_model_state(self.module, ckpt_io.load_checkpoint(best)["model"], best)
+            state = ckpt_io.load_checkpoint(best)
+            ckpt_io.load_model_state(self.module, state["model"], best)
+            self._load_callbacks(state, best)
         elif self._best_state is not None:
-            self.module.load_state_dict(self._best_state)
+            self.module.load_state_dict(self._best_state["model"])
+            self._load_callbacks(self._best_state, "the best epoch")
+        for fn in self._on_test_start:
+            fn(self)
         return self.evaluate(loader, "test")
 
     def _track_best(self, metrics: dict) -> None:
@@ -436,9 +446,9 @@ class Trainer:
         if old is None or (value < old if self.settings.mode == "min" else value > old):
             self.best = dict(metrics)
             if self.topk is None or self.topk.k == 0:
-                self._best_state = {
-                    k: v.detach().clone() for k, v in self.module.state_dict().items()
-                }
+                self._best_state = _cloned(
+                    {"model": self.module.state_dict(), "callbacks": self._callback_states()}
+                )
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
@@ -461,7 +471,16 @@ class Trainer:
             "best": dict(self.best),
             "history": list(self.history),
             "extra": self.extra_state,
+            "callbacks": self._callback_states(),
         }
+
+    def _callback_states(self) -> dict:
+        return {cb.state_key: cb.state_dict() for cb in self._stateful}
+
+    def _load_callbacks(self, state: dict, path) -> None:
+        saved = state.get("callbacks") or {}
+        for cb in self._stateful:
+            cb.load_state_dict(saved.get(cb.state_key), path)
 
     def load_state_dict(self, state: dict, path: str | Path = "checkpoint") -> None:
         ckpt_io.load_model_state(self.module, state["model"], path)
@@ -478,6 +497,7 @@ class Trainer:
             self.topk.load_state_dict(state["topk"])
         self.best, self.history = dict(state["best"]), list(state["history"])
         self.extra_state = dict(state.get("extra") or {})
+        self._load_callbacks(state, path)
         self._last_saved = Path(path)
         ckpt_io.set_rng_state(state["rng"])
 
@@ -532,6 +552,17 @@ class Trainer:
         raise Interrupted(
             f"stopped by {signal.Signals(signum).name} after update {self.update}{where}", signum
         )
+
+
+def _cloned(tree):
+    """A copy of nested dicts and lists whose tensors no longer share storage with the model."""
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().clone()
+    if isinstance(tree, dict):
+        return {k: _cloned(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_cloned(v) for v in tree]
+    return tree
 
 
 def _unknown_metric(key: str, name: str, metrics: dict) -> str:

@@ -8,6 +8,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from bprun.engine import checkpoint as ckpt_io
+from bprun.engine.averaging import use_averaged_weights
 from bprun.engine.precision import resolve_device
 from bprun.engine.settings import TrainerSettings
 from bprun.errors import BprunError
@@ -60,8 +61,13 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> float | No
             f"the model saved in {path} does not fit this dataset's input shape or classes "
             f"({str(e).split('(', 1)[-1].split(')')[0]}): evaluate it on data shaped like its own"
         ) from None
+    weights = use_averaged_weights(trainer.module, trainer.model, state, data.train)
+    if weights != "raw":
+        log.info(f"evaluating the {weights.upper()} weights the checkpoint holds")
     metrics = trainer.evaluate(data.test, "test")
-    out = write_json({"checkpoint": str(path), **metrics}, path.parent / "eval.json")
+    out = write_json(
+        {"checkpoint": str(path), "weights": weights, **metrics}, path.parent / "eval.json"
+    )
     for k, v in metrics.items():
         log.info(f"{k:<10} {v:.4f}")
     log.info(f"wrote {out}")

@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from bprun.build import build_data, build_loss, build_model, build_optimizer, build_scheduler
 from bprun.diagnostics import diagnostic_callbacks
+from bprun.engine.averaging import averaging_callbacks
 from bprun.engine.precision import resolve_device
 from bprun.engine.settings import TrainerSettings
 from bprun.engine.trainer import Trainer
@@ -87,6 +88,7 @@ def build_trainer(
         callbacks=[
             *tensorboard_callbacks(s, run_dir),
             *diagnostic_callbacks(s, run_dir),
+            *averaging_callbacks(s, model),
             *callbacks,
         ],
     )
