@@ -20,6 +20,7 @@ from bprun.data.augment import make_transforms
 from bprun.errors import BprunError
 from bprun.losses import check_fits
 from bprun.models import init_weights
+from bprun.models.checkpointing import enable_activation_checkpointing
 from bprun.optim import param_groups_weight_decay
 
 DATA_KEYS = {
@@ -166,14 +167,17 @@ def _count(limit: float | None, total: int) -> int | None:
 
 
 def build_model(node: DictConfig, dataset: Dataset) -> nn.Module:
-    args, own = _split(node, {"init": "default"})
+    args, own = _split(node, {"init": "default", "activation_checkpointing": False})
     model = _instantiate(
         args, "model", input_shape=dataset.input_shape, num_classes=dataset.num_classes
     )
     try:
-        return init_weights(model, own["init"])
+        model = init_weights(model, own["init"])
     except ValueError as e:
         raise BprunError(str(e)) from None
+    if own["activation_checkpointing"]:
+        enable_activation_checkpointing(model)
+    return model
 
 
 def build_loss(node: DictConfig, task: str = "classification") -> nn.Module:

@@ -157,3 +157,35 @@ def test_resume_on_cuda_with_16_mixed(bprun, data_dir, tmp_path):
 def test_nvidia_smi_sees_the_device():
     out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout
     assert "GPU" in out
+
+
+def test_activation_checkpointing_lowers_peak_cuda_memory_with_equal_gradients():
+    """The peak of torch.cuda.max_memory_allocated over one forward and backward of a deep
+    MLP drops by at least a third with model.activation_checkpointing, gradients equal."""
+    import copy
+
+    from bprun.models import MLP
+    from bprun.models.checkpointing import enable_activation_checkpointing
+
+    torch.manual_seed(0)
+    plain = MLP((1024,), 10, hidden=[2048] * 12, activation="gelu", norm="layer").cuda()
+    ckpt = copy.deepcopy(plain)
+    enable_activation_checkpointing(ckpt)
+    x, y = torch.randn(512, 1024, device="cuda"), torch.randint(0, 10, (512,), device="cuda")
+    peaks, grads = [], []
+    for m in (plain, ckpt):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        nn.functional.cross_entropy(m(x), y).backward()
+        torch.cuda.synchronize()
+        peaks.append(torch.cuda.max_memory_allocated() - base)
+        grads.append([p.grad.clone() for p in m.parameters()])
+        m.zero_grad(set_to_none=True)
+    print(
+        f"peak over the step: plain {peaks[0] / 2**20:.1f} MiB, checkpointed "
+        f"{peaks[1] / 2**20:.1f} MiB"
+    )
+    assert peaks[1] < 0.67 * peaks[0]
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)

@@ -55,6 +55,7 @@ def test_paper_architecture_and_parameter_count(name):
     cls, count = PAPER[name]
     args = OmegaConf.to_container(compose_experiment(name).model, resolve=True)
     assert args.pop("init") == "default"  # bprun applies model.init itself
+    assert args.pop("activation_checkpointing") is False  # and this one
     model = instantiate(args, input_shape=(1, 40), num_classes=10)  # MNIST-1D's shape
     assert type(model).__name__ == cls
     assert sum(p.numel() for p in model.parameters()) == count

@@ -37,6 +37,7 @@ def build(name: str, shape: tuple[int, ...], width: int = 10, **settings) -> nn.
     node = OmegaConf.merge(OmegaConf.load(CONF / "model" / f"{name}.yaml"), settings)
     args = OmegaConf.to_container(node)
     scheme = args.pop("init", "default")
+    args.pop("activation_checkpointing", None)  # interpreted by bprun.build, off here
     model = get_object(args.pop("_target_"))(input_shape=shape, num_classes=width, **args)
     return init_weights(model, scheme)
 

@@ -1,6 +1,7 @@
 """Benchmark: bprun's engine against a hand-written PyTorch loop on the same batches.
 
     python -m bprun.bench [--updates 200] [--rounds 5] [--threads 1] [--full]
+    python -m bprun.bench --techniques     # activation checkpointing and EMA (bench/techniques.py)
 
 For each model (the shipped `mlp` and `cnn` configs on MNIST-1D) the engine
 and the plain loop train a fresh copy of the same initial weights for the same
@@ -155,7 +156,19 @@ def main(argv=None) -> None:
     parser.add_argument("--variants", default=None, help=f"comma-separated: {', '.join(VARIANTS)}")
     parser.add_argument("--full", action="store_true", help="bf16-mixed too, 8 rounds")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument(
+        "--techniques",
+        action="store_true",
+        help="instead: step-time ratios and memory of activation checkpointing and EMA",
+    )
     args = parser.parse_args(argv)
+    if args.techniques:
+        from bprun.bench import techniques
+
+        torch.set_num_threads(args.threads)
+        models = "mlp,deep_mlp,cnn" if args.models == "mlp,cnn" else args.models
+        techniques.run(args.updates, args.rounds or 5, models, torch.device(args.device))
+        return
     if args.rounds is None:
         args.rounds = 8 if args.full else 5
     if args.variants is None:

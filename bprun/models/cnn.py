@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from bprun.models.checkpointing import CheckpointedStages
 from bprun.models.layers import activation as make_activation
 from bprun.models.layers import dropout as make_dropout
 
@@ -78,9 +79,11 @@ class CNN(nn.Module):
         layers: list[nn.Module] = []
         sides = list(input_shape[1:])  # spatial size after each layer, for the flatten head
         c_in = input_shape[0]
+        starts = []  # index of each stage's first layer (its pooling, then its conv)
         for i, (c_out, k, s, p) in enumerate(
             zip(channels, kernels, strides, paddings, strict=True)
         ):
+            starts.append(len(layers))
             if i > 0 and pool != "none" and min(sides) >= 4:
                 layers.append(pools[pool](2))
                 sides = [side // 2 for side in sides]
@@ -98,7 +101,7 @@ class CNN(nn.Module):
                     "or more model.padding"
                 )
             c_in = c_out
-        self.features = nn.Sequential(*layers)
+        self.features = CheckpointedStages(*layers, starts=starts)
         if head == "gap":
             self.pool = nn.Sequential(
                 nn.AdaptiveAvgPool2d(1) if two_d else nn.AdaptiveAvgPool1d(1), nn.Flatten(1)
@@ -109,6 +112,10 @@ class CNN(nn.Module):
             width = c_in * math.prod(sides)
         self.dropout = make_dropout(dropout)
         self.head = nn.Linear(width, num_classes)
+
+    def enable_activation_checkpointing(self) -> int:
+        self.features.checkpointed = True
+        return len(self.features.starts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.dropout(self.pool(self.features(x))))

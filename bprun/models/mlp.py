@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from bprun.models.checkpointing import checkpoint_module
 from bprun.models.layers import activation as make_activation
 from bprun.models.layers import dropout as make_dropout
 from bprun.models.layers import norm1d
@@ -45,6 +46,11 @@ class MLP(nn.Module):
         )
         self.residual = residual
         self.head = nn.Linear(widths[-1], num_classes)
+
+    def enable_activation_checkpointing(self) -> int:
+        for block in self.blocks:
+            checkpoint_module(block)
+        return len(self.blocks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.flatten(1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from bprun.models.checkpointing import checkpoint_module
 from bprun.models.layers import activation as make_activation
 from bprun.models.layers import dropout as make_dropout
 from bprun.models.layers import to_sequence
@@ -82,6 +83,11 @@ class Transformer(nn.Module):
         self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
+
+    def enable_activation_checkpointing(self) -> int:
+        for layer in self.encoder.layers:
+            checkpoint_module(layer)
+        return len(self.encoder.layers)
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
         """(N, tokens, dim) embeddings of a batch, class token first when pool=cls."""
