@@ -167,6 +167,7 @@ def test_monitoring_the_average_without_averaging_names_the_metrics():
         trainer.fit(InMemoryLoader(x, y, 16), InMemoryLoader(x, y, 32))
 
 
+@pytest.mark.slow
 def test_eval_task_tests_the_averaged_weights_of_a_run(bprun, tmp_path):
     """A CNN with BatchNorm under SWA: the run's test and task=eval agree, both on the average."""
     trained = bprun(

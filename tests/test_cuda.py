@@ -189,3 +189,34 @@ def test_activation_checkpointing_lowers_peak_cuda_memory_with_equal_gradients()
     assert peaks[1] < 0.67 * peaks[0]
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_ema_kept_on_the_cpu_equals_the_ema_kept_on_the_device():
+    from bprun.engine.averaging import averaging_callbacks
+    from bprun.engine.settings import EMA
+
+    x, y = problem()
+    averages = []
+    for device in (None, "cpu"):
+        m = model()
+        s = TrainerSettings(
+            progress=False, max_epochs=2, device="cuda", ema=EMA(0.9, device=device)
+        )
+        (avg,) = averaging_callbacks(s, m)
+        t = Trainer(
+            s,
+            m,
+            nn.CrossEntropyLoss(),
+            torch.optim.SGD(m.parameters(), 0.1),
+            device="cuda",
+            num_classes=4,
+            callbacks=[avg],
+        )
+        t.fit(InMemoryLoader(x, y, 64, shuffle=True), InMemoryLoader(x, y, 512))
+        assert {v.device.type for v in avg.average.values()} == {
+            "cuda" if device is None else "cpu"
+        }
+        assert "val_ema/loss" in t.history[-1]
+        averages.append({k: v.cpu() for k, v in avg.average.items()})
+    for k in averages[0]:
+        torch.testing.assert_close(averages[1][k], averages[0][k])
