@@ -30,7 +30,7 @@ def make_trainer(kind="ema", lr=0.1, model=None, **settings):
     torch.manual_seed(0)
     model = model or nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 2))
     s = TrainerSettings(progress=False, **settings)
-    callbacks = averaging_callbacks(s, model)
+    callbacks = averaging_callbacks(s, model, num_classes=2)
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     trainer = Trainer(s, model, nn.CrossEntropyLoss(), opt, num_classes=2, callbacks=callbacks)
     return trainer, (callbacks[0] if callbacks else None)
@@ -86,6 +86,7 @@ def test_ema_validates_better_than_raw_weights_on_a_noisy_small_batch_run_and_te
         lr=0.5, max_epochs=3, ema=EMA(decay=0.98), monitor="val_ema/loss", log_every_n_updates=8
     )
     val = InMemoryLoader(xv, yv, 1000)
+    trainer.check_monitors()  # val_ema/* are known before training
     trainer.fit(InMemoryLoader(x, y, 4, shuffle=True, seed=0), val)
     for m in trainer.history:
         assert m["val_ema/loss"] < m["val/loss"] - 0.01, m
@@ -163,7 +164,9 @@ def test_bad_averaging_settings_are_one_line_errors(settings, message):
 def test_monitoring_the_average_without_averaging_names_the_metrics():
     x, y = noisy_problem(32, 6)
     trainer, _ = make_trainer(max_epochs=1, monitor="val_ema/loss")
-    with pytest.raises(BprunError, match="'val_ema/loss' is not a metric of this run: choose"):
+    with pytest.raises(BprunError, match="val_ema/loss is not a metric of this run: did you mean"):
+        trainer.check_monitors()  # before training
+    with pytest.raises(BprunError, match="val_ema/loss is not a metric of this run"):
         trainer.fit(InMemoryLoader(x, y, 16), InMemoryLoader(x, y, 32))
 
 

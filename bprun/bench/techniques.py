@@ -80,7 +80,7 @@ def measure(cfg, updates: int, rounds: int, device: torch.device) -> dict:
             device=device,
             task=data.dataset.task,
             num_classes=data.dataset.num_classes,
-            callbacks=averaging_callbacks(s, model),
+            callbacks=averaging_callbacks(s, model, data.dataset.task, data.dataset.num_classes),
         )
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from bprun.engine.callbacks import Callback
+from bprun.engine.metrics import Metrics
 from bprun.engine.settings import TrainerSettings
 from bprun.errors import BprunError
 
@@ -37,10 +38,19 @@ class WeightAveraging(Callback):
 
     state_key = STATE_KEY
 
-    def __init__(self, kind: str, model: nn.Module, settings: TrainerSettings):
+    def __init__(
+        self,
+        kind: str,
+        model: nn.Module,
+        settings: TrainerSettings,
+        task: str = "classification",
+        num_classes: int = 0,
+    ):
         self.kind, self.module = kind, model
         self.ema, self.swa = settings.ema, settings.swa
         self.prefix = f"val_{kind}"
+        # what each epoch adds, so trainer.monitor=val_ema/loss is checked before training
+        self.metric_names = Metrics.names(task, num_classes, self.prefix)
         device = "cpu" if kind == "ema" and self.ema.device == "cpu" else None
         self.average = {
             k: v.detach().to(device or v.device, copy=True) for k, v in model.state_dict().items()
@@ -193,12 +203,13 @@ def recompute_batch_norm(model: nn.Module, loader) -> None:
         torch.optim.swa_utils.update_bn(loader.batches(0), model)
 
 
-def averaging_callbacks(settings: TrainerSettings, model: nn.Module) -> list[WeightAveraging]:
+def averaging_callbacks(
+    settings: TrainerSettings, model: nn.Module, task: str = "classification", num_classes: int = 0
+) -> list[WeightAveraging]:
     """The averaging callback the settings switch on (none when both are off)."""
-    if settings.ema.decay is not None:
-        return [WeightAveraging("ema", model, settings)]
-    if settings.swa.start_epoch is not None:
-        return [WeightAveraging("swa", model, settings)]
+    for kind, on in (("ema", settings.ema.decay), ("swa", settings.swa.start_epoch)):
+        if on is not None:
+            return [WeightAveraging(kind, model, settings, task, num_classes)]
     return []
 
 

@@ -88,7 +88,7 @@ def build_trainer(
         callbacks=[
             *tensorboard_callbacks(s, run_dir),
             *diagnostic_callbacks(s, run_dir),
-            *averaging_callbacks(s, model),
+            *averaging_callbacks(s, model, data.dataset.task, data.dataset.num_classes),
             *callbacks,
         ],
     )
