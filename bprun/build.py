@@ -21,7 +21,7 @@ from bprun.errors import BprunError
 from bprun.losses import check_fits
 from bprun.models import init_weights
 from bprun.models.checkpointing import enable_activation_checkpointing
-from bprun.optim import param_groups_weight_decay
+from bprun.optim import DEFAULT_IMPL, choose_impl, impl_kwargs, param_groups_weight_decay
 
 DATA_KEYS = {
     "batch_size": 100,
@@ -196,8 +196,18 @@ def build_optimizer(node: DictConfig, model: nn.Module) -> torch.optim.Optimizer
     `no_decay_norm_bias: true` (bprun's own key) splits them into two groups:
     weight_decay from the node for weights, 0 for biases and normalisation
     parameters (see `bprun.optim.param_groups_weight_decay`).
+
+    `impl` (bprun's own key: auto, fused, foreach, single) picks torch's kernel; auto is the
+    fastest the optimizer has for the parameters' device (see `bprun.optim.choose_impl`).
+    The choice is in the optimizer's param_groups (`bprun.optim.impl_of` reads it back).
     """
-    args, own = _split(node, {"no_decay_norm_bias": False})
+    args, own = _split(node, {"no_decay_norm_bias": False, "impl": DEFAULT_IMPL})
+    for key in ("fused", "foreach"):
+        if args.get(key) is not None:
+            raise BprunError(
+                f"optim.{key} is set by bprun: use optim.impl=auto|fused|foreach|single instead"
+            )
+        args.pop(key, None)
     make = _instantiate(args, "optim")
     if own["no_decay_norm_bias"]:
         if _is_lbfgs(make):
@@ -208,8 +218,10 @@ def build_optimizer(node: DictConfig, model: nn.Module) -> torch.optim.Optimizer
         params = param_groups_weight_decay(model, args.get("weight_decay"))
     else:
         params = [p for p in model.parameters() if p.requires_grad]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    impl = choose_impl(make, trainable, own["impl"])
     try:
-        return make(params=params)
+        return make(params=params, **impl_kwargs(make, impl))
     except (TypeError, ValueError) as e:
         raise BprunError(f"cannot build optim ({args['_target_']}): {e}") from None
 

@@ -27,6 +27,7 @@ from bprun.engine.precision import Precision
 from bprun.engine.settings import TrainerSettings
 from bprun.engine.signals import StopSignals
 from bprun.errors import BprunError, Interrupted
+from bprun.optim import impl_of
 
 log = logging.getLogger("bprun")
 
@@ -484,6 +485,7 @@ class Trainer:
 
     def load_state_dict(self, state: dict, path: str | Path = "checkpoint") -> None:
         ckpt_io.load_model_state(self.module, state["model"], path)
+        self._check_optimizer_impl(state["optimizer"], path)
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state.get("scheduler") is not None:
             self._load_scheduler(state["scheduler"])
@@ -500,6 +502,16 @@ class Trainer:
         self._load_callbacks(state, path)
         self._last_saved = Path(path)
         ckpt_io.set_rng_state(state["rng"])
+
+    def _check_optimizer_impl(self, saved: dict, path: str | Path) -> None:
+        """Fused, foreach and single kernels round differently, and torch's load_state_dict
+        would silently switch to the checkpoint's: a resume steps with the same one or stops."""
+        before, now = impl_of(saved.get("param_groups", [])), impl_of(self.optimizer.param_groups)
+        if before is not None and now is not None and before != now:
+            raise BprunError(
+                f"checkpoint {path} was trained with optim.impl={before}, this run would step "
+                f"with {now}: resume with optim.impl={before} for an exact continuation"
+            )
 
     def _load_scheduler(self, state: dict) -> None:
         """Restore the scheduler; a schedule whose length no longer fits the run is an error.

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from bprun.engine import checkpoint as ckpt_io
 from bprun.errors import Interrupted
 from bprun.io import write_json
+from bprun.optim import DEFAULT_IMPL, impl_of
 from bprun.overrides import key_of
 from bprun.tasks.setup import build_trainer, trainer_settings
 from bprun.tracking.console import result_table
@@ -51,6 +52,11 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> float | No
     else:
         tracker.text("config", "```\n" + extra["config"] + "\n```")
     n_params = sum(p.numel() for p in trainer.module.parameters())
+    impl = impl_of(trainer.optimizer.param_groups)
+    log.info(
+        f"optimizer {type(trainer.optimizer).__name__}, {impl} implementation "
+        f"(optim.impl={cfg.optim.get('impl', DEFAULT_IMPL)})"
+    )
     log.info(
         f"{type(trainer.module).__name__} with {n_params:,} parameters on {trainer.device}; "
         f"{data.train.num_samples} train / {data.val.num_samples if data.val else 0} val / "
@@ -58,6 +64,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> float | No
     )
 
     summary = {"status": "running", "monitor": s.monitor, "mode": s.mode, "run_dir": str(run_dir)}
+    summary["optimizer"] = {"name": type(trainer.optimizer).__name__, "impl": impl}
     try:
         trainer.fit(data.train, data.val)
         summary["test"] = trainer.test(data.test)
