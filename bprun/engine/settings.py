@@ -43,6 +43,9 @@ class Checkpointing:
     mode: str = "min"
     save_top_k: int = 1  # best checkpoints kept by `monitor`; 0 keeps none, -1 keeps all
     every_n_updates: int | None = None  # also write last.pt every N updates
+    # At an epoch's end, write last.pt only when this many seconds passed since the last
+    # write (0 or null: every epoch). It is always written when training ends and on signals.
+    last_every_n_seconds: float | None = 10.0
 
 
 @dataclass
@@ -151,6 +154,12 @@ class TrainerSettings:
             if value is not None and not value > 0:
                 raise BprunError(f"{key} must be positive (or null: off), got {value}")
         self._validate_averaging()
+        every = self.checkpoint.last_every_n_seconds
+        if every is not None and not every >= 0:
+            raise BprunError(
+                f"trainer.checkpoint.last_every_n_seconds must be >= 0 (0 or null: every epoch), "
+                f"got {every}"
+            )
         w = self.grad_watch
         if w.vanish_below is not None and w.explode_above is not None:
             if w.vanish_below >= w.explode_above:

@@ -107,6 +107,7 @@ class Trainer:
         self._window_finite = True
         self._best_state: dict | None = None
         self._last_saved: Path | None = None
+        self._last_written = 0.0  # perf_counter() of the last write of last.pt
 
         self.stopper = EarlyStopper(**vars(s.early_stopping))
         self.ckpt_dir = self.run_dir / "checkpoints" if self.run_dir is not None else None
@@ -164,7 +165,7 @@ class Trainer:
     def fit(self, train: InMemoryLoader, val: InMemoryLoader | None) -> dict:
         s = self.settings
         anomaly = torch.autograd.detect_anomaly() if s.detect_anomaly else contextlib.nullcontext()
-        start = time.perf_counter()
+        start = self._last_written = time.perf_counter()
         with StopSignals() as self.signals, anomaly:
             for fn in self._on_fit_start:
                 fn(self, train)
@@ -218,7 +219,8 @@ class Trainer:
         if self.checkpointing:
             if val is not None:
                 self._save_topk(metrics)
-            self.save(self.ckpt_dir / "last.pt")
+            if self._last_due():
+                self.save(self.ckpt_dir / "last.pt")
         if self.tracker is not None:
             self.tracker.log(
                 {k: v for k, v in metrics.items() if k not in ("epoch", "update", "train/loss")},
@@ -227,6 +229,16 @@ class Trainer:
         log.info(_epoch_line(metrics, s.max_epochs))
         if self.signals.received is not None:
             self._interrupt()
+
+    def _last_due(self) -> bool:
+        """At an epoch's end (counters already advanced): is last.pt to be written now?
+
+        Always when training ends here; otherwise once `last_every_n_seconds` passed since
+        the last write, so tiny epochs do not pay a fsync each (a SIGKILL loses at most
+        that long plus the epoch in flight; resume from the file on disk stays exact)."""
+        every = self.settings.checkpoint.last_every_n_seconds
+        ends = self.stop_reason is not None or self.epoch >= self.settings.max_epochs
+        return ends or not every or time.perf_counter() - self._last_written >= every
 
     def _train_epoch(self, loader: InMemoryLoader) -> None:
         s = self.settings
@@ -538,6 +550,8 @@ class Trainer:
         self._flush_train_log()  # never save state that follows a non-finite loss
         ckpt_io.atomic_save(self.state_dict(), path)
         self._last_saved = path
+        if path.name == "last.pt":
+            self._last_written = time.perf_counter()
         return path
 
     def _save_topk(self, metrics: dict) -> None:
