@@ -60,9 +60,7 @@ def test_every_epoch_when_switched_to_null_or_when_epochs_are_slow(monkeypatch, 
     every = [(e, 4 * e) for e in range(1, 7)]
     assert writes_of_last(monkeypatch, tmp_path, last_every_n_seconds=None) == every
     slow = [SlowEpochs(0.03)]
-    assert (
-        writes_of_last(monkeypatch, tmp_path, callbacks=slow, last_every_n_seconds=0.02) == every
-    )
+    assert writes_of_last(monkeypatch, tmp_path, callbacks=slow, last_every_n_seconds=0.02) == every
 
 
 def test_a_stop_mid_epoch_and_every_n_updates_still_write(monkeypatch, tmp_path):

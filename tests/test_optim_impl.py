@@ -57,7 +57,9 @@ def test_auto_picks_torchs_fastest_cpu_kernel(optim, auto):
 def test_every_implementation_trains_to_the_single_tensor_result(optim):
     start = small_net()
     single = train(copy.deepcopy(start), node(optim, "optim.impl=single"))
-    for impl in ("auto", "foreach") + (("fused",) if optim in ("adam", "adamw", "nesterov") else ()):
+    for impl in ("auto", "foreach") + (
+        ("fused",) if optim in ("adam", "adamw", "nesterov") else ()
+    ):
         other = train(copy.deepcopy(start), node(optim, f"optim.impl={impl}"))
         for (name, a), b in zip(single.named_parameters(), other.parameters(), strict=True):
             assert not torch.equal(a, start.state_dict()[name])  # it did train

@@ -8,7 +8,6 @@ from bprun.models.cnn import CNN
 from bprun.models.init import init_weights
 from bprun.models.linear import LinearModel
 from bprun.models.mlp import MLP
-from bprun.models.resnet import resnet
 from bprun.models.rnn import GRU, LSTM, RecurrentNet
 from bprun.models.transformer import Transformer
 
@@ -23,3 +22,14 @@ __all__ = [
     "init_weights",
     "resnet",
 ]
+
+
+def __getattr__(name: str):
+    # `resnet` needs torchvision, whose import pulls in torch._dynamo (seconds): load it only
+    # for model=resnet. The function replaces the submodule of the same name on first use.
+    if name == "resnet":
+        from bprun.models.resnet import resnet
+
+        globals()["resnet"] = resnet
+        return resnet
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
