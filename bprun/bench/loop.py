@@ -6,7 +6,10 @@
 For each model (the shipped `mlp` and `cnn` configs on MNIST-1D) the engine
 and the plain loop train a fresh copy of the same initial weights for the same
 number of updates over the same batches, alternating several times; the
-median of the per-round throughput ratios is reported. The engine runs with
+median of the per-round throughput ratios is reported. The plain loop runs
+twice: with the optimizer as a user constructs it (`torch.optim.Adam(params,
+lr=...)`, torch's default kernel), and with the kernel bprun picks
+(`optim.impl=auto`: fused Adam on the CPU), the engine's own. The engine runs with
 its defaults (features off), then with gradient clipping, each against the
 plain loop doing the same work; `--full` adds bf16-mixed autocast and more
 rounds (bf16 convolutions on a CPU are slow: the full run takes about 15
@@ -22,12 +25,15 @@ import time
 
 import torch
 from hydra import compose, initialize_config_module
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from torch import nn
 
 from bprun.build import build_data, build_loss, build_model, build_optimizer
 from bprun.config import register_configs
 from bprun.engine import Trainer, TrainerSettings
 from bprun.engine.settings import GradClip
+from bprun.optim import impl_of
 
 
 def plain_loop(model, loss_fn, optimizer, x, y, batch_size, updates, seed, clip=None, dtype=None):
@@ -91,12 +97,14 @@ def measure(cfg, variant: dict, updates: int, rounds: int, device: torch.device)
     clip = settings.grad_clip.max
     dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(settings.precision)
 
-    def fresh():
+    def fresh(default_optimizer: bool = False):
         model = copy.deepcopy(initial)
+        if default_optimizer:
+            return model, user_optimizer(cfg.optim, model)
         return model, build_optimizer(cfg.optim, model)
 
-    def timed(run) -> float:
-        model, opt = fresh()
+    def timed(run, default_optimizer: bool = False) -> float:
+        model, opt = fresh(default_optimizer)
         sync(device)
         t = time.perf_counter()
         run(model, opt)
@@ -121,17 +129,29 @@ def measure(cfg, variant: dict, updates: int, rounds: int, device: torch.device)
             dtype,
         )
 
-    engine_rate, plain_rate = [], []
+    runs = {
+        "engine": lambda: timed(engine),
+        "plain": lambda: timed(plain, default_optimizer=True),
+        "plain_impl": lambda: timed(plain),
+    }
+    rates: dict[str, list[float]] = {name: [] for name in runs}
     for r in range(rounds + 1):  # round 0 warms up caches and allocators
-        # Alternate which loop goes first, so neither gains from its place in the round.
-        if r % 2:
-            p, e = timed(plain), timed(engine)
-        else:
-            e, p = timed(engine), timed(plain)
+        # Rotate which loop goes first, so none gains from its place in the round.
+        order = list(runs)[r % 3 :] + list(runs)[: r % 3]
+        got = {name: runs[name]() for name in order}
         if r > 0:
-            engine_rate.append(e)
-            plain_rate.append(p)
-    return engine_rate, plain_rate
+            for name, rate in got.items():
+                rates[name].append(rate)
+    return rates
+
+
+def user_optimizer(node, model: nn.Module) -> torch.optim.Optimizer:
+    """The optimizer as a hand-written script builds it: the class and its arguments, torch's
+    default kernel (no fused/foreach flag), bprun's own keys left out."""
+    args = OmegaConf.to_container(node, resolve=True)
+    for key in ("impl", "no_decay_norm_bias"):
+        args.pop(key, None)
+    return instantiate(args)(params=model.parameters())
 
 
 def sync(device: torch.device) -> None:
@@ -149,7 +169,7 @@ VARIANTS = {
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--updates", type=int, default=200)
+    parser.add_argument("--updates", type=int, default=None, help="default 200")
     parser.add_argument("--rounds", type=int, default=None, help="default 5, 8 with --full")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--models", default="mlp,cnn")
@@ -161,7 +181,22 @@ def main(argv=None) -> None:
         action="store_true",
         help="instead: step-time ratios and memory of activation checkpointing and EMA",
     )
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--command",
+        action="store_true",
+        help="the whole `bprun` command against plain scripts (and Lightning, if installed)",
+    )
+    args, rest = parser.parse_known_args(argv)
+    if args.command:
+        from bprun.bench.command import main as command_main
+
+        if args.updates is not None:
+            rest = [f"--updates={args.updates}", *rest]
+        return command_main(rest, device=args.device, threads=args.threads, rounds=args.rounds)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.updates is None:
+        args.updates = 200
     if args.techniques:
         from bprun.bench import techniques
 
@@ -171,6 +206,8 @@ def main(argv=None) -> None:
         return
     if args.rounds is None:
         args.rounds = 8 if args.full else 5
+    if args.updates is None:
+        args.updates = 200
     if args.variants is None:
         args.variants = "features off,grad clip" + (",bf16-mixed" if args.full else "")
     torch.set_num_threads(args.threads)
@@ -180,16 +217,31 @@ def main(argv=None) -> None:
         f"torch {torch.__version__}, {args.threads} thread(s), {args.updates} updates x "
         f"{args.rounds} rounds, MNIST-1D, {device}"
     )
-    print(f"{'model':<6} {'variant':<13} {'engine upd/s':>13} {'plain upd/s':>12} {'ratio':>7}")
+    print(
+        f"{'model':<6} {'variant':<13} {'engine upd/s':>13} {'plain upd/s':>12} {'ratio':>7} "
+        f"{'plain+impl upd/s':>17} {'ratio':>7}"
+    )
     with initialize_config_module("bprun.conf", version_base="1.3"):
         for name in args.models.split(","):
             cfg = compose("config", overrides=[f"model={name}", "dataset=mnist1d"])
+            if name == args.models.split(",")[0]:
+                probe = torch.nn.Linear(1, 1).to(device)
+                impl = impl_of(build_optimizer(cfg.optim, probe).param_groups)
+                print(
+                    f"engine and plain+impl: optim={cfg.optim._target_} with optim.impl=auto -> "
+                    f"{impl}; plain: torch's default kernel"
+                )
             for variant in args.variants.split(","):
-                engine, plain = measure(cfg, VARIANTS[variant], args.updates, args.rounds, device)
-                ratio = statistics.median(e / p for e, p in zip(engine, plain, strict=True))
+                rates = measure(cfg, VARIANTS[variant], args.updates, args.rounds, device)
+                engine = rates["engine"]
+                ratio, ratio_impl = (
+                    statistics.median(e / p for e, p in zip(engine, rates[other], strict=True))
+                    for other in ("plain", "plain_impl")
+                )
                 print(
                     f"{name:<6} {variant:<13} {statistics.median(engine):>13.1f} "
-                    f"{statistics.median(plain):>12.1f} {ratio:>7.3f}",
+                    f"{statistics.median(rates['plain']):>12.1f} {ratio:>7.3f} "
+                    f"{statistics.median(rates['plain_impl']):>17.1f} {ratio_impl:>7.3f}",
                     flush=True,
                 )
 

@@ -84,6 +84,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> float | No
             epochs=trainer.epoch,
             updates=trainer.update,
             wall_time_s=time.time() - started,
+            fit_time_s=getattr(trainer, "fit_seconds", None),
             history=trainer.history,
         )
         if resumed:
