@@ -84,6 +84,7 @@ def run_one(argv: list[str], metrics: Path | None, threads: int) -> tuple[float,
 def main(argv=None, device: str = "cpu", threads: int = 1, rounds: int | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bprun.bench --command")
     parser.add_argument("--updates", type=int, default=None, help="default: the run's 6000")
+    parser.add_argument("--only", default=None, help="comma-separated: bprun,plain,lightning")
     args = parser.parse_args(argv)
     rounds = rounds or 3
     print(
@@ -96,6 +97,8 @@ def main(argv=None, device: str = "cpu", threads: int = 1, rounds: int | None = 
         tmp, data_dir = Path(tmp), Path(tmp) / "data"
         for r in range(rounds + 1):  # round 0: a few updates each, untimed
             found = commands(tmp, data_dir, device, threads, 40 if r == 0 else args.updates, str(r))
+            if args.only:
+                found = {k: v for k, v in found.items() if k in args.only.split(",")}
             names = list(found)
             for name in names[r % len(names) :] + names[: r % len(names)]:
                 wall, fit = run_one(*found[name], threads)
