@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
-
-from omegaconf import DictConfig
+from typing import TYPE_CHECKING
 
 from bprun.errors import BprunError
+
+if TYPE_CHECKING:  # `bprun --help` reads TASKS without loading omegaconf
+    from omegaconf import DictConfig
 
 # task name -> (module, what it does), as `bprun --help` lists them.
 TASKS = {
