@@ -220,3 +220,37 @@ def test_ema_kept_on_the_cpu_equals_the_ema_kept_on_the_device():
         averages.append({k: v.cpu() for k, v in avg.average.items()})
     for k in averages[0]:
         torch.testing.assert_close(averages[1][k], averages[0][k])
+
+
+@pytest.mark.parametrize("optim, auto", [("adam", "fused"), ("rmsprop", "foreach")])
+def test_optim_impl_auto_on_cuda_is_torchs_fastest_and_matches_single(optim, auto):
+    import copy
+
+    from hydra import compose, initialize_config_module
+
+    from bprun.build import build_optimizer
+    from bprun.config import register_configs
+    from bprun.optim import impl_of
+
+    register_configs()
+    with initialize_config_module("bprun.conf", version_base="1.3"):
+        nodes = {
+            impl: compose("config", overrides=[f"optim={optim}", f"optim.impl={impl}"]).optim
+            for impl in ("auto", "single")
+        }
+    x, y = problem()
+    start = model()
+    trained = {}
+    for impl, node in nodes.items():
+        net = copy.deepcopy(start)
+        opt = build_optimizer(node, net)
+        trained[impl] = (net, impl_of(opt.param_groups))
+        for _ in range(20):
+            nn.functional.cross_entropy(net(x), y).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    assert trained["auto"][1] == auto
+    for a, b in zip(
+        trained["auto"][0].parameters(), trained["single"][0].parameters(), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
