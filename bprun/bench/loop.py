@@ -217,10 +217,6 @@ def main(argv=None) -> None:
         f"torch {torch.__version__}, {args.threads} thread(s), {args.updates} updates x "
         f"{args.rounds} rounds, MNIST-1D, {device}"
     )
-    print(
-        f"{'model':<6} {'variant':<13} {'engine upd/s':>13} {'plain upd/s':>12} {'ratio':>7} "
-        f"{'plain+impl upd/s':>17} {'ratio':>7}"
-    )
     with initialize_config_module("bprun.conf", version_base="1.3"):
         for name in args.models.split(","):
             cfg = compose("config", overrides=[f"model={name}", "dataset=mnist1d"])
@@ -230,6 +226,10 @@ def main(argv=None) -> None:
                 print(
                     f"engine and plain+impl: optim={cfg.optim._target_} with optim.impl=auto -> "
                     f"{impl}; plain: torch's default kernel"
+                )
+                print(
+                    f"{'model':<6} {'variant':<13} {'engine upd/s':>13} {'plain upd/s':>12} "
+                    f"{'ratio':>7} {'plain+impl upd/s':>17} {'ratio':>7}"
                 )
             for variant in args.variants.split(","):
                 rates = measure(cfg, VARIANTS[variant], args.updates, args.rounds, device)
