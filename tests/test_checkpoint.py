@@ -159,7 +159,7 @@ def test_top_k_keeps_the_best_and_names_files(bprun):
         )
     state = torch.load(r.run_dir / "checkpoints" / files[0], weights_only=True)
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in state["model"])
-    assert {"model", "optimizer", "rng", "progress", "early_stopping", "topk", "config"} <= set(
+    assert {"model", "optimizer", "rng", "progress", "early_stopping", "topk", "extra"} <= set(
         state
     )
     assert "model:" in state["extra"]["config"]
