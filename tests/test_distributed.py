@@ -189,3 +189,17 @@ def test_torchrun_of_bprun_makes_one_run_folder(reference, tmp_path):
     assert len(runs) == 1 and len(list((tmp_path / "outputs").rglob("metrics.json"))) == 1
     metrics = json.loads((runs[0] / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["updates"] == 20
+
+
+def test_sigterm_to_the_launcher_checkpoints_and_stops_every_rank(reference, tmp_path):
+    run = tmp_path / "run"
+    proc = start(run, *DDP, "trainer.max_epochs=50", data_dir=reference["ddp"].parent / "data")
+    wait_for(run / "checkpoints" / "last.pt", proc)
+    ranks = children(proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    code, out = finish(proc, timeout=90)
+    assert code == 143, out[-3000:]
+    assert f"Resume with:\n  bprun trainer.resume={run}" in out
+    assert not any(alive(r) for r in ranks)
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert len(state["rng_ranks"]) == 2

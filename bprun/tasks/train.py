@@ -88,8 +88,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> float | No
             summary["resumed_from"] = str(resumed)
         trainer.summarize(summary)
         if writes:
-            if trainer.dist.enabled:
-                summary["world_size"] = trainer.dist.world_size
+            summary["world_size"] = trainer.dist.world_size
             write_json(summary, run_dir / "metrics.json")
             log_hparams(tracker, cfg, summary, group_choices())
             tracker.close()
