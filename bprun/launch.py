@@ -56,10 +56,16 @@ def check(cfg: DictConfig) -> None:
             f"trainer.devices={cfg.trainer.devices} runs task=train only; "
             f"run task={cfg.task} with trainer.devices=1"
         )
-    if cfg.trainer.device.startswith("cuda") or cfg.trainer.device == "auto":
-        import torch
+    import torch
 
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    on_cpu = cfg.trainer.device == "cpu" or (cfg.trainer.device == "auto" and not count)
+    if cfg.trainer.sync_batchnorm and on_cpu:
+        raise BprunError(
+            "trainer.sync_batchnorm=true needs CUDA (SyncBatchNorm runs on GPUs only): "
+            "drop it on the CPU, where each rank keeps its own BatchNorm statistics"
+        )
+    if cfg.trainer.device.startswith("cuda") or cfg.trainer.device == "auto":
         if cfg.trainer.device != "auto" and count == 0:
             raise BprunError(
                 f"trainer.device={cfg.trainer.device} but CUDA is not available here: "

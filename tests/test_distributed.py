@@ -141,9 +141,9 @@ def test_killed_rank_ends_the_job_and_resume_matches(reference, tmp_path):
         assert torch.equal(resumed[name], uninterrupted[name]), name
 
 
-def test_killed_launcher_ends_every_rank(reference, tmp_path):
+def test_killed_launcher_ends_every_rank(data_dir, tmp_path):
     run = tmp_path / "run"
-    proc = start(run, *DDP, "trainer.max_epochs=50", data_dir=reference["ddp"].parent / "data")
+    proc = start(run, *DDP, "trainer.max_epochs=50", data_dir=data_dir)
     wait_for(run / "checkpoints" / "last.pt", proc)
     ranks = children(proc.pid)
     assert len(ranks) == 2, ranks
@@ -156,7 +156,7 @@ def test_killed_launcher_ends_every_rank(reference, tmp_path):
     assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"]
 
 
-def test_torchrun_of_bprun_makes_one_run_folder(reference, tmp_path):
+def test_torchrun_of_bprun_makes_one_run_folder(data_dir, tmp_path):
     """`torchrun -m bprun` (the multi-node form, here on one node): rank 0 composes, the
     other rank runs its frozen config, and there is one run folder."""
     port = 29400 + os.getpid() % 500
@@ -171,7 +171,7 @@ def test_torchrun_of_bprun_makes_one_run_folder(reference, tmp_path):
             f"--master-port={port}",
             "-m",
             "bprun",
-            f"paths.data_dir={reference['ddp'].parent / 'data'}",
+            f"paths.data_dir={data_dir}",
             f"paths.output_dir={tmp_path / 'outputs'}",
             *COMMON,
             *DDP[1:],
@@ -191,9 +191,9 @@ def test_torchrun_of_bprun_makes_one_run_folder(reference, tmp_path):
     assert metrics["world_size"] == 2 and metrics["updates"] == 20
 
 
-def test_sigterm_to_the_launcher_checkpoints_and_stops_every_rank(reference, tmp_path):
+def test_sigterm_to_the_launcher_checkpoints_and_stops_every_rank(data_dir, tmp_path):
     run = tmp_path / "run"
-    proc = start(run, *DDP, "trainer.max_epochs=50", data_dir=reference["ddp"].parent / "data")
+    proc = start(run, *DDP, "trainer.max_epochs=50", data_dir=data_dir)
     wait_for(run / "checkpoints" / "last.pt", proc)
     ranks = children(proc.pid)
     proc.send_signal(signal.SIGTERM)
@@ -203,3 +203,19 @@ def test_sigterm_to_the_launcher_checkpoints_and_stops_every_rank(reference, tmp
     assert not any(alive(r) for r in ranks)
     state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert len(state["rng_ranks"]) == 2
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["task=lr_find"], "trainer.devices=2 runs task=train only"),
+        (
+            ["trainer.sync_batchnorm=true", "model.norm=batch"],
+            "trainer.sync_batchnorm=true needs CUDA",
+        ),
+    ],
+)
+def test_refused_before_any_rank_starts(bprun, args, message):
+    r = bprun("trainer.devices=2", "trainer.device=cpu", *args, check=False)
+    assert r.returncode == 1 and f"error: {message}" in r.output
+    assert "Traceback" not in r.output and "starting 2 ranks" not in r.output
