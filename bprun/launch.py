@@ -24,7 +24,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from bprun.errors import BprunError
+from bprun.errors import BprunError, Interrupted
 
 log = logging.getLogger("bprun")
 
@@ -55,6 +55,11 @@ def check(cfg: DictConfig) -> None:
         raise BprunError(
             f"trainer.devices={cfg.trainer.devices} runs task=train only; "
             f"run task={cfg.task} with trainer.devices=1"
+        )
+    if str(OmegaConf.select(cfg, "optim._target_")).endswith("LBFGS"):
+        raise BprunError(
+            "optim=lbfgs re-evaluates each rank's own loss to decide its steps, so "
+            "ranks would part ways: train it with trainer.devices=1"
         )
     import torch
 
@@ -104,20 +109,27 @@ def launch(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> float | None
     )
     log.info(f"starting {n} ranks on 127.0.0.1; run folder {run_dir}")
     logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
+    # Failures become bprun's own errors, so that a sweep records this job and goes on.
+    resume = f"Resume with:\n  bprun trainer.resume={run_dir}"
     try:
         run(args)
-    except SignalException as e:
-        raise SystemExit(128 + int(e.sigval)) from None
+    except SignalException as e:  # the ranks got the signal too, and saved last.pt
+        sig = signal.Signals(int(e.sigval))
+        raise Interrupted(f"stopped by {sig.name}; {resume}", int(sig)) from None
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
         code = failure.exitcode
+        last = run_dir / "checkpoints" / "last.pt"
+        kept = f"; last checkpoint {last}" if last.exists() else ""
         if code < 0:  # killed by a signal before it could say anything
             name = signal.Signals(-code).name
-            last = run_dir / "checkpoints" / "last.pt"
-            kept = f"; last checkpoint {last}" if last.exists() else ""
-            log.error(f"error: rank {rank} was killed by {name}; the job stopped{kept}")
-            raise SystemExit(1) from None
-        raise SystemExit(code) from None  # the rank has logged why
+            raise BprunError(f"rank {rank} was killed by {name}; the job stopped{kept}") from None
+        if code > 128 and code - 128 in signal.Signals._value2member_map_:
+            sig = signal.Signals(code - 128)
+            raise Interrupted(f"stopped by {sig.name}; {resume}", int(sig)) from None
+        error = BprunError(f"rank {rank} exited with code {code} (its message is above){kept}")
+        error.exit_code = code
+        raise error from None
     metrics = run_dir / "metrics.json"
     if metrics.exists():
         import json

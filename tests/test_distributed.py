@@ -209,6 +209,7 @@ def test_sigterm_to_the_launcher_checkpoints_and_stops_every_rank(data_dir, tmp_
     "args, message",
     [
         (["task=lr_find"], "trainer.devices=2 runs task=train only"),
+        (["optim=lbfgs"], "optim=lbfgs re-evaluates each rank's own loss"),
         (
             ["trainer.sync_batchnorm=true", "model.norm=batch"],
             "trainer.sync_batchnorm=true needs CUDA",

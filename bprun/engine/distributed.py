@@ -40,6 +40,12 @@ class DistContext:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
 
+    def broadcast_(self, t: torch.Tensor) -> torch.Tensor:
+        """Overwrite `t` in place with rank 0's values."""
+        if self.enabled:
+            dist.broadcast(t, src=0)
+        return t
+
     def any(self, flag: bool, device: torch.device) -> bool:
         """True on every rank when `flag` is true on any: how ranks agree to stop."""
         if not self.enabled:

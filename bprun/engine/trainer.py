@@ -139,6 +139,11 @@ class Trainer:
         """What the settings cannot know alone: combinations with the optimizer."""
         s = self.settings
         if self.uses_closure:
+            if self.dist.enabled:
+                raise BprunError(
+                    "optim=lbfgs re-evaluates each rank's own loss to decide its steps, so "
+                    "ranks would part ways: train it with trainer.devices=1"
+                )
             if s.accumulate > 1:
                 raise BprunError(
                     "optim=lbfgs evaluates the loss several times per update through a closure and "
@@ -474,6 +479,9 @@ class Trainer:
         elif self._best_state is not None:
             self.module.load_state_dict(self._best_state["model"])
             self._load_callbacks(self._best_state, "the best epoch")
+        if self.dist.enabled:  # rank 0's weights everywhere, whichever files a node can read
+            for t in self.module.state_dict().values():
+                self.dist.broadcast_(t)
         for fn in self._on_test_start:
             fn(self)
         return self.evaluate(loader, "test")
