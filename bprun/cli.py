@@ -31,6 +31,7 @@ from omegaconf import DictConfig  # noqa: E402
 from bprun.checks import check_command_line  # noqa: E402
 from bprun.config import register_configs  # noqa: E402
 from bprun.errors import BprunError  # noqa: E402
+from bprun.launch import under_torchrun  # noqa: E402
 from bprun.overrides import key_of, merge  # noqa: E402
 
 log = logging.getLogger("bprun")
@@ -110,6 +111,14 @@ def hydra_main(cfg: DictConfig) -> float | None:
     if multirun:
         cfg.trainer.progress = False  # a sweep prints one line per job, not interleaved bars
     try:
+        if under_torchrun():  # rank 0 of a user's `torchrun -m bprun`: share the config
+            from bprun.launch import lead
+
+            return lead(cfg, run_dir, list(hc.overrides.task))
+        if cfg.trainer.devices > 1:  # ranks of their own, which load the config frozen here
+            from bprun.launch import launch
+
+            return launch(cfg, run_dir, list(hc.overrides.task))
         from bprun.tasks import run_task  # torch loads only once the config is valid
 
         return run_task(cfg, run_dir, list(hc.overrides.task))
@@ -157,6 +166,10 @@ def _main(argv: list[str]) -> None:
     except BprunError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
+    if under_torchrun():
+        from bprun.launch import join
+
+        join()  # ranks other than 0 run the frozen config there and exit
     hydra_main()
 
 

@@ -254,3 +254,32 @@ def test_optim_impl_auto_on_cuda_is_torchs_fastest_and_matches_single(optim, aut
         trained["auto"][0].parameters(), trained["single"][0].parameters(), strict=True
     ):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_nccl_data_parallel_on_the_gpus_there_are(bprun, tmp_path):
+    """trainer.devices=N on CUDA: NCCL, one GPU per rank (with 1 GPU, world size 1 through
+    torchrun's module, the path a multi-GPU run takes). Prints throughput against one process."""
+    import sys
+
+    n = min(2, torch.cuda.device_count())
+    args = ["dataset=digits", "model.hidden=[64]", "trainer.max_epochs=3", "trainer.device=cuda"]
+    one = bprun(*args, "dataset.batch_size=64", f"hydra.run.dir={tmp_path}/one")
+    many_dir = tmp_path / "many"
+    if n > 1:
+        many = bprun(
+            *args, f"trainer.devices={n}", "dataset.batch_size=32", f"hydra.run.dir={many_dir}"
+        )
+    else:
+        proc = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=1",
+             "--master-addr=127.0.0.1", "--master-port=29533", "-m", "bprun", *args,
+             "dataset.batch_size=64", "trainer.progress=false", f"hydra.run.dir={many_dir}"],
+            capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+        many = type(one)(proc, many_dir)
+    assert many.metrics["world_size"] == n
+    assert many.metrics["test"]["test/acc"] > 0.8
+    rate = lambda r: r.metrics["history"][-1]["throughput/samples_per_s"]  # noqa: E731
+    print(f"NCCL, {n} rank(s): {rate(many):.0f} samples/s; one process {rate(one):.0f}")
+    assert abs(many.metrics["test"]["test/acc"] - one.metrics["test"]["test/acc"]) < 0.05

@@ -2,6 +2,7 @@
 
     python -m bprun.bench [--updates 200] [--rounds 5] [--threads 1] [--full]
     python -m bprun.bench --techniques     # activation checkpointing and EMA (bench/techniques.py)
+    python -m bprun.bench --ddp [--devices 2] [--device cpu]   (see ddp.py)
 
 For each model (the shipped `mlp` and `cnn` configs on MNIST-1D) the engine
 and the plain loop train a fresh copy of the same initial weights for the same
@@ -181,6 +182,11 @@ def main(argv=None) -> None:
         action="store_true",
         help="instead: step-time ratios and memory of activation checkpointing and EMA",
     )
+    parser.add_argument("--ddp", action="store_true", help="N ranks against one process")
+    parser.add_argument("--devices", type=int, default=2, help="ranks for --ddp")
+    parser.add_argument("--epochs", type=int, default=4, help="epochs for --ddp")
+    parser.add_argument("--batch", type=int, default=64, help="per-rank batch for --ddp")
+    parser.add_argument("--data-dir", default="data", help="dataset cache for --ddp")
     parser.add_argument(
         "--command",
         action="store_true",
@@ -193,6 +199,10 @@ def main(argv=None) -> None:
         if args.updates is not None:
             rest = [f"--updates={args.updates}", *rest]
         return command_main(rest, device=args.device, threads=args.threads, rounds=args.rounds)
+    if args.ddp:
+        from bprun.bench.ddp import main as ddp
+
+        return ddp(args)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.updates is None:

@@ -43,6 +43,16 @@ class Metrics:
         self.sums = row if self.sums is None else self.sums + row
         self.count += n
 
+    def reduce(self, dist, device: torch.device) -> None:
+        """Sum the counts of all ranks (each evaluated its own part of the data), so that
+        every sample is counted once and every rank computes the same metrics."""
+        sums = self.sums if self.sums is not None else torch.zeros(3, device=device)
+        counts = torch.tensor([self.count, self.elements], dtype=torch.float64, device=device)
+        t = torch.cat([sums.double(), counts])
+        dist.sum_(t)
+        self.sums = t[:3] if t[3] > 0 else None
+        self.count, self.elements = int(t[3]), int(t[4])
+
     def compute(self, prefix: str) -> dict[str, float]:
         if self.sums is None:
             return {}

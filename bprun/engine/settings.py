@@ -113,6 +113,10 @@ class TrainerSettings:
     compile: bool = False  # torch.compile the model
     ema: EMA = field(default_factory=EMA)
     swa: SWA = field(default_factory=SWA)
+    # Data parallelism: N processes on this machine (DistributedDataParallel; gloo on the
+    # CPU, NCCL with one GPU per rank). dataset.batch_size is per rank.
+    devices: int = 1
+    sync_batchnorm: bool = False  # BatchNorm statistics over all ranks (CUDA only)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -132,6 +136,7 @@ class TrainerSettings:
         _at_least("trainer.max_consecutive_skips", self.max_consecutive_skips, 0)
         _at_least("trainer.checkpoint.save_top_k", self.checkpoint.save_top_k, -1)
         _at_least("trainer.grad_watch.patience", self.grad_watch.patience, 1)
+        _at_least("trainer.devices", self.devices, 1)
         for key, value in (
             ("trainer.max_updates", self.max_updates),
             ("trainer.threads", self.threads),

@@ -2,6 +2,12 @@
 
 The Trainer takes objects (model, loss, optimizer, scheduler, loaders) and a
 `TrainerSettings`; it knows nothing about Hydra or YAML.
+
+Under data parallelism (`dist`, a DistContext from a launcher that started the
+process group) the model is wrapped in DistributedDataParallel, loaders are
+sharded by the caller, rank 0 alone writes, and every decision that ends or
+skips work (signals, non-finite losses, early stopping on reduced metrics) is
+taken by all ranks together at the same update.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from tqdm import tqdm
 from bprun.data.loader import InMemoryLoader
 from bprun.engine import checkpoint as ckpt_io
 from bprun.engine.callbacks import implemented
+from bprun.engine.distributed import SINGLE, DistContext
 from bprun.engine.early_stopping import EarlyStopper
 from bprun.engine.metrics import Metrics
 from bprun.engine.precision import Precision
@@ -60,14 +67,21 @@ class Trainer:
         tracker=None,
         callbacks: list | tuple = (),
         extra_state: dict | None = None,
+        dist: DistContext = SINGLE,
     ):
         s = self.settings = settings
+        self.dist = dist
         self.device = torch.device(device)
         self.precision = Precision(s.precision, self.device)
         self.scaler = self.precision.scaler
         self.module = model  # the plain module: what checkpoints hold
         if s.channels_last:
             model = model.to(memory_format=torch.channels_last)
+        if dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            cuda = self.device.type == "cuda"
+            model = DistributedDataParallel(model, device_ids=[self.device] if cuda else None)
         self.model = torch.compile(model) if s.compile else model
         self.loss_fn, self.optimizer = loss_fn, optimizer
         self.scheduler, self.scheduler_interval = scheduler, scheduler_interval
@@ -127,6 +141,11 @@ class Trainer:
         """What the settings cannot know alone: combinations with the optimizer."""
         s = self.settings
         if self.uses_closure:
+            if self.dist.enabled:
+                raise BprunError(
+                    "optim=lbfgs re-evaluates each rank's own loss to decide its steps, so "
+                    "ranks would part ways: train it with trainer.devices=1"
+                )
             if s.accumulate > 1:
                 raise BprunError(
                     "optim=lbfgs evaluates the loss several times per update through a closure and "
@@ -227,6 +246,7 @@ class Trainer:
                 self.update,
             )
         log.info(_epoch_line(metrics, s.max_epochs))
+        self._agree_on_signals()
         if self.signals.received is not None:
             self._interrupt()
 
@@ -261,16 +281,23 @@ class Trainer:
                 self._closure_step(x, y)
             else:
                 scale = None
-                if k > 1:  # weight by samples so k batches of b equal one batch of k*b
+                if k > 1 or self.dist.enabled:
+                    # Weight by samples, so that k batches of b equal one batch of k*b and
+                    # DDP's mean over ranks equals the mean over the global batch.
                     first = b - b % k
                     last = min(first + k, n)
                     window = (
                         min(last * loader.batch_size, loader.num_samples)
                         - first * loader.batch_size
                     )
-                    scale = loader.batch_len(b) / window
-                self._backward(x, y, scale)
-                if (b + 1) % k != 0 and b + 1 != n:
+                    scale = loader.local_len(b) * self.dist.world_size / window
+                final = (b + 1) % k == 0 or b + 1 == n
+                if final or not self.dist.enabled:
+                    self._backward(x, y, scale)
+                else:
+                    with self.model.no_sync():  # all-reduce once per update, not per micro-batch
+                        self._backward(x, y, scale)
+                if not final:
                     continue
                 self._optimizer_step()
             self.batch = b + 1
@@ -281,6 +308,7 @@ class Trainer:
                 bar.update(self.batch - bar.n)
             if self.update % s.log_every_n_updates == 0:
                 self._flush_train_log(bar)
+                self._agree_on_signals()
             if (
                 self.checkpointing
                 and s.checkpoint.every_n_updates
@@ -288,7 +316,9 @@ class Trainer:
             ):
                 self._flush_train_log(bar)
                 self.save(self.ckpt_dir / "last.pt")
-            if self.signals.received is not None:
+            if self.signals.received is not None and (
+                not self.dist.enabled or self.update % s.log_every_n_updates == 0
+            ):
                 self._interrupt()
             if s.max_updates is not None and self.update >= s.max_updates:
                 self.stop_reason = f"max_updates={s.max_updates} reached"
@@ -301,8 +331,14 @@ class Trainer:
             loss = self.loss_fn(self.model(x), y)
         if self.settings.nonfinite == "skip" and not torch.isfinite(loss):
             self._window_finite = False
-            return
-        self._pending.append((self.update, loss.detach()))
+            if not self.dist.enabled:
+                return
+            # Every rank must join the gradient all-reduce (the window is dropped anyway) and
+            # log as many losses as the others (a zero stands for the skipped one).
+            loss = loss.nan_to_num() * 0
+            self._pending.append((self.update, loss.detach()))
+        else:
+            self._pending.append((self.update, loss.detach()))
         if scale is not None:
             loss = loss * scale
         (loss if self.scaler is None else self.scaler.scale(loss)).backward()
@@ -335,6 +371,8 @@ class Trainer:
         self._grad_norms.append(norm.detach())
 
     def _optimizer_step(self) -> None:
+        if self.settings.nonfinite == "skip" and self.dist.enabled:
+            self._window_finite = not self.dist.any(not self._window_finite, self.device)
         if not self._window_finite:  # nonfinite=skip: drop the whole window's gradients
             self.optimizer.zero_grad(set_to_none=True)
             self._window_finite = True
@@ -387,6 +425,8 @@ class Trainer:
         if not self._pending:
             return
         losses = torch.stack([loss for _, loss in self._pending]).float()
+        if self.dist.enabled:  # the mean over ranks; a non-finite loss anywhere stops all
+            losses = self.dist.sum_(losses) / self.dist.world_size
         finite = torch.isfinite(losses)
         if not bool(finite.all()):
             first = int((~finite).nonzero()[0, 0])
@@ -422,17 +462,24 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self, loader: InMemoryLoader, prefix: str) -> dict[str, float]:
-        was_training = self.model.training
-        self.model.eval()
+        # Under DDP each rank evaluates its part of every batch with the plain module
+        # (no collective per batch); the sums are reduced once at the end.
+        model = self.module if self.dist.enabled else self.model
+        was_training = model.training
+        model.eval()
         metrics = Metrics(self.task, self.num_classes)
-        for x, y in loader.batches():
+        for i, (x, y) in enumerate(loader.batches()):
+            if loader.local_len(i) == 0:
+                continue
             if self.settings.channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             with self.precision.autocast():
-                out = self.model(x)
+                out = model(x)
                 loss = self.loss_fn(out, y)
             metrics.update(loss, out, y)
-        self.model.train(was_training)
+        model.train(was_training)
+        if self.dist.enabled:
+            metrics.reduce(self.dist, self.device)
         return metrics.compute(prefix)
 
     def test(self, loader: InMemoryLoader) -> dict[str, float]:
@@ -445,6 +492,9 @@ class Trainer:
         elif self._best_state is not None:
             self.module.load_state_dict(self._best_state["model"])
             self._load_callbacks(self._best_state, "the best epoch")
+        if self.dist.enabled:  # rank 0's weights everywhere, whichever files a node can read
+            for t in self.module.state_dict().values():
+                self.dist.broadcast_(t)
         for fn in self._on_test_start:
             fn(self)
         return self.evaluate(loader, "test")
@@ -472,6 +522,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "rng": ckpt_io.rng_state(),
+            "world_size": self.dist.world_size,
             "progress": {
                 "epoch": self.epoch,
                 "batch": self.batch,
@@ -513,7 +564,11 @@ class Trainer:
         self.extra_state = dict(state.get("extra") or {})
         self._load_callbacks(state, path)
         self._last_saved = Path(path)
-        ckpt_io.set_rng_state(state["rng"])
+        rng = state["rng"]
+        ranks = state.get("rng_ranks")
+        if self.dist.enabled and ranks is not None and len(ranks) == self.dist.world_size:
+            rng = ranks[self.dist.rank]  # each rank continues its own random streams
+        ckpt_io.set_rng_state(rng)
 
     def _check_optimizer_impl(self, saved: dict, path: str | Path) -> None:
         """Fused, foreach and single kernels round differently, and torch's load_state_dict
@@ -547,8 +602,15 @@ class Trainer:
                     )
 
     def save(self, path: Path) -> Path:
+        """Write a checkpoint. Under DDP every rank calls this (each contributes its RNG
+        state), rank 0 writes, and no rank goes on before the file is complete."""
         self._flush_train_log()  # never save state that follows a non-finite loss
-        ckpt_io.atomic_save(self.state_dict(), path)
+        state = self.state_dict()
+        if self.dist.enabled:
+            state["rng_ranks"] = self.dist.gather(state["rng"])
+        if self.dist.is_main:
+            ckpt_io.atomic_save(state, path)
+        self.dist.barrier()
         self._last_saved = path
         if path.name == "last.pt":
             self._last_written = time.perf_counter()
@@ -565,7 +627,18 @@ class Trainer:
         name = self.topk.file_name(self.epoch, self.update, value)
         self.save(self.ckpt_dir / name)
         for old in self.topk.add(value, name):
-            old.unlink(missing_ok=True)
+            if self.dist.is_main:
+                old.unlink(missing_ok=True)
+
+    def _agree_on_signals(self) -> None:
+        """A signal that reached any rank stops all of them at the same update.
+
+        Checked at log intervals and epoch ends (one small all-reduce each), so a
+        signal is acted on within `trainer.log_every_n_updates` updates.
+        """
+        if self.dist.enabled:
+            signum = self.dist.max_int(self.signals.received or 0, self.device)
+            self.signals.received = signum or None
 
     def _interrupt(self) -> None:
         import signal

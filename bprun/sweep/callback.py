@@ -6,8 +6,8 @@
   bprun's grid sweeper (hydra_plugins/bprun_sweeper), which runs every job
   even when some fail and skips finished ones with `sweep.skip_done=true`.
 - on_job_start, inside the job's process, gives each of n parallel jobs its
-  share of the cores as torch threads (unless trainer.threads is set) and
-  keeps the console for warnings, errors and one line per job.
+  share of the cores as torch threads (unless trainer.threads is set), a
+  GPU of its own when there are GPUs (bprun/sweep/gpus.py), and keeps the console for warnings, errors and one line per job.
 - on_job_end writes job.json (status and error) into the job folder and
   prints the job's line. A job stopped by a signal stops a sequential sweep.
 - on_multirun_end writes summary.csv / summary.md, prints the best job as a
@@ -88,6 +88,7 @@ class SweepCallback(Callback):
     def __init__(self) -> None:
         self.swept: list[str] = []
         self._started = 0.0
+        self._gpu = None  # the GPU claim of the job running in this process
 
     # ------------------------------------------------------------ the sweep
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -139,6 +140,14 @@ class SweepCallback(Callback):
                 handler.setLevel(logging.WARNING)
                 handler.addFilter(_not_the_job_error)  # the job's line below carries it
         n_jobs = OmegaConf.select(config, "hydra.launcher.n_jobs", default=None)
+        self._gpu = None
+        if n_jobs is not None and parallel_jobs(n_jobs, cores()) > 1:
+            from bprun.sweep import gpus
+
+            visible = gpus.visible_gpus()
+            if visible:  # one GPU per job: jobs side by side never share one
+                self._gpu = gpus.claim(Path(config.hydra.sweep.dir).absolute(), visible)
+                log.info(f"GPU {self._gpu.gpu} (CUDA_VISIBLE_DEVICES={self._gpu.gpu})")
         if n_jobs is not None and OmegaConf.select(config, "trainer.threads") is None:
             import torch
 
@@ -168,6 +177,10 @@ class SweepCallback(Callback):
             "overrides": list(job_return.overrides or []),
             "wall_time_s": time.time() - self._started if self._started else None,
         }
+        if self._gpu is not None:
+            record.update(gpu=self._gpu.gpu, started=self._started, ended=time.time())
+            self._gpu.release()
+            self._gpu = None
         (folder / summary.JOB_FILE).write_text(json.dumps(record, indent=2) + "\n")
         overrides = summary.describe(list(job_return.overrides or []), self.swept)
         print(summary.job_line(name or folder.name, status, overrides, folder, error), flush=True)

@@ -13,9 +13,11 @@ from omegaconf import DictConfig, OmegaConf
 from bprun.build import build_data, build_loss, build_model, build_optimizer, build_scheduler
 from bprun.diagnostics import diagnostic_callbacks
 from bprun.engine.averaging import averaging_callbacks
+from bprun.engine.distributed import SINGLE, DistContext, current
 from bprun.engine.precision import resolve_device
 from bprun.engine.settings import TrainerSettings
 from bprun.engine.trainer import Trainer
+from bprun.errors import BprunError
 from bprun.tracking.callbacks import tensorboard_callbacks
 
 log = logging.getLogger("bprun")
@@ -35,11 +37,16 @@ def trainer_settings(cfg: DictConfig) -> TrainerSettings:
     return s
 
 
-def setup_device(s: TrainerSettings) -> torch.device:
-    """Threads first (torch reads them once), then the device the run asked for."""
+def setup_device(s: TrainerSettings, dist: DistContext = SINGLE) -> torch.device:
+    """Threads first (torch reads them once), then the device the run asked for; under
+    DDP a CUDA run uses the GPU of the rank's local index."""
     if s.threads:
         torch.set_num_threads(s.threads)
-    return resolve_device(s.device)
+    device = resolve_device(s.device)
+    if dist.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+        torch.cuda.set_device(device)
+    return device
 
 
 def build_trainer(
@@ -50,10 +57,12 @@ def build_trainer(
     tracker=None,
     extra_state: dict | None = None,
     callbacks: list | tuple = (),
+    dist: DistContext | None = None,
 ):
     """(Trainer, data) for one config: data, model, loss, optimizer, scheduler and the
-    callbacks of the instruments switched on."""
-    device = setup_device(s)
+    callbacks of the instruments switched on (on rank 0 only: they write files)."""
+    dist = dist or current()
+    device = setup_device(s, dist)
     warn_own_data_ignored(cfg)
     data = build_data(
         cfg.dataset,
@@ -64,8 +73,19 @@ def build_trainer(
         s.overfit_batches,
         s.fast_dev_run,
     )
+    for loader in (data.train, data.val, data.test):
+        if loader is not None:
+            loader.shard(dist.rank, dist.world_size)
     seed_everything(cfg.seed)  # after the data, whose generators may reseed global RNGs
-    model = build_model(cfg.model, data.dataset).to(device)
+    model = build_model(cfg.model, data.dataset)
+    if s.sync_batchnorm and dist.enabled:
+        if device.type != "cuda":
+            raise BprunError(
+                "trainer.sync_batchnorm=true needs CUDA (SyncBatchNorm runs on GPUs only): "
+                "drop it on the CPU, where each rank keeps its own BatchNorm statistics"
+            )
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device)
     warn_slow_precision(s, model, device)
     optimizer = build_optimizer(cfg.optim, model)
     updates_per_epoch = -(-len(data.train) // s.accumulate)
@@ -86,11 +106,12 @@ def build_trainer(
         tracker=tracker,
         extra_state=extra_state,
         callbacks=[
-            *tensorboard_callbacks(s, run_dir),
-            *diagnostic_callbacks(s, run_dir),
+            *(tensorboard_callbacks(s, run_dir) if dist.is_main else ()),
+            *(diagnostic_callbacks(s, run_dir) if dist.is_main else ()),
             *averaging_callbacks(s, model, data.dataset.task, data.dataset.num_classes),
             *callbacks,
         ],
+        dist=dist,
     )
     return trainer, data
 

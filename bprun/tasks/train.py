@@ -14,6 +14,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from bprun.engine import checkpoint as ckpt_io
+from bprun.engine.distributed import current
 from bprun.errors import Interrupted
 from bprun.io import write_json
 from bprun.optim import DEFAULT_IMPL, impl_of
@@ -38,7 +39,9 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> float | No
         )
         best = state["best"].get(s.monitor)
         return float(best) if best is not None and math.isfinite(best) else None
-    tracker = Tracker(run_dir, purge_step=state["progress"]["update"] + 1 if state else None)
+    writes = current().is_main  # under DDP rank 0 alone writes TensorBoard and metrics.json
+    purge = state["progress"]["update"] + 1 if state else None
+    tracker = Tracker(run_dir, purge_step=purge) if writes else None
     extra = {
         "config": OmegaConf.to_yaml(cfg, resolve=True),
         "overrides": [o for o in overrides if key_of(o) != "trainer.resume"],
@@ -49,7 +52,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> float | No
         trainer.load_state_dict(state, resumed)
         trainer.extra_state = extra  # the command line of this run, for the next resume
         log.info(f"resumed from {resumed} at epoch {trainer.epoch + 1}, update {trainer.update}")
-    else:
+    elif writes:
         tracker.text("config", "```\n" + extra["config"] + "\n```")
     n_params = sum(p.numel() for p in trainer.module.parameters())
     impl = impl_of(trainer.optimizer.param_groups)
@@ -61,6 +64,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> float | No
         f"{type(trainer.module).__name__} with {n_params:,} parameters on {trainer.device}; "
         f"{data.train.num_samples} train / {data.val.num_samples if data.val else 0} val / "
         f"{data.test.num_samples} test samples; run folder {run_dir}"
+        + (f"; {trainer.dist.world_size} ranks" if trainer.dist.enabled else "")
     )
 
     summary = {"status": "running", "monitor": s.monitor, "mode": s.mode, "run_dir": str(run_dir)}
@@ -68,7 +72,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> float | No
     try:
         trainer.fit(data.train, data.val)
         summary["test"] = trainer.test(data.test)
-        tracker.log(summary["test"], trainer.update)
+        if writes:
+            tracker.log(summary["test"], trainer.update)
         summary["status"] = "completed"
     except BaseException as e:
         summary["status"] = (
@@ -90,9 +95,11 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> float | No
         if resumed:
             summary["resumed_from"] = str(resumed)
         trainer.summarize(summary)
-        write_json(summary, run_dir / "metrics.json")
-        log_hparams(tracker, cfg, summary, group_choices())
-        tracker.close()
+        if writes:
+            summary["world_size"] = trainer.dist.world_size
+            write_json(summary, run_dir / "metrics.json")
+            log_hparams(tracker, cfg, summary, group_choices())
+            tracker.close()
     log.info(result_table(summary))
     best = trainer.best.get(s.monitor)
     return float(best) if best is not None and math.isfinite(best) else None
