@@ -7,6 +7,7 @@ interval, ...) are taken out of a node before the rest goes to
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -16,12 +17,23 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from bprun.data import Dataset, InMemoryLoader, split_validation
-from bprun.data.augment import make_transforms
+from bprun.data.augment import make_transforms, parse_augment
+from bprun.data.choice import (
+    LoaderOptions,
+    choose_path,
+    source_extras,
+    source_params,
+    worker_augment,
+)
+from bprun.data.sampler import SeededSampler
+from bprun.data.stream import StreamLoader, TensorRows
 from bprun.errors import BprunError
 from bprun.losses import check_fits
 from bprun.models import init_weights
 from bprun.models.checkpointing import enable_activation_checkpointing
 from bprun.optim import DEFAULT_IMPL, choose_impl, impl_kwargs, param_groups_weight_decay
+
+Loader = InMemoryLoader | StreamLoader
 
 DATA_KEYS = {
     "batch_size": 100,
@@ -29,6 +41,13 @@ DATA_KEYS = {
     "val_fraction": 0.1,
     "val_seed": 0,
     "augment": None,
+    # How batches reach the model (see bprun/data/choice.py): auto | memory | stream
+    "loader": "auto",
+    "memory_budget": "8GiB",
+    "num_workers": 2,
+    "pin_memory": None,  # null: when training on CUDA
+    "persistent_workers": True,
+    "prefetch_factor": 2,
 }
 
 
@@ -84,9 +103,10 @@ def _check_lists(args: dict, group: str) -> None:
 @dataclass
 class Data:
     dataset: Dataset
-    train: InMemoryLoader
-    val: InMemoryLoader | None
-    test: InMemoryLoader
+    train: Loader
+    val: Loader | None
+    test: Loader
+    path: str = "memory"  # memory | stream: what dataset.loader chose
 
 
 def build_data(
@@ -97,66 +117,82 @@ def build_data(
     limit_val: float | None = None,
     overfit: float | None = None,
     fast_dev_run: bool = False,
+    state: dict | None = None,
 ) -> Data:
-    """Loaders over tensors on `device`. Inputs stay in their stored dtype there (uint8 for
-    images); the loaders' transforms make them float and, for training only, augment them."""
+    """Loaders for the dataset node: over tensors on `device` (inputs in their stored dtype, uint8
+    for images, made float by the loaders' transforms), or streaming through DataLoader workers
+    when `dataset.loader` says so. `state`: what the source fitted, from a checkpoint."""
     args, own = _split(node, DATA_KEYS)
     for key in ("batch_size", "eval_batch_size"):
         if not isinstance(own[key], int) or own[key] < 1:
             raise BprunError(f"dataset.{key} must be a whole number of at least 1, got {own[key]}")
     if not 0 <= own["val_fraction"] < 1:
         raise BprunError(f"dataset.val_fraction must be in [0, 1), got {own['val_fraction']}")
-    dataset: Dataset = _instantiate(args, "dataset")
-    try:
-        x_tr, y_tr, x_val, y_val = split_validation(
-            dataset.x_train,
-            dataset.y_train,
-            own["val_fraction"],
-            own["val_seed"],
-            dataset.split_gap,
-        )
-    except ValueError as e:
-        raise BprunError(str(e)) from None
+    args.pop("defaults", None)  # a dataset file read without Hydra: its loading keys default
+    dataset: Dataset = _instantiate(args, "dataset", **source_extras(args, own, state))
+    if dataset.x_val is not None or "val_fraction" in source_params(args):
+        x_tr, y_tr = dataset.x_train, dataset.y_train  # the source carved validation itself
+        x_val, y_val = dataset.x_val, dataset.y_val
+        if x_val is None:
+            x_val, y_val = x_tr[torch.arange(0)], y_tr[:0]
+    else:
+        try:
+            x_tr, y_tr, x_val, y_val = split_validation(
+                dataset.x_train,
+                dataset.y_train,
+                own["val_fraction"],
+                own["val_seed"],
+                dataset.split_gap,
+            )
+        except ValueError as e:
+            raise BprunError(str(e)) from None
     if len(x_tr) == 0:
         raise BprunError(
             f"dataset.val_fraction={own['val_fraction']} leaves no training examples: lower it"
         )
+    opts = LoaderOptions.from_settings(own, device)
+    path = choose_path(opts, [x_tr, x_val, dataset.x_test])
+    lazy = not isinstance(x_tr, torch.Tensor)
+    if path == "memory" and lazy:  # decode once, in the workers, then keep as tensors
+        x_tr, x_val, x_test = (
+            part.load(opts.num_workers) for part in (x_tr, x_val, dataset.x_test)
+        )
+    else:
+        x_test = dataset.x_test
+    augment_in_workers = path == "stream" and lazy
     train_tf, eval_tf = make_transforms(
-        dataset.x_train, dataset.mean, dataset.std, own["augment"], device
+        x_tr, dataset.mean, dataset.std, own["augment"], device, not augment_in_workers
     )
-    put = lambda t: t.to(device)  # noqa: E731 - data lives on the training device
+    augment = worker_augment(parse_augment(own["augment"], x_tr)) if augment_in_workers else None
+
+    def loader(x, y, batch_size, shuffle, transform, max_batches, training=False):
+        if path == "memory":
+            return InMemoryLoader(
+                x.to(device), y.to(device), batch_size, shuffle, seed, transform, max_batches
+            )
+        sampler = SeededSampler(len(x), batch_size, shuffle, seed, max_batches=max_batches)
+        source = x if lazy else TensorRows(x, y)
+        if training and augment is not None:  # the workers crop and flip training batches only
+            source = copy.copy(source)
+            source.augment, source.seed = augment, seed
+        return StreamLoader(source, sampler, device, transform, **opts.dataloader_kwargs())
+
     bs, ebs = own["batch_size"], own["eval_batch_size"]
     n_train = -(-len(x_tr) // bs)
     few = 2 if fast_dev_run else None
     if overfit is not None:  # train and validate on the same first batches, in order
         k = _count(overfit, n_train)
-        x, y = put(x_tr), put(y_tr)
-        train = InMemoryLoader(x, y, bs, shuffle=False, transform=train_tf, max_batches=k)
-        val = InMemoryLoader(x, y, bs, shuffle=False, transform=eval_tf, max_batches=k)
+        train = loader(x_tr, y_tr, bs, False, train_tf, k, training=True)
+        val = loader(x_tr, y_tr, bs, False, eval_tf, k)
     else:
-        train = InMemoryLoader(
-            put(x_tr),
-            put(y_tr),
-            bs,
-            shuffle=True,
-            seed=seed,
-            transform=train_tf,
-            max_batches=few or _count(limit_train, n_train),
-        )
+        limit = few or _count(limit_train, n_train)
+        train = loader(x_tr, y_tr, bs, True, train_tf, limit, training=True)
         val = None
         if len(x_val):
             n_val = -(-len(x_val) // ebs)
-            val = InMemoryLoader(
-                put(x_val),
-                put(y_val),
-                ebs,
-                transform=eval_tf,
-                max_batches=few or _count(limit_val, n_val),
-            )
-    test = InMemoryLoader(
-        put(dataset.x_test), put(dataset.y_test), ebs, transform=eval_tf, max_batches=few
-    )
-    return Data(dataset, train, val, test)
+            val = loader(x_val, y_val, ebs, False, eval_tf, few or _count(limit_val, n_val))
+    test = loader(x_test, dataset.y_test, ebs, False, eval_tf, few)
+    return Data(dataset, train, val, test, path)
 
 
 def _count(limit: float | None, total: int) -> int | None:

@@ -26,7 +26,8 @@ Usage:
 FOOTER = """\
 Settings (override any value with key=value; `bprun --cfg job` prints them all):
   trainer.*    the training loop: max_epochs, precision, grad_clip, early_stopping, checkpoint, ...
-  dataset.*    batch_size, val_fraction, augment and the chosen source's own arguments
+  dataset.*    batch_size, val_fraction, augment, loader (auto|memory|stream), memory_budget,
+               num_workers and the chosen source's own arguments
   optim.*      lr, weight_decay, ... of the chosen optimizer;  sched.* likewise
   seed         the global seed (0 is a seed like any other)
   paths.*      data_dir (datasets and their cache), output_dir (run folders)
@@ -43,7 +44,7 @@ Runs land in outputs/<date>/<time>/; view them with `tensorboard --logdir output
 Powered by Hydra (https://hydra.cc); `bprun --hydra-help` shows Hydra's own options."""
 
 # Folders of the config tree that are not groups a user picks from.
-NOT_GROUPS = ("hydra",)
+NOT_GROUPS = ("hydra", "loading")  # loading: keys every dataset node includes
 
 
 def config_folders(argv: list[str]) -> list[tuple[str, Path]]:

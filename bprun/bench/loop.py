@@ -3,6 +3,7 @@
     python -m bprun.bench [--updates 200] [--rounds 5] [--threads 1] [--full]
     python -m bprun.bench --techniques     # activation checkpointing and EMA (bench/techniques.py)
     python -m bprun.bench --ddp [--devices 2] [--device cpu]   (see ddp.py)
+    python -m bprun.bench --data      the data paths (bprun/bench/data.py)
 
 For each model (the shipped `mlp` and `cnn` configs on MNIST-1D) the engine
 and the plain loop train a fresh copy of the same initial weights for the same
@@ -192,7 +193,18 @@ def main(argv=None) -> None:
         action="store_true",
         help="the whole `bprun` command against plain scripts (and Lightning, if installed)",
     )
+    data = parser.add_argument_group("--data: the data paths (see bprun/bench/data.py)")
+    data.add_argument("--data", action="store_true", help="benchmark the data paths instead")
+    data.add_argument("--images", type=int, default=2048)
+    data.add_argument("--image-size", type=int, default=32)
+    data.add_argument("--batch-size", type=int, default=64)
+    data.add_argument("--workers", type=int, default=2)
     args, rest = parser.parse_known_args(argv)
+    if args.data:
+        from bprun.bench import data as bench_data
+
+        args.rounds = args.rounds or 5
+        return bench_data.main(args)
     if args.command:
         from bprun.bench.command import main as command_main
 

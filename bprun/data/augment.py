@@ -8,12 +8,14 @@ so a resumed run draws the same crops and flips as an uninterrupted one.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 from bprun.errors import BprunError
 
-AUGMENT_KEYS = {"crop_padding": 0, "hflip": False}
+AUGMENT_KEYS = {"crop_padding": 0, "hflip": False, "resized_crop": None}
 
 
 TABLE_LIMIT = 2**22  # entries (32 MiB of int64) up to which every crop/flip index is precomputed
@@ -72,6 +74,46 @@ class CropFlip:
         return src.flatten(2).gather(2, index).view(n, c, h, w)
 
 
+class ResizedCropFlip:
+    """torchvision's RandomResizedCrop(scale, ratio) and optional horizontal flip, for a whole
+    batch in one `affine_grid` + `grid_sample`: each image gets a random window of
+    `scale` times its area and aspect ratio in `ratio`, stretched back to the image size.
+
+    Draws come from `generator` when given (the streaming workers seed one per batch, so
+    a resumed run draws the same windows) and from the device's global generator otherwise,
+    whose state the trainer checkpoints. uint8 input comes back uint8, float stays float.
+    """
+
+    def __init__(
+        self,
+        scale: tuple[float, float] = (0.08, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        hflip: bool = False,
+    ):
+        self.scale, self.ratio, self.hflip = tuple(scale), tuple(ratio), hflip
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        n = x.shape[0]
+        where = generator.device if generator is not None else x.device
+        u = torch.rand((n, 5), generator=generator, device=where).to(x.device)
+        lo, hi = self.scale
+        area = lo + (hi - lo) * u[:, 0]
+        log_lo, log_hi = math.log(self.ratio[0]), math.log(self.ratio[1])
+        aspect = torch.exp(log_lo + (log_hi - log_lo) * u[:, 1])
+        w = torch.sqrt(area * aspect).clamp(max=1.0)  # window width and height as fractions
+        h = torch.sqrt(area / aspect).clamp(max=1.0)
+        cx = (2 * u[:, 2] - 1) * (1 - w)  # window centre in [-1, 1] coordinates
+        cy = (2 * u[:, 3] - 1) * (1 - h)
+        sx = w
+        if self.hflip:
+            sx = torch.where(u[:, 4] < 0.5, -w, w)
+        theta = torch.zeros((n, 2, 3), device=x.device)
+        theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = sx, cx, h, cy
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        out = F.grid_sample(x.float(), grid, mode="bilinear", align_corners=False)
+        return out.round_().clamp_(0, 255).to(torch.uint8) if x.dtype == torch.uint8 else out
+
+
 def random_crop(x: torch.Tensor, padding: int) -> torch.Tensor:
     """Each image of a batch: a random (H, W) window of it zero-padded by `padding`."""
     return CropFlip(padding, False)(x)
@@ -93,10 +135,13 @@ class BatchTransform:
         shift: torch.Tensor | None = None,
         size: tuple[int, int] | None = None,
         device: torch.device | None = None,
+        resized_crop: tuple[float, float] | None = None,
     ):
-        self.crop_padding, self.hflip = crop_padding, hflip
+        self.crop_padding, self.hflip, self.resized_crop = crop_padding, hflip, resized_crop
         self.augment = None
-        if crop_padding or hflip:
+        if resized_crop is not None:
+            self.augment = ResizedCropFlip(resized_crop, hflip=hflip)
+        elif crop_padding or hflip:
             self.augment = CropFlip(crop_padding, hflip, size, device)
         self.scale, self.shift = scale, shift
 
@@ -110,6 +155,7 @@ class BatchTransform:
     def __repr__(self) -> str:
         return (
             f"BatchTransform(crop_padding={self.crop_padding}, hflip={self.hflip}, "
+            f"resized_crop={self.resized_crop}, "
             f"normalize={self.scale is not None})"
         )
 
@@ -120,12 +166,37 @@ def make_transforms(
     std: tuple[float, ...] | None,
     augment: dict | None,
     device: torch.device,
+    augment_on_device: bool = True,
 ) -> tuple[BatchTransform | None, BatchTransform | None]:
     """(train transform, eval transform) for data like `x`; None where there is nothing to do.
 
     uint8 data is made float and normalised in both; augmentation (the
-    `dataset.augment` node) is added to the training one only.
+    `dataset.augment` node) is added to the training one only, unless
+    `augment_on_device` is false (the streaming workers augment instead).
     """
+    settings = parse_augment(augment, x)
+    padding, hflip, resized = settings["crop_padding"], settings["hflip"], settings["resized_crop"]
+    if not augment_on_device:
+        padding, hflip, resized = 0, False, None
+    scale = shift = None
+    if x.dtype == torch.uint8:
+        channels = x.shape[1]
+        m = torch.tensor(mean if mean is not None else (0.0,) * channels)
+        s = torch.tensor(std if std is not None else (1.0,) * channels)
+        view = (1, channels) + (1,) * (x.dim() - 2)
+        scale = (1.0 / (255.0 * s)).view(view).to(device)
+        shift = (-m / s).view(view).to(device)
+    train = None
+    if padding or hflip or resized or scale is not None:
+        size = tuple(x.shape[-2:])
+        train = BatchTransform(padding, hflip, scale, shift, size, device, resized)
+    test = BatchTransform(scale=scale, shift=shift) if scale is not None else None
+    return train, test
+
+
+def parse_augment(augment: dict | None, x) -> dict:
+    """The `dataset.augment` node checked against data like `x`: crop_padding, hflip,
+    resized_crop (None or a (min, max) area fraction)."""
     settings = dict(AUGMENT_KEYS)
     if augment:
         unknown = sorted(set(augment) - set(AUGMENT_KEYS))
@@ -136,23 +207,25 @@ def make_transforms(
             )
         settings.update({k: v for k, v in augment.items() if v is not None})
     padding, hflip = int(settings["crop_padding"]), bool(settings["hflip"])
+    resized = settings["resized_crop"]
     if padding < 0:
         raise BprunError(f"dataset.augment.crop_padding must be >= 0, got {padding}")
-    if (padding or hflip) and x.dim() != 4:
+    if resized is not None:
+        ok = isinstance(resized, (list, tuple)) and len(resized) == 2
+        if not ok or not 0 < float(resized[0]) <= float(resized[1]) <= 1:
+            raise BprunError(
+                f"dataset.augment.resized_crop must be [min, max] area fractions with "
+                f"0 < min <= max <= 1 (e.g. [0.35,1.0]), or null; got {resized}"
+            )
+        if padding:
+            raise BprunError(
+                "dataset.augment: choose crop_padding or resized_crop, not both "
+                "(set dataset.augment.crop_padding=0)"
+            )
+        resized = (float(resized[0]), float(resized[1]))
+    if (padding or hflip or resized) and x.dim() != 4:
         raise BprunError(
             f"dataset.augment needs images (N, C, H, W), but this dataset's inputs are "
             f"{tuple(x.shape[1:])}: set dataset.augment.crop_padding=0 and hflip=false"
         )
-    scale = shift = None
-    if x.dtype == torch.uint8:
-        channels = x.shape[1]
-        m = torch.tensor(mean if mean is not None else (0.0,) * channels)
-        s = torch.tensor(std if std is not None else (1.0,) * channels)
-        view = (1, channels) + (1,) * (x.dim() - 2)
-        scale = (1.0 / (255.0 * s)).view(view).to(device)
-        shift = (-m / s).view(view).to(device)
-    train = None
-    if padding or hflip or scale is not None:
-        train = BatchTransform(padding, hflip, scale, shift, tuple(x.shape[-2:]), device)
-    test = BatchTransform(scale=scale, shift=shift) if scale is not None else None
-    return train, test
+    return {"crop_padding": padding, "hflip": hflip, "resized_crop": resized}

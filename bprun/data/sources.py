@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bprun.errors import BprunError
 from bprun.io import atomic_write
 
 
@@ -33,10 +34,33 @@ class Dataset:
     # the examples are in time order, so validation takes the last ones, after
     # dropping this many so that no validation target is seen in training.
     split_gap: int | None = None
+    # Sources that carve (or read) their own validation split, so that statistics they fit
+    # (standardisation, normalisation) see the training split alone, set these.
+    x_val: torch.Tensor | None = None
+    y_val: torch.Tensor | None = None
+    # Class names, in label order (written to the run folder as classes.json).
+    classes: list[str] | None = None
+    # What the source fitted on the training split (plain values): saved in checkpoints and
+    # handed back to the source as `state=` by eval and resume, so they use the same.
+    state: dict | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.x_train.shape[1:])
+
+
+def nbytes(x) -> int:
+    """Bytes of `x` once decoded: a tensor, or a lazy source such as `ImageFiles`."""
+    return x.nbytes if isinstance(x, torch.Tensor) else x.decoded_nbytes
+
+
+def carve(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kept, carved) indices of n examples: a seeded `fraction` of them carved out."""
+    if not 0.0 <= fraction < 1.0:
+        raise BprunError(f"split fractions must be in [0, 1), got {fraction}")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    k = int(round(n * fraction))
+    return order[k:], order[:k]
 
 
 def split_validation(

@@ -14,7 +14,7 @@ from bprun.engine.settings import TrainerSettings
 from bprun.errors import BprunError
 from bprun.io import write_json
 from bprun.overrides import key_of
-from bprun.tasks.setup import build_trainer
+from bprun.tasks.setup import build_trainer, data_state
 
 log = logging.getLogger("bprun")
 
@@ -34,6 +34,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> float | No
         raise BprunError(f"{path} carries no config; it was not written by bprun train")
     saved = OmegaConf.create(config)
     other_data = any(key_of(o).split(".")[0] == "dataset" for o in overrides)
+    trained_on = saved.dataset.get("_target_")
     if other_data:
         # The saved model on another dataset: its shapes must fit (load_model_state says which not).
         log.info(
@@ -51,7 +52,9 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> float | No
     s.device, s.resume, s.compile = cfg.trainer.device, None, False
     if s.precision == "16-mixed" and resolve_device(s.device).type != "cuda":
         s.precision = "32"  # float16 autocast needs CUDA; evaluate in full precision
-    trainer, data = build_trainer(saved, None, s)
+    # The fitted encoding (table statistics, image normalisation) applies to the same source.
+    fitted = data_state(state) if saved.dataset.get("_target_") == trained_on else None
+    trainer, data = build_trainer(saved, None, s, data_state=fitted)
     try:
         ckpt_io.load_model_state(trainer.module, state["model"], path)
     except BprunError as e:

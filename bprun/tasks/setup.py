@@ -58,9 +58,13 @@ def build_trainer(
     extra_state: dict | None = None,
     callbacks: list | tuple = (),
     dist: DistContext | None = None,
+    data_state: dict | None = None,
 ):
     """(Trainer, data) for one config: data, model, loss, optimizer, scheduler and the
-    callbacks of the instruments switched on (on rank 0 only: they write files)."""
+    callbacks of the instruments switched on (on rank 0 only: they write files).
+    `data_state`: what the dataset source fitted in the run a checkpoint comes from (table
+    encodings, image statistics), reused as it is; the data's state goes into
+    `extra_state["data"]` for the next checkpoint."""
     dist = dist or current()
     device = setup_device(s, dist)
     warn_own_data_ignored(cfg)
@@ -72,10 +76,13 @@ def build_trainer(
         s.limit_val_batches,
         s.overfit_batches,
         s.fast_dev_run,
+        data_state,
     )
     for loader in (data.train, data.val, data.test):
         if loader is not None:
             loader.shard(dist.rank, dist.world_size)
+    if data.dataset.state:
+        extra_state = {**(extra_state or {}), "data": data.dataset.state}
     seed_everything(cfg.seed)  # after the data, whose generators may reseed global RNGs
     model = build_model(cfg.model, data.dataset)
     if s.sync_batchnorm and dist.enabled:
@@ -114,6 +121,11 @@ def build_trainer(
         dist=dist,
     )
     return trainer, data
+
+
+def data_state(checkpoint: dict | None) -> dict | None:
+    """What the dataset source fitted, as a checkpoint's extra state holds it."""
+    return ((checkpoint or {}).get("extra") or {}).get("data")
 
 
 def warn_slow_precision(s: TrainerSettings, model: torch.nn.Module, device: torch.device) -> None:

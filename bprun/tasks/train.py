@@ -19,7 +19,7 @@ from bprun.errors import Interrupted
 from bprun.io import write_json
 from bprun.optim import DEFAULT_IMPL, impl_of
 from bprun.overrides import key_of
-from bprun.tasks.setup import build_trainer, trainer_settings
+from bprun.tasks.setup import build_trainer, data_state, trainer_settings
 from bprun.tracking.console import result_table
 from bprun.tracking.tensorboard import Tracker, log_hparams
 
@@ -46,11 +46,16 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> float | No
         "config": OmegaConf.to_yaml(cfg, resolve=True),
         "overrides": [o for o in overrides if key_of(o) != "trainer.resume"],
     }
-    trainer, data = build_trainer(cfg, run_dir, s, tracker=tracker, extra_state=extra)
+    trainer, data = build_trainer(
+        cfg, run_dir, s, tracker=tracker, extra_state=extra, data_state=data_state(state)
+    )
+    if data.dataset.classes:  # so that predictions can be named
+        write_json(list(data.dataset.classes), run_dir / "classes.json")
     trainer.check_monitors(validates=data.val is not None)
     if state is not None:
+        kept = trainer.extra_state
         trainer.load_state_dict(state, resumed)
-        trainer.extra_state = extra  # the command line of this run, for the next resume
+        trainer.extra_state = kept  # this run's command line (and data state), for the next resume
         log.info(f"resumed from {resumed} at epoch {trainer.epoch + 1}, update {trainer.update}")
     elif writes:
         tracker.text("config", "```\n" + extra["config"] + "\n```")
