@@ -19,6 +19,7 @@ from bprun.errors import Interrupted
 from bprun.io import write_json
 from bprun.optim import DEFAULT_IMPL, impl_of
 from bprun.overrides import key_of
+from bprun.search.pruning import search_callbacks
 from bprun.tasks.setup import build_trainer, trainer_settings
 from bprun.tracking.console import result_table
 from bprun.tracking.tensorboard import Tracker, log_hparams
@@ -46,7 +47,9 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> float | No
         "config": OmegaConf.to_yaml(cfg, resolve=True),
         "overrides": [o for o in overrides if key_of(o) != "trainer.resume"],
     }
-    trainer, data = build_trainer(cfg, run_dir, s, tracker=tracker, extra_state=extra)
+    trainer, data = build_trainer(
+        cfg, run_dir, s, tracker=tracker, extra_state=extra, callbacks=search_callbacks(cfg)
+    )
     trainer.check_monitors(validates=data.val is not None)
     if state is not None:
         trainer.load_state_dict(state, resumed)
