@@ -199,7 +199,8 @@ def test_killed_search_continues_to_exactly_n_trials(tmp_path, data_dir):
 @pytest.mark.slow
 def test_pruned_trial_frees_its_slot_while_the_other_runs(tmp_path, data_dir):
     sweep = tmp_path / "sweep"
-    # Random draws by trial number with seed 11: good, good, bad, good, good, good.
+    # Trial n is drawn with seed 10 + n: lr good, good, bad, good, bad. Bad trials are pruned
+    # after their second epoch; good ones run 12.
     r = run(
         search_args(
             sweep,
