@@ -210,8 +210,10 @@ class StudyLock:
         else:
             from optuna.storages.journal import JournalFileSymlinkLock
 
+            # Other databases (MySQL, ...): processes of this search share the thread lock
+            # only, so searches on several machines may end a trial or two past n_trials.
             path = spec.split("///", 1)[1] if spec.startswith("sqlite") else spec
-            self._file_lock = JournalFileSymlinkLock(path + ".ask")
+            self._file_lock = None if "://" in path else JournalFileSymlinkLock(path + ".ask")
 
     @contextlib.contextmanager
     def held(self):
@@ -231,12 +233,14 @@ class StudyLock:
                         conn.execute(
                             sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": self.key}
                         )
-            else:
+            elif self._file_lock is not None:
                 self._file_lock.acquire()
                 try:
                     yield
                 finally:
                     self._file_lock.release()
+            else:
+                yield
 
 
 class Search:
