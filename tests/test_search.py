@@ -261,7 +261,7 @@ def test_shipped_search_spaces_compose(name):
 
 
 # ------------------------------------------------------------------ the study
-def _search(tmp_path, sampler, *arguments, direction="minimize", **settings):
+def _search(tmp_path, sampler, *arguments, direction="minimize", spec=None, **settings):
     from bprun.search.settings import SearchSettings
     from bprun.search.study import Search
 
@@ -269,7 +269,16 @@ def _search(tmp_path, sampler, *arguments, direction="minimize", **settings):
         study_name="unit", sampler=sampler, n_trials=4, n_startup_trials=2, **settings
     ).validate()
     space = parse_space({}, list(arguments) or ["a=interval(0,1)", "b=choice(x,y,z)"])
-    return Search(s, space, str(tmp_path / "optuna.journal"), direction, 3)
+    return Search(s, space, spec or str(tmp_path / "optuna.journal"), direction, 3)
+
+
+def test_sqlite_storage_counts_to_n_trials(tmp_path):
+    search = _search(tmp_path, "tpe", spec=f"sqlite:///{tmp_path / 'study.db'}")
+    while (trial := search.ask(lambda n: tmp_path / str(n))) is not None:
+        search.tell(trial.number, "pruned" if trial.number % 2 else "complete", 1.0)
+    states = [t.state.name for t in search.study.trials]
+    assert states == ["COMPLETE", "PRUNED", "COMPLETE", "PRUNED"]
+    assert not (tmp_path / "study.db.ask").exists()  # the ask lock is released
 
 
 @pytest.mark.parametrize("sampler", ["tpe", "random", "cmaes", "qmc", "grid"])
