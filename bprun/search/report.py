@@ -34,10 +34,22 @@ def write_trial(folder: Path, trial, error: str = "") -> None:
         (folder / "trial.json").write_text(json.dumps(trial_record(trial, error), indent=2) + "\n")
 
 
-def mark_replaced(trial, job_file: str) -> None:
+def trial_folder(trial, sweep_dir: Path) -> Path | None:
+    """The job folder of a trial: the one recorded when it was asked, else the folder
+    under `sweep_dir` whose overrides name it (a custom hydra.sweep.subdir)."""
+    recorded = trial.user_attrs.get(FOLDER)
+    if recorded and Path(recorded).is_dir():
+        return Path(recorded)
+    for overrides in Path(sweep_dir).glob("*/.hydra/overrides.yaml"):
+        if f"search.trial={trial.number}" in overrides.read_text().split():
+            return overrides.parent.parent
+    return None
+
+
+def mark_replaced(trial, job_file: str, sweep_dir: Path) -> None:
     """A trial left running by a search that died: its folder says it was replaced."""
-    folder = Path(trial.user_attrs.get(FOLDER, ""))
-    if not trial.user_attrs.get(FOLDER) or not folder.is_dir():
+    folder = trial_folder(trial, sweep_dir)
+    if folder is None:
         return
     record = {
         "status": "replaced",

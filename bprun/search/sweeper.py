@@ -100,7 +100,7 @@ class SearchRun:
             s, self.space, self.spec, self.direction, self.config.trainer.max_epochs
         )
         for t in self.search.released:
-            report.mark_replaced(t, sweep_summary.JOB_FILE)
+            report.mark_replaced(t, sweep_summary.JOB_FILE, self.sweep_dir)
         before = self.search.counted()
         print(
             f"search {s.study_name}: {before} of {s.n_trials} trials done or running in "
