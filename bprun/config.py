@@ -5,6 +5,7 @@ from omegaconf import OmegaConf
 
 from bprun.diagnostics.settings import GradcheckSettings, LrFindSettings
 from bprun.engine.settings import TrainerSettings
+from bprun.search.settings import SearchSettings
 
 
 def register_configs() -> None:
@@ -13,6 +14,9 @@ def register_configs() -> None:
     cs.store(group="gradcheck", name="gradcheck_schema", node=GradcheckSettings)
     cs.store(group="lr_find", name="lr_find_schema", node=LrFindSettings)
     OmegaConf.register_new_resolver("run_name", run_name, replace=True)
+    # The `search` node is always there (typed), so that `search=<name>` files and the
+    # sweeper's `search.*` settings are checked when the config is composed.
+    cs.store(name="search_schema", node={"search": SearchSettings})
     register_plugins()
 
 
@@ -55,6 +59,8 @@ def register_plugins() -> None:
     """
     from hydra.core.plugins import Plugins
 
+    from hydra_plugins.bprun_optuna_sweeper.optuna_sweeper import OptunaSweeper
     from hydra_plugins.bprun_sweeper.sweeper import BprunSweeper
 
     Plugins.instance().register(BprunSweeper)
+    Plugins.instance().register(OptunaSweeper)

@@ -19,10 +19,12 @@ def merge(*lines: list[str]) -> list[str]:
 
 
 def run_overrides(overrides: list[str]) -> list[str]:
-    """The overrides that define a run: all but `hydra.*` and `sweep.*` settings and the
-    `trainer.resume` a continued sweep adds to an interrupted job."""
+    """The overrides that define a run: all but `hydra.*` and `sweep.*` settings, the
+    `trainer.resume` a continued sweep adds to an interrupted job, and the `search`
+    choice and its `search.*` settings, which only a search reads."""
     return [
         o
         for o in overrides
-        if not key_of(o).startswith(("sweep.", "hydra.")) and key_of(o) != "trainer.resume"
+        if not key_of(o).startswith(("sweep.", "hydra.", "search."))
+        and key_of(o) not in ("trainer.resume", "search")
     ]

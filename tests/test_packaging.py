@@ -30,6 +30,9 @@ def test_wheel_install_runs(tmp_path, data_dir):
     assert (target / "bprun" / "conf" / "config.yaml").is_file()
     assert (target / "bprun" / "conf" / "model" / "mlp.yaml").is_file()
     assert (target / "hydra_plugins" / "bprun_sweeper" / "sweeper.py").is_file()
+    assert (target / "hydra_plugins" / "bprun_optuna_sweeper" / "optuna_sweeper.py").is_file()
+    assert (target / "bprun" / "conf" / "search" / "mlp_lr.yaml").is_file()
+    assert (target / "bprun" / "conf" / "hydra" / "sweeper" / "optuna.yaml").is_file()
     env = {**os.environ, "PYTHONPATH": str(target), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [
@@ -66,3 +69,4 @@ def test_wheel_install_runs(tmp_path, data_dir):
         [sys.executable, "-c", discover], capture_output=True, text=True, env=env, cwd=tmp_path
     )
     assert "hydra_plugins.bprun_sweeper.sweeper" in found.stdout, found.stderr
+    assert "hydra_plugins.bprun_optuna_sweeper.optuna_sweeper" in found.stdout, found.stderr

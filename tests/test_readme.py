@@ -44,7 +44,10 @@ def test_readme_command_runs(command, bprun, tmp_path):
         r = bprun(*args)
         assert "model" in r.stdout
         return
-    r = bprun(*args, "trainer.max_epochs=1", "trainer.max_updates=5", cwd=tmp_path)
+    budget = ["trainer.max_epochs=1", "trainer.max_updates=5"]
+    if any(a.startswith(("search=", "hydra/sweeper=optuna")) for a in args):
+        budget += ["search.n_trials=2", "search.n_jobs=1"]  # a search: two short trials
+    r = bprun(*args, *budget, cwd=tmp_path)
     if "-m" in args:
         assert (r.run_dir.parent / "sweep" / "summary.csv").is_file()
     elif not any(a.startswith("task=") for a in args):

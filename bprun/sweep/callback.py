@@ -36,6 +36,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from bprun.errors import BprunError, Interrupted
+from bprun.io import read_json
 from bprun.sweep import summary
 
 log = logging.getLogger("bprun")
@@ -171,6 +172,8 @@ class SweepCallback(Callback):
             status = "interrupted" if isinstance(exc, Interrupted) else "failed"
             error = _error_text(exc)
             job_return.return_value = _picklable(exc, error)
+        elif (read_json(folder / "metrics.json") or {}).get("status") == "pruned":
+            status = "pruned"  # stopped by a search's pruner: not a failure
         record = {
             "status": status,
             "error": error,

@@ -10,6 +10,7 @@ that crashed before writing metrics.json still gets a row, and jobs skipped by
 from __future__ import annotations
 
 import csv
+import json
 import math
 import re
 import shlex
@@ -23,6 +24,10 @@ from bprun.io import read_json
 from bprun.overrides import key_of, run_overrides
 
 JOB_FILE = "job.json"  # written by the sweep callback when a job ends
+TRIAL_FILE = "trial.json"  # written by the Optuna sweeper when it tells the trial's result
+# Job states that are not failures: a pruned trial stopped on purpose, a replaced one was
+# stopped with its search and re-run under a new trial number.
+NOT_FAILED = ("ok", "pruned", "replaced")
 
 
 @dataclass
@@ -30,7 +35,7 @@ class Job:
     name: str  # the job folder, relative to the sweep folder
     folder: Path
     overrides: list[str]
-    status: str = "failed"  # ok | failed | interrupted
+    status: str = "failed"  # ok | failed | interrupted | pruned | replaced
     error: str = ""
     monitor: str = ""
     mode: str = "min"
@@ -39,6 +44,10 @@ class Job:
     test: dict[str, float] = field(default_factory=dict)
     epochs: int | None = None
     wall_time_s: float | None = None
+    trial: int | None = None  # a search's trial: number, state, value, parameters
+    state: str = ""
+    value: float | None = None
+    params: dict = field(default_factory=dict)
 
     @property
     def ranked(self) -> bool:
@@ -62,7 +71,7 @@ def read_job(folder: Path, sweep_dir: Path) -> Job:
     record = read_json(folder / JOB_FILE) or {}
     metrics = read_json(folder / "metrics.json")
     if metrics is not None:
-        job.status = {"completed": "ok", "interrupted": "interrupted"}.get(
+        job.status = {"completed": "ok", "interrupted": "interrupted", "pruned": "pruned"}.get(
             metrics.get("status"), "failed"
         )
         job.error = metrics.get("error", "")
@@ -73,14 +82,18 @@ def read_job(folder: Path, sweep_dir: Path) -> Job:
         job.epochs, job.wall_time_s = metrics.get("epochs"), num(metrics.get("wall_time_s"))
         if metrics.get("status") == "running" and not record:
             job.error = "the job ended without finishing (killed?); metrics.json says running"
-    if record:
+    if record and not (job.status == "pruned" and record["status"] == "ok"):
         job.status, job.error = record["status"], record.get("error") or job.error
         if job.wall_time_s is None:
             job.wall_time_s = num(record.get("wall_time_s"))
     if metrics is None and not record:
         job.error = "no metrics.json: the job ended before it could write one (killed?)"
-    if job.status == "ok":
+    if job.status in ("ok", "pruned"):
         job.error = ""
+    trial = read_json(folder / TRIAL_FILE)
+    if trial is not None:
+        job.trial, job.state = trial.get("number"), trial.get("state", "")
+        job.value, job.params = num(trial.get("value")), trial.get("params") or {}
     return job
 
 
@@ -149,7 +162,8 @@ def sort_jobs(jobs: list[Job]) -> list[Job]:
     def order(j: Job):
         if j.ranked:
             return (0, j.best if j.mode == "min" else -j.best, _natural(j.name))
-        return (1 if j.status == "ok" else 2, 0.0, _natural(j.name))
+        rest = {"ok": 1, "pruned": 2, "replaced": 4}.get(j.status, 3)
+        return (rest, 0.0, _natural(j.name))
 
     return sorted(jobs, key=order)
 
@@ -244,7 +258,7 @@ class Summary:
 
     @property
     def failed(self) -> list[Job]:
-        return [j for j in self.jobs if j.status != "ok"]
+        return [j for j in self.jobs if j.status not in NOT_FAILED]
 
 
 def summarize(sweep_dir: Path, swept: list[str] = ()) -> Summary:
@@ -267,8 +281,10 @@ def summarize(sweep_dir: Path, swept: list[str] = ()) -> Summary:
 
 
 def _write_csv(path: Path, jobs: list[Job], keys: list[str], tests: list[str]) -> None:
+    search = any(j.trial is not None for j in jobs)
     header = ["rank", "job", "status", *keys, "monitor", "best", "best_epoch", *tests]
     header += ["epochs", "wall_time_s", "error", "overrides", "folder"]
+    header += ["trial", "state", "value", "params"] if search else []
     with path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(header)
@@ -289,8 +305,16 @@ def _write_csv(path: Path, jobs: list[Job], keys: list[str], tests: list[str]) -
                     j.error,
                     " ".join(run_overrides(j.overrides)),
                     str(j.folder),
+                    *(_trial_cells(j) if search else []),
                 ]
             )
+
+
+def _trial_cells(j: Job) -> list:
+    if j.trial is None:
+        return ["", "", "", ""]
+    value = "" if j.value is None else repr(j.value)
+    return [j.trial, j.state, value, json.dumps(j.params, sort_keys=True)]
 
 
 def _write_seed_csv(path: Path, groups: list[Group], monitor: str, tests: list[str]) -> None:
@@ -314,10 +338,12 @@ def _write_seed_csv(path: Path, groups: list[Group], monitor: str, tests: list[s
 
 
 def _markdown(jobs, keys, groups, best, monitor, tests) -> str:
-    ok = sum(j.status == "ok" for j in jobs)
+    ok = sum(j.status in NOT_FAILED for j in jobs)
     n = f"{len(jobs)} job" + ("" if len(jobs) == 1 else "s")
     lines = [f"# Sweep summary: {n}, {ok} ok, {len(jobs) - ok} not ok", ""]
+    search = any(j.trial is not None for j in jobs)
     header = ["#", "job", "status", "overrides", f"best {monitor}", *tests, "epochs", "wall time"]
+    header += ["trial", "state", "value"] if search else []
     rows = []
     for rank, j in enumerate(jobs, start=1):
         rows.append(
@@ -330,10 +356,11 @@ def _markdown(jobs, keys, groups, best, monitor, tests) -> str:
                 *(_cell(j.test.get(t)) for t in tests),
                 _cell(j.epochs),
                 "-" if j.wall_time_s is None else f"{j.wall_time_s:.1f} s",
+                *([_cell(j.trial), j.state or "-", _cell(j.value)] if search else []),
             ]
         )
     lines.append(_md_table(header, rows))
-    errors = [j for j in jobs if j.status != "ok"]
+    errors = [j for j in jobs if j.status not in ("ok", "pruned")]
     if errors:
         lines += ["", "## Jobs that did not finish", ""]
         lines += [f"- job {j.name} ({j.status}): {j.error or 'no error recorded'}" for j in errors]

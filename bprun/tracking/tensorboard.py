@@ -43,7 +43,7 @@ class Tracker:
 
 # Config parts that say where things are or belong to other tasks, not how a run trains.
 _NOT_HPARAMS = ("paths", "gradcheck", "lr_find", "sweep", "ckpt", "hydra")
-_NOT_HPARAM_LEAVES = ("_partial_", "data_dir", "resume", "progress")
+_NOT_HPARAM_LEAVES = ("_partial_", "data_dir", "resume", "progress", "storage")
 
 
 def hparam_values(cfg, choices: dict[str, str] | None = None) -> dict[str, float | int | str]:
@@ -109,7 +109,7 @@ def log_hparams(tracker: Tracker, cfg, summary: dict, choices: dict | None = Non
         _, start, _ = hparams(hparam_values(cfg, choices), metrics)
         writer = tracker.writer._get_file_writer()
         writer.add_summary(start, step)
-        writer.add_summary(_session_end(summary.get("status") == "completed"), step)
+        writer.add_summary(_session_end(summary.get("status") in ("completed", "pruned")), step)
     except Exception as e:
         logging.getLogger("bprun").warning(f"could not log hyperparameters to TensorBoard: {e}")
 

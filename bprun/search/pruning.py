@@ -1,0 +1,113 @@
+"""The job side of a search: report the monitored metric to the trial, stop when pruned.
+
+A job launched by the Optuna sweeper carries `search.trial=<number>`; it opens
+the study through its storage (the journal file or database the sweeper uses,
+so the job may run in another process or on another machine), reports the
+run's monitored validation metric after every epoch, and asks the study's
+pruner whether to go on. A pruned run stops like an early-stopped one: its
+checkpoints and metrics.json are written, its status is "pruned".
+
+Under several processes (torch.distributed), rank 0 reports and decides and
+the decision reaches every rank, so all stop together.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from bprun.engine.callbacks import Callback
+from bprun.errors import BprunError
+
+log = logging.getLogger("bprun")
+
+
+def search_callbacks(cfg: DictConfig) -> list:
+    """The pruning callback for a search's job; nothing for any other run."""
+    if OmegaConf.select(cfg, "search.trial") is None:
+        return []
+    from bprun.search.settings import SearchSettings
+
+    settings: SearchSettings = OmegaConf.to_object(cfg.search)
+    settings.validate()
+    if settings.storage is None:
+        raise BprunError(
+            f"search.trial={settings.trial} needs search.storage: the trial lives in the study's "
+            "storage, which the search passes to each of its jobs"
+        )
+    return [PruningCallback(settings, cfg.trainer.monitor, cfg.trainer.max_epochs)]
+
+
+class PruningCallback(Callback):
+    def __init__(self, settings, monitor: str, max_epochs: int):
+        self.settings, self.monitor, self.max_epochs = settings, monitor, max_epochs
+        self.trial = None
+        self.pruned = False
+
+    def on_fit_start(self, trainer, train_loader) -> None:
+        if not _is_rank0():
+            return
+        import optuna
+        from optuna.trial import TrialState
+
+        from bprun.search.study import make_pruner, open_study, storage_spec
+
+        spec = storage_spec(self.settings, Path("."))
+        study = open_study(self.settings, spec, pruner=make_pruner(self.settings, self.max_epochs))
+        number = self.settings.trial
+        try:
+            trial_id = study._storage.get_trial_id_from_study_id_trial_number(
+                study._study_id, number
+            )
+        except KeyError:
+            raise BprunError(
+                f"search.trial={number} is not a trial of study {self.settings.study_name}"
+            ) from None
+        state = study._storage.get_trial(trial_id).state
+        if state != TrialState.RUNNING:
+            raise BprunError(
+                f"trial {number} of study {self.settings.study_name} is {state.name.lower()}, not "
+                "running: a finished trial takes no more reports"
+            )
+        self.trial = optuna.trial.Trial(study, trial_id)
+
+    def on_epoch_end(self, trainer, metrics: dict) -> None:
+        prune = False
+        if self.trial is not None:
+            value = metrics.get(self.monitor)
+            if value is not None and math.isfinite(value):
+                self.trial.report(float(value), step=int(metrics["epoch"]))
+                prune = self.trial.should_prune()
+        if _agreed(prune):
+            self.pruned = True
+            trainer.stop_reason = (
+                f"pruned by search.pruner={self.settings.pruner} after epoch {metrics['epoch']}"
+            )
+
+    def on_summary(self, trainer, summary: dict) -> None:
+        if self.pruned and summary["status"] == "completed":
+            summary["status"] = "pruned"  # stopped on purpose: the search tells the trial so
+
+
+def _is_rank0() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _agreed(prune: bool) -> bool:
+    """Rank 0's decision, on every rank."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return prune
+    import torch
+
+    flag = torch.tensor([1.0 if prune else 0.0])
+    if dist.get_backend() == "nccl":
+        flag = flag.cuda()
+    dist.broadcast(flag, src=0)
+    return bool(flag.item())

@@ -1,0 +1,59 @@
+"""The `search` node: what a search runs, where it keeps its state, how it prunes.
+
+A plain dataclass registered as the schema of the top-level `search` key, so a
+misspelt setting fails when the config is composed. No Optuna import here: the
+command line validates the config before anything heavy loads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bprun.errors import BprunError
+
+SAMPLERS = ("tpe", "random", "cmaes", "qmc", "grid")
+PRUNERS = ("median", "percentile", "successive_halving", "hyperband", "none")
+
+
+@dataclass
+class SearchSettings:
+    # The study; runs of the same command with the same name and storage continue it.
+    study_name: str = "bprun"
+    # None: a journal file `optuna.journal` in the sweep folder. A path: that journal file.
+    # A SQLAlchemy URL (postgresql://user@host/db, sqlite:///file.db): a shared database.
+    storage: str | None = None
+    n_trials: int = 20  # trials in the study in all (complete, pruned or failed)
+    n_jobs: int = 1  # trials at a time on this machine
+    sampler: str = "tpe"  # tpe | random | cmaes | qmc | grid
+    seed: int | None = 0  # the sampler's seed; None: a fresh one each time
+    n_startup_trials: int = 5  # sampler: random trials before TPE/CMA-ES model the space
+    pruner: str = "median"  # median | percentile | successive_halving | hyperband | none
+    percentile: float = 25.0  # pruner=percentile: keep trials in the best this percent
+    pruner_startup_trials: int = 3  # trials that finish before any trial is pruned
+    n_warmup_steps: int = 2  # epochs a trial runs before it can be pruned
+    min_resource: int = 1  # successive_halving / hyperband: epochs before the first rung
+    reduction_factor: int = 3  # successive_halving / hyperband
+    # Set by the sweeper on each job: the trial this run reports to. Not for the command line.
+    trial: int | None = None
+
+    def validate(self) -> SearchSettings:
+        if self.sampler not in SAMPLERS:
+            raise BprunError(
+                f"search.sampler={self.sampler} is not known: use one of {', '.join(SAMPLERS)}"
+            )
+        if self.pruner not in PRUNERS:
+            raise BprunError(
+                f"search.pruner={self.pruner} is not known: use one of {', '.join(PRUNERS)}"
+            )
+        for key in ("n_trials", "n_jobs", "min_resource", "reduction_factor"):
+            if getattr(self, key) < (2 if key == "reduction_factor" else 1):
+                low = 2 if key == "reduction_factor" else 1
+                raise BprunError(f"search.{key}={getattr(self, key)}: must be at least {low}")
+        for key in ("n_startup_trials", "pruner_startup_trials", "n_warmup_steps"):
+            if getattr(self, key) < 0:
+                raise BprunError(f"search.{key}={getattr(self, key)}: must be 0 or more")
+        if not 0.0 < self.percentile < 100.0:
+            raise BprunError(f"search.percentile={self.percentile}: must lie in (0, 100)")
+        if not self.study_name:
+            raise BprunError("search.study_name is empty: give the study a name")
+        return self

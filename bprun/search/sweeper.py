@@ -1,0 +1,218 @@
+"""The Optuna sweeper's loop: one trial per free slot, until the study holds n_trials.
+
+Each slot asks the study for a trial, launches it as one Hydra job through the
+configured launcher (`launch([overrides], initial_job_idx=<trial number>)`, so
+the job's folder is `<sweep dir>/<trial number>` and no two trials share one),
+then tells the study how it ended. With `search.n_jobs=1` the slot runs on the
+main thread; with more, each slot is a thread and the launcher (joblib) runs
+the jobs in worker processes, so a pruned or failed trial frees its slot for
+the next one at once while the others go on.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shlex
+import threading
+from pathlib import Path
+from typing import Any
+
+from hydra.core.utils import JobStatus
+from omegaconf import DictConfig, OmegaConf
+
+from bprun.errors import BprunError, Interrupted
+from bprun.io import read_json
+from bprun.overrides import key_of
+from bprun.search import report
+from bprun.search.settings import SearchSettings
+from bprun.search.space import Space, parse_space
+from bprun.search.study import RELEASED, Search, shown, storage_spec
+from bprun.sweep import summary as sweep_summary
+
+log = logging.getLogger("bprun")
+
+BASIC_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
+
+
+def _quote(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def settings_of(config: DictConfig) -> SearchSettings:
+    if OmegaConf.select(config, "search") is None:
+        raise BprunError("the Optuna sweeper needs the `search` node of bprun's config")
+    return OmegaConf.to_object(config.search).validate()
+
+
+class SearchRun:
+    def __init__(self, sweeper, arguments: list[str]):
+        self.sweeper, self.config = sweeper, sweeper.config
+        self.settings = settings_of(self.config)
+        if self.settings.trial is not None:
+            raise BprunError("search.trial is set by the search for each job: drop it")
+        self.space: Space = parse_space(dict(sweeper.params), arguments)
+        self.monitor = self.config.trainer.monitor
+        mode = self.config.trainer.mode
+        if mode not in ("min", "max"):
+            raise BprunError(f"trainer.mode={mode}: use min or max")
+        self.direction = "minimize" if mode == "min" else "maximize"
+        self._check_space()
+        launcher = OmegaConf.select(self.config, "hydra.launcher._target_")
+        if self.settings.n_jobs > 1 and launcher == BASIC_LAUNCHER:
+            raise BprunError(
+                f"search.n_jobs={self.settings.n_jobs} runs trials side by side in worker "
+                "processes: add hydra/launcher=joblib (conf/search/*.yaml do)"
+            )
+        self.sweep_dir = Path(self.config.hydra.sweep.dir).absolute()
+        self.spec = storage_spec(self.settings, self.sweep_dir)
+        self.stop = threading.Event()
+        self.interrupted: Interrupted | None = None
+        self.error: BaseException | None = None  # what stopped a slot's thread
+
+    def _check_space(self) -> None:
+        """Compose one trial's config now, so an unknown key fails before any trial runs."""
+        s = self.settings
+        if s.sampler == "grid":
+            self.space.grid()
+        size = self.space.size()
+        if size is not None and size < s.n_trials:
+            raise BprunError(
+                f"search.n_trials={s.n_trials} but the space has only {size} points: lower "
+                f"search.n_trials to {size} or widen the space"
+            )
+        first = {}
+        for name, d in self.space.distributions.items():
+            first[name] = d.choices[0] if hasattr(d, "choices") else d.low
+        loader = self.sweeper.hydra_context.config_loader
+        try:
+            loader.load_sweep_config(self.config, self.space.overrides(first))
+        except Exception as e:
+            message = " ".join(str(e).split("\n")[0].split())
+            raise BprunError(f"search space: {message}") from None
+
+    # ---------------------------------------------------------------- the loop
+    def run(self) -> list:
+        self.sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, self.sweep_dir / "multirun.yaml")
+        s = self.settings
+        self.search = Search(
+            s, self.space, self.spec, self.direction, self.config.trainer.max_epochs
+        )
+        for t in self.search.released:
+            report.mark_replaced(t, sweep_summary.JOB_FILE, self.sweep_dir)
+        before = self.search.counted()
+        print(
+            f"search {s.study_name}: {before} of {s.n_trials} trials done or running in "
+            f"{shown(self.spec)}; {s.n_jobs} at a time, sampler {s.sampler}, pruner {s.pruner}"
+            + (
+                f"; {len(self.search.released)} stopped trial(s) released"
+                if self.search.released
+                else ""
+            )
+            + f"\n  watch it: optuna-dashboard {shlex.quote(shown(self.spec))}",
+            flush=True,
+        )
+        # The launcher announces each one-job batch in three lines; the job's own line says it.
+        logging.getLogger("hydra_plugins.hydra_joblib_launcher").setLevel(logging.WARNING)
+        logging.getLogger("hydra._internal.core_plugins.basic_launcher").setLevel(logging.WARNING)
+        returns: list = []
+        if s.n_jobs == 1:
+            self._slot(returns)
+        else:
+            threads = [
+                threading.Thread(target=self._slot, args=(returns,), name=f"slot-{i}", daemon=True)
+                for i in range(s.n_jobs)
+            ]
+            for t in threads:
+                t.start()
+            try:
+                while any(t.is_alive() for t in threads):
+                    for t in threads:
+                        t.join(0.2)
+            except KeyboardInterrupt:
+                self.stop.set()  # the jobs got the same SIGINT and stop after saving
+                for t in threads:
+                    t.join()
+                raise
+            if self.error is not None:
+                raise self.error
+        if self.interrupted is not None:
+            self._finish()
+            print(f"search stopped: {self.interrupted}; run the same command to continue it")
+            raise SystemExit(self.interrupted.exit_code)
+        self._finish()
+        return returns
+
+    def _slot(self, returns: list) -> None:
+        try:
+            while not self.stop.is_set():
+                trial = self.search.ask(lambda n: self.sweep_dir / str(n))
+                if trial is None:
+                    return
+                returns.append(self._run_trial(trial))
+        except BaseException as e:  # the storage went away, the space ran out: stop every slot
+            if threading.current_thread() is threading.main_thread():
+                raise
+            self.error = self.error or e
+            self.stop.set()
+
+    def _run_trial(self, trial) -> Any:
+        number = trial.number
+        overrides = [*self.space.overrides(trial.params), f"search.trial={number}"]
+        if self.settings.storage is None:
+            overrides.append(f"search.storage={_quote(self.spec)}")
+        folder = self.sweep_dir / str(number)
+        try:
+            ret = self.sweeper.launcher.launch([overrides], initial_job_idx=number)[0]
+        except Exception as e:  # the job's process died (killed, out of memory)
+            error = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+            self.search.tell(number, "failed")
+            report.write_trial(folder, self.search.trial(number), error)
+            print(f"[failed]  trial {number}  error: {error}", flush=True)
+            return None
+        if ret.hydra_cfg is not None:
+            folder = Path(ret.hydra_cfg.hydra.runtime.output_dir).absolute()
+        metrics = read_json(folder / "metrics.json") or {}
+        error = ""
+        if ret.status == JobStatus.FAILED:
+            exc = ret._return_value
+            if isinstance(exc, (Interrupted, KeyboardInterrupt)):
+                self.interrupted = exc if isinstance(exc, Interrupted) else Interrupted("SIGINT", 2)
+                self.stop.set()
+                self.search.release(number, f"interrupted ({exc}); a later trial re-runs its slot")
+                report.write_trial(folder, self.search.trial(number), str(exc))
+                return ret
+            state, value, error = "failed", None, str(exc)
+        elif metrics.get("status") == "pruned":
+            state, value = "pruned", None
+        else:
+            value = ret.return_value
+            ok = isinstance(value, (int, float)) and math.isfinite(value)
+            state = "complete" if ok else "failed"
+            if not ok:
+                error = f"the job returned no finite {self.monitor}"
+        self.search.tell(number, state, value)
+        report.write_trial(folder, self.search.trial(number), error)
+        return ret
+
+    def _finish(self) -> None:
+        study = self.search.study
+        report.print_best(study, self.monitor, self._base_overrides(), self.space)
+        report.write_importances(study, self.sweep_dir, self.settings.seed)
+
+    def _base_overrides(self) -> list[str]:
+        """The command line's overrides a single run needs (search settings left out)."""
+        return [
+            o
+            for o in self.space.fixed
+            if not key_of(o).startswith(("hydra.", "search.", "sweep.")) and key_of(o) != "search"
+        ]
+
+
+def counted_states(study) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for t in study.get_trials(deepcopy=False):
+        if RELEASED not in t.user_attrs:
+            out[t.state.name.lower()] = out.get(t.state.name.lower(), 0) + 1
+    return out

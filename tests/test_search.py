@@ -1,0 +1,328 @@
+"""Optuna search: `bprun -m search=<name>` / hydra/sweeper=optuna (bprun.search)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import statistics
+import subprocess
+import time
+
+import pytest
+from conftest import BPRUN, ROOT
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import TrialState
+from search_helpers import FAST, counted, finished, load, param_sets
+
+from bprun.errors import BprunError
+from bprun.search.space import parse_space
+from bprun.sweep.summary import summarize
+
+
+# ------------------------------------------------------------------ the space
+def test_override_grammar_becomes_optuna_distributions():
+    space = parse_space(
+        {"optim.lr": "tag(log, interval(1e-4, 1e-1))", "trainer.max_epochs": "3"},
+        [
+            "model.dropout=choice(0.0,0.3)",
+            "+dataset.batch_size=range(32,129,32)",
+            "model.width=int(interval(8,64))",
+            "optim=adam,adamw",
+            "seed=1",
+        ],
+    )
+    d = space.distributions
+    assert d["optim.lr"] == FloatDistribution(1e-4, 1e-1, log=True)
+    assert d["model.dropout"] == CategoricalDistribution([0.0, 0.3])
+    assert d["dataset.batch_size"] == IntDistribution(32, 128, step=32)
+    assert d["model.width"] == IntDistribution(8, 64)
+    assert d["optim"] == CategoricalDistribution(["adam", "adamw"])
+    assert space.fixed == ["trainer.max_epochs=3", "seed=1"]
+    overrides = space.overrides({"optim.lr": 0.01, "dataset.batch_size": 64, "optim": "adamw"})
+    assert overrides == [
+        "trainer.max_epochs=3",
+        "seed=1",
+        "optim.lr=0.01",
+        "+dataset.batch_size=64",
+        "optim=adamw",
+    ]
+    assert space.size() is None
+    assert parse_space({}, ["a=choice(1,2)", "b=range(0,3)"]).size() == 6
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lr=interval(0.1,0.01)", "has low > high"),
+        ("optim.lr=tag(log,interval(0,0.1))", "a log scale needs bounds above 0"),
+        ("model.width=tag(log,range(0,8))", "a log scale needs bounds above 0"),
+        ("model.dropout=choice()", "empty choice"),
+        ("dataset.batch_size=range(64,32)", "is empty"),
+        ("optim=adam,adam", "lists a value twice"),
+    ],
+)
+def test_invalid_space_is_a_one_line_error(override, message):
+    with pytest.raises(BprunError, match=message) as e:
+        parse_space({}, [override])
+    assert "\n" not in str(e.value)
+
+
+def test_grid_needs_lists_of_values():
+    with pytest.raises(BprunError, match="sampler=grid needs a list of values for optim.lr"):
+        parse_space({}, ["optim.lr=interval(0.1,0.2)"]).grid()
+
+
+def test_unknown_key_fails_before_any_trial(bprun, tmp_path):
+    r = bprun("-m", "search=mlp_lr", "optim.lrr=tag(log,interval(1e-4,1e-1))", check=False)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1].startswith("error: search space: Could not override")
+    assert "Traceback" not in r.output
+    assert not (tmp_path / "sweep" / "0").exists()
+    assert not (tmp_path / "sweep" / "optuna.journal").exists()
+
+
+# ------------------------------------------------------------------ must hold
+def search_args(sweep, data_dir, *extra):
+    return [
+        BPRUN,
+        "-m",
+        "search=mlp_lr",
+        f"hydra.sweep.dir={sweep}",
+        f"paths.data_dir={data_dir}",
+        "trainer.threads=1",
+        "trainer.progress=false",
+        *FAST,
+        *extra,
+    ]
+
+
+def run(args, **kw):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(args, capture_output=True, text=True, env=env, timeout=300, **kw)
+
+
+@pytest.mark.slow
+def test_search_with_pruning_prunes_and_beats_the_median(tmp_path, data_dir):
+    sweep = tmp_path / "sweep"
+    r = run(
+        search_args(
+            sweep,
+            data_dir,
+            "search.n_trials=12",
+            "search.n_jobs=1",
+            "search.sampler=random",
+            "search.pruner_startup_trials=2",
+            "search.n_warmup_steps=1",
+            "optim=adam",
+            "optim.lr=tag(log,interval(1e-5,1e-1))",
+        )
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    study = load(sweep / "optuna.journal", "mlp_lr")
+    states = [t.state for t in study.trials]
+    assert len(states) == 12 and TrialState.FAIL not in states
+    pruned = [t for t in study.trials if t.state == TrialState.PRUNED]
+    complete = [t.value for t in study.trials if t.state == TrialState.COMPLETE]
+    assert pruned, "no trial was pruned"
+    assert study.best_value < statistics.median(complete)
+    # A pruned job is recorded as pruned, not failed, and keeps its files.
+    folder = sweep / str(pruned[0].number)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["status"] == "pruned" and metrics["stop_reason"].startswith("pruned")
+    assert metrics["epochs"] < 4 and (folder / "checkpoints" / "last.pt").is_file()
+    assert json.loads((folder / "trial.json").read_text())["state"] == "pruned"
+    # The summary: trial number, state, value, parameters; the best trial as a command.
+    jobs = {j.trial: j for j in summarize(sweep).jobs}
+    assert jobs[pruned[0].number].status == "pruned"
+    best = jobs[study.best_trial.number]
+    assert best.state == "complete" and best.value == pytest.approx(study.best_value)
+    assert best.params == study.best_trial.params
+    assert f"best trial {study.best_trial.number}:" in r.stdout
+    lr = study.best_trial.params["optim.lr"]
+    assert f"optim.lr={lr!r}" in r.stdout.split(f"best trial {study.best_trial.number}:")[1]
+    importances = json.loads((sweep / "importances.json").read_text())
+    assert set(importances) == {"optim.lr", "optim.weight_decay"}
+
+
+@pytest.mark.slow
+def test_killed_search_continues_to_exactly_n_trials(tmp_path, data_dir):
+    sweep = tmp_path / "sweep"
+    args = search_args(
+        sweep,
+        data_dir,
+        "search.n_trials=4",
+        "search.n_jobs=1",
+        "trainer.max_epochs=8",
+        "search.pruner=none",
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True
+    )
+    try:
+        deadline, killed = time.time() + 120, None
+        while killed is None:
+            assert time.time() < deadline and proc.poll() is None
+            time.sleep(0.1)
+            if not (sweep / "optuna.journal").is_file():
+                continue
+            try:
+                trials = load(sweep / "optuna.journal", "mlp_lr").trials
+            except KeyError:  # the journal exists, the study not yet
+                continue
+            running = [t for t in trials if t.state == TrialState.RUNNING and t.number >= 1]
+            if running and running[0].intermediate_values:  # mid-training
+                killed = running[0].number
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    r = run(args)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "1 stopped trial(s) released" in r.stdout
+    study = load(sweep / "optuna.journal", "mlp_lr")
+    assert len(finished(study)) == len(counted(study)) == 4
+    stopped = study.trials[killed]
+    assert stopped.state == TrialState.FAIL and "bprun.released" in stopped.user_attrs
+    assert len(study.trials) == 5 and study.trials[-1].state == TrialState.COMPLETE
+    sets = param_sets(finished(study))
+    assert len(set(sets)) == len(sets)
+    # The killed trial's folder is kept as it was, and the summary does not call it failed.
+    assert "run folder" in (sweep / str(killed) / "bprun.log").read_text()
+    assert json.loads((sweep / str(killed) / "job.json").read_text())["status"] == "replaced"
+    assert sorted(int(p.name) for p in sweep.iterdir() if p.name.isdigit()) == list(range(5))
+    assert {j.trial: j.status for j in summarize(sweep).jobs}[killed] == "replaced"
+
+
+@pytest.mark.slow
+def test_pruned_trial_frees_its_slot_while_the_other_runs(tmp_path, data_dir):
+    sweep = tmp_path / "sweep"
+    # Trial n is drawn with seed 10 + n: lr good, good, bad, good, bad. Bad trials are pruned
+    # after their second epoch; good ones run 12.
+    r = run(
+        search_args(
+            sweep,
+            data_dir,
+            "search.n_trials=5",
+            "search.n_jobs=2",
+            "search.sampler=random",
+            "search.seed=11",
+            "search.pruner_startup_trials=1",
+            "search.n_warmup_steps=1",
+            "trainer.max_epochs=12",
+            "optim=adam",
+            "optim.lr=choice(1e-2,1e-6)",
+            "optim.weight_decay=interval(0,1e-6)",
+        )
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    trials = load(sweep / "optuna.journal", "mlp_lr").trials
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    assert pruned
+    reused = False
+    for p in pruned:
+        after = [t for t in trials if t.datetime_start >= p.datetime_complete]
+        others = [
+            t
+            for t in trials
+            if t.number != p.number and t.datetime_start < p.datetime_complete < t.datetime_complete
+        ]
+        # The next trial started in the pruned one's slot before the other running one ended.
+        reused |= any(n.datetime_start < o.datetime_complete for n in after[:1] for o in others)
+    assert reused, [(t.number, t.state, t.datetime_start, t.datetime_complete) for t in trials]
+
+
+@pytest.mark.parametrize(
+    "name", sorted(p.stem for p in (ROOT / "conf" / "search").glob("*.yaml") if p.stem != "none")
+)
+def test_shipped_search_spaces_compose(name):
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    from bprun.config import register_configs
+    from bprun.search.settings import SearchSettings
+
+    register_configs()
+    with initialize_config_module("bprun.conf", version_base="1.3"):
+        cfg = compose("config", overrides=[f"search={name}"], return_hydra_config=True)
+        assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
+        settings = OmegaConf.to_object(cfg.search)
+        assert isinstance(settings, SearchSettings) and settings.validate().study_name == name
+        space = parse_space(dict(cfg.hydra.sweeper.params), [])
+        for pick in (0, -1):  # the lowest and the highest point of every parameter
+            point = {
+                k: d.choices[pick] if hasattr(d, "choices") else (d.low, d.high)[pick]
+                for k, d in space.distributions.items()
+            }
+            trial = compose("config", overrides=[f"search={name}", *space.overrides(point)])
+            assert trial.model._target_ and trial.optim.lr == point["optim.lr"]
+
+
+# ------------------------------------------------------------------ the study
+def _search(tmp_path, sampler, *arguments, direction="minimize", spec=None, **settings):
+    from bprun.search.settings import SearchSettings
+    from bprun.search.study import Search
+
+    s = SearchSettings(
+        study_name="unit", sampler=sampler, n_trials=4, n_startup_trials=2, **settings
+    ).validate()
+    space = parse_space({}, list(arguments) or ["a=interval(0,1)", "b=choice(x,y,z)"])
+    return Search(s, space, spec or str(tmp_path / "optuna.journal"), direction, 3)
+
+
+def test_sqlite_storage_counts_to_n_trials(tmp_path):
+    search = _search(tmp_path, "tpe", spec=f"sqlite:///{tmp_path / 'study.db'}")
+    while (trial := search.ask(lambda n: tmp_path / str(n))) is not None:
+        search.tell(trial.number, "pruned" if trial.number % 2 else "complete", 1.0)
+    states = [t.state.name for t in search.study.trials]
+    assert states == ["COMPLETE", "PRUNED", "COMPLETE", "PRUNED"]
+    assert not (tmp_path / "study.db.ask").exists()  # the ask lock is released
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "random", "cmaes", "qmc", "grid"])
+def test_every_sampler_asks_exactly_n_trials_without_repeats(tmp_path, sampler):
+    args = ["a=range(0,3)", "b=choice(x,y)"] if sampler == "grid" else []
+    search = _search(tmp_path, sampler, *args)
+    asked = []
+    while (trial := search.ask(lambda n: tmp_path / str(n))) is not None:
+        asked.append(tuple(sorted(trial.params.items())))
+        search.tell(trial.number, "complete", float(len(asked)))
+    assert len(asked) == 4 and len(set(asked)) == 4
+
+
+def test_same_seed_continued_study_draws_new_parameters(tmp_path):
+    first = _search(tmp_path, "random")
+    t0 = first.ask(lambda n: tmp_path / str(n))
+    first.tell(t0.number, "complete", 1.0)
+    again = _search(tmp_path, "random")  # the same command run again on the same study
+    t1 = again.ask(lambda n: tmp_path / str(n))
+    assert t1.number == 1 and t1.params != t0.params
+
+
+def test_study_of_the_other_direction_is_a_one_line_error(tmp_path):
+    _search(tmp_path, "tpe")
+    with pytest.raises(BprunError, match="made to minimize its metric, this run's trainer.mode"):
+        _search(tmp_path, "tpe", direction="maximize")
+
+
+def test_unreachable_database_is_a_one_line_error(tmp_path):
+    from bprun.search.study import open_storage
+
+    with pytest.raises(
+        BprunError,
+        match=r"search.storage=postgresql://u:\*\*\*@127.0.0.1:9/x: "
+        "cannot open it",
+    ) as e:
+        open_storage("postgresql://u:secret@127.0.0.1:9/x")
+    assert "secret" not in str(e.value) and "\n" not in str(e.value)
+
+
+def test_settings_reject_unknown_sampler_and_pruner():
+    from bprun.search.settings import SearchSettings
+
+    with pytest.raises(BprunError, match="search.sampler=tpee is not known"):
+        SearchSettings(sampler="tpee").validate()
+    with pytest.raises(BprunError, match="search.pruner=medain is not known"):
+        SearchSettings(pruner="medain").validate()
