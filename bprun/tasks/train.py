@@ -19,12 +19,8 @@ from bprun.errors import Interrupted
 from bprun.io import write_json
 from bprun.optim import DEFAULT_IMPL, impl_of
 from bprun.overrides import key_of
-<<<<<<< HEAD
-from bprun.tasks.setup import build_trainer, data_state, trainer_settings
-=======
 from bprun.search.pruning import search_callbacks
-from bprun.tasks.setup import build_trainer, trainer_settings
->>>>>>> issue-14
+from bprun.tasks.setup import build_trainer, data_state, trainer_settings
 from bprun.tracking.console import result_table
 from bprun.tracking.tensorboard import Tracker, log_hparams
 
@@ -52,15 +48,16 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> float | No
         "overrides": [o for o in overrides if key_of(o) != "trainer.resume"],
     }
     trainer, data = build_trainer(
-<<<<<<< HEAD
-        cfg, run_dir, s, tracker=tracker, extra_state=extra, data_state=data_state(state)
+        cfg,
+        run_dir,
+        s,
+        tracker=tracker,
+        extra_state=extra,
+        data_state=data_state(state),
+        callbacks=search_callbacks(cfg),
     )
     if data.dataset.classes:  # so that predictions can be named
         write_json(list(data.dataset.classes), run_dir / "classes.json")
-=======
-        cfg, run_dir, s, tracker=tracker, extra_state=extra, callbacks=search_callbacks(cfg)
-    )
->>>>>>> issue-14
     trainer.check_monitors(validates=data.val is not None)
     if state is not None:
         kept = trainer.extra_state
