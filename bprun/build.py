@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -94,7 +95,11 @@ def _check_lists(args: dict, group: str) -> None:
         if p is None or isinstance(value, (list, tuple, dict)) or value is None:
             continue
         annotation = p.annotation if isinstance(p.annotation, str) else str(p.annotation)
-        if annotation.startswith(("list", "tuple", "Sequence", "typing.List", "typing.Sequence")):
+        outer = re.sub(r"\[[^\[\]]*\]", "", re.sub(r"\[[^\[\]]*\]", "", annotation))
+        takes_scalar = re.search(r"\b(int|float|str|bool|Tensor)\b", outer)  # list[float] | float
+        if outer.startswith(("list", "tuple", "Sequence", "typing.List", "typing.Sequence")) and (
+            not takes_scalar
+        ):
             raise BprunError(
                 f"{group}.{key} takes a list, got {value!r}: write {group}.{key}=[{value}]"
             )

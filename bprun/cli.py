@@ -161,7 +161,8 @@ def _main(argv: list[str]) -> None:
     argv = flags + [a for a in argv if a not in flags]
     try:
         if not any(a.startswith("--") and a != "--multirun" for a in argv):
-            check_command_line(argv, multirun=bool(flags))  # Hydra's own flags pass through
+            multirun = bool(flags) or "hydra.mode=MULTIRUN" in argv
+            check_command_line(argv, multirun=multirun)  # Hydra's own flags pass through
         sys.argv[1:] = eval_overrides(resume_overrides(argv))
     except BprunError as e:
         print(f"error: {e}", file=sys.stderr)
