@@ -11,6 +11,7 @@ import copy
 import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
@@ -28,11 +29,13 @@ from bprun.data.choice import (
 )
 from bprun.data.sampler import SeededSampler
 from bprun.data.stream import StreamLoader, TensorRows
+from bprun.engine.checkpoint import load_checkpoint, resolve_checkpoint
 from bprun.errors import BprunError
 from bprun.losses import check_fits
 from bprun.models import init_weights
 from bprun.models.checkpointing import enable_activation_checkpointing
-from bprun.optim import DEFAULT_IMPL, choose_impl, impl_kwargs, param_groups_weight_decay
+from bprun.models.weights import KeyReport, load_matching, read_state_dict
+from bprun.optim import DEFAULT_IMPL, choose_impl, impl_kwargs, param_groups
 
 Loader = InMemoryLoader | StreamLoader
 
@@ -208,16 +211,37 @@ def _count(limit: float | None, total: int) -> int | None:
 
 
 def build_model(node: DictConfig, dataset: Dataset) -> nn.Module:
-    args, own = _split(node, {"init": "default", "activation_checkpointing": False})
+    """The model for `dataset`, then `model.init` or `model.init_from` (another run's weights).
+
+    Pretrained builders (`bprun.models.pretrained`) leave `weights_reports` (what their
+    weights file filled in) and `preprocess_spec` (the weights' input pipeline) on the model.
+    """
+    args, own = _split(
+        node, {"init": "default", "init_from": None, "activation_checkpointing": False}
+    )
     model = _instantiate(
         args, "model", input_shape=dataset.input_shape, num_classes=dataset.num_classes
     )
+    reports = list(getattr(model, "weights_reports", []))
+    if reports and own["init"] != "default":
+        raise BprunError(
+            f"model.init={own['init']} would overwrite the weights of model.weights: "
+            "keep model.init=default"
+        )
     try:
         model = init_weights(model, own["init"])
     except ValueError as e:
         raise BprunError(str(e)) from None
+    if own["init_from"]:  # before any wrapping, so the names are the architecture's own
+        reports.append(init_from(model, own["init_from"]))
     if own["activation_checkpointing"]:
         enable_activation_checkpointing(model)
+    for report in reports:
+        report.log()
+    model.weights_reports = reports
+    spec = getattr(model, "preprocess_spec", None)
+    if spec is not None:
+        spec.attach(model, dataset)
     return model
 
 
@@ -236,13 +260,14 @@ def build_optimizer(node: DictConfig, model: nn.Module) -> torch.optim.Optimizer
 
     `no_decay_norm_bias: true` (bprun's own key) splits them into two groups:
     weight_decay from the node for weights, 0 for biases and normalisation
-    parameters (see `bprun.optim.param_groups_weight_decay`).
+    parameters; `lr_mult: {pattern: factor}` gives the parameters a pattern
+    names a learning rate of factor x lr (see `bprun.optim.param_groups`).
 
     `impl` (bprun's own key: auto, fused, foreach, single) picks torch's kernel; auto is the
     fastest the optimizer has for the parameters' device (see `bprun.optim.choose_impl`).
     The choice is in the optimizer's param_groups (`bprun.optim.impl_of` reads it back).
     """
-    args, own = _split(node, {"no_decay_norm_bias": False, "impl": DEFAULT_IMPL})
+    args, own = _split(node, {"no_decay_norm_bias": False, "lr_mult": None, "impl": DEFAULT_IMPL})
     for key in ("fused", "foreach"):
         if args.get(key) is not None:
             raise BprunError(
@@ -250,15 +275,16 @@ def build_optimizer(node: DictConfig, model: nn.Module) -> torch.optim.Optimizer
             )
         args.pop(key, None)
     make = _instantiate(args, "optim")
-    if own["no_decay_norm_bias"]:
-        if _is_lbfgs(make):
-            raise BprunError(
-                "optim.no_decay_norm_bias=true needs parameter groups, which torch.optim.LBFGS "
-                "does not support: set optim.no_decay_norm_bias=false"
-            )
-        params = param_groups_weight_decay(model, args.get("weight_decay"))
-    else:
-        params = [p for p in model.parameters() if p.requires_grad]
+    if _is_lbfgs(make):
+        for key, value in (("no_decay_norm_bias", "false"), ("lr_mult", "{}")):
+            if own[key]:
+                raise BprunError(
+                    f"optim.{key} needs parameter groups, which torch.optim.LBFGS "
+                    f"does not support: set optim.{key}={value}"
+                )
+    params = param_groups(
+        model, args.get("lr"), args.get("weight_decay"), own["no_decay_norm_bias"], own["lr_mult"]
+    )
     trainable = [p for p in model.parameters() if p.requires_grad]
     impl = choose_impl(make, trainable, own["impl"])
     try:
@@ -305,3 +331,23 @@ def build_scheduler(
         return make(optimizer=optimizer), own["interval"]
     except (TypeError, ValueError) as e:
         raise BprunError(f"cannot build sched ({args['_target_']}): {e}") from None
+
+
+def init_from(model: nn.Module, source: str) -> KeyReport:
+    """`model.init_from=<run folder or file>`: another run's weights, nothing else of its state.
+
+    A run folder gives its best checkpoint (by the run's checkpoint monitor),
+    else its last one. The optimizer, schedule and counters start afresh.
+    """
+    path = Path(source).expanduser()
+    if path.is_dir():
+        path = resolve_checkpoint(path, "model.init_from")
+        entries = (load_checkpoint(path).get("topk") or {}).get("entries") or []
+        if entries and (path.parent / entries[0][1]).is_file():
+            path = path.parent / entries[0][1]
+    elif not path.exists():
+        raise BprunError(
+            f"model.init_from={path}: no such file or folder; give a bprun run folder or a .pt file"
+        )
+    state = read_state_dict(path, "model.init_from")
+    return load_matching(model, state, str(path), "model.init_from")

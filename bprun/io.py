@@ -11,9 +11,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
+
+from bprun.errors import BprunError
 
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> Path:
@@ -61,3 +65,55 @@ def read_json(path: str | Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def safe_load(path: str | Path, what: str = "checkpoint") -> object:
+    """torch.load(weights_only=True) with no fallback; any problem becomes a one-line BprunError.
+
+    `what` names the file in messages: "checkpoint" (a bprun run's), or "weights file".
+    """
+    import torch  # here, not at the top: the command line's --help imports this module
+
+    path = Path(path)
+    ours = what == "checkpoint"
+    if path.is_file() and not _torch_file(path):
+        raise BprunError(
+            f"{path} is not a {'bprun checkpoint' if ours else what} (not a file torch.save "
+            "wrote): "
+            + (
+                "give a run folder or one of its checkpoints/*.pt"
+                if ours
+                else "give a .pth/.pt state dict or a .safetensors file"
+            )
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise BprunError(
+            f"refused to load {path}: it holds Python objects, not only tensors and plain values "
+            f"({_shorten(str(e))}); "
+            + (
+                "it was not written by bprun and may run code, so it is not loaded"
+                if ours
+                else "it may run code, so it is not loaded: save its state_dict() instead"
+            )
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise BprunError(
+            f"cannot read {what} {path}: the file is truncated or corrupted "
+            f"({type(e).__name__}); use another {what} from {path.parent}"
+        ) from None
+
+
+def _torch_file(path: Path) -> bool:
+    """torch.save writes a zip archive (or, in its legacy format, a pickle: byte 0x80)."""
+    if zipfile.is_zipfile(path):
+        return True
+    with open(path, "rb") as f:
+        return f.read(1) == b"\x80"
+
+
+def _shorten(text: str, limit: int = 160) -> str:
+    """The first line of `text`, cut at a word boundary."""
+    first = text.strip().splitlines()[0] if text.strip() else "no details"
+    return first if len(first) <= limit else first[:limit].rsplit(" ", 1)[0] + " ..."

@@ -53,6 +53,71 @@ def param_groups_weight_decay(model: nn.Module, weight_decay: float | None = Non
     return groups
 
 
+def param_groups(
+    model: nn.Module,
+    lr: float | None = None,
+    weight_decay: float | None = None,
+    split_decay: bool = False,
+    lr_mult: dict[str, float] | None = None,
+) -> list[dict]:
+    """The trainable parameters in named groups for the optimizer.
+
+    `lr_mult` maps name patterns (see `bprun.engine.freeze`) to multipliers of
+    `lr`: discriminative learning rates. A parameter takes the first pattern
+    that matches it; the rest form the `default` group. With `split_decay`,
+    each group is split again as `param_groups_weight_decay` splits a model:
+    biases and normalisation parameters get weight_decay 0. Parameters the
+    model itself froze are left out; `trainer.freeze` freezes after the
+    optimizer is built, so its parameters are in (an optimizer skips parameters
+    without gradients) and unfreezing needs no new groups. Each group carries
+    `name` and `lr_mult`.
+    """
+    from bprun.engine.freeze import matches, no_match
+
+    lr_mult = dict(lr_mult or {})
+    if lr_mult and lr is None:
+        raise BprunError("optim.lr_mult multiplies optim.lr, which this optimizer node lacks")
+    for pattern, mult in lr_mult.items():
+        if not isinstance(mult, (int, float)) or mult < 0:
+            raise BprunError(f"optim.lr_mult['{pattern}'] must be a number >= 0, got {mult}")
+    names = {id(p): n for n, p in model.named_parameters()}
+    unmatched = set(lr_mult)
+    groups: dict[tuple[str, bool], list] = {}
+    seen = set()
+    for module in model.modules():
+        is_norm = isinstance(module, NORM_LAYERS)
+        for p in module.parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            pattern = next((pt for pt in lr_mult if matches(names[id(p)], pt)), "default")
+            unmatched.discard(pattern)
+            no_decay = split_decay and (is_norm or p.ndim <= 1)
+            groups.setdefault((pattern, no_decay), []).append(p)
+    if unmatched:
+        raise BprunError(no_match("optim.lr_mult", sorted(unmatched)[0], model))
+    out = []
+    for pattern in ("default", *lr_mult):
+        for no_decay in (False, True):
+            params = groups.get((pattern, no_decay))
+            if not params:
+                continue
+            mult = 1.0 if pattern == "default" else float(lr_mult[pattern])
+            group = {
+                "params": params,
+                "name": pattern + ("/no_decay" if no_decay else ""),
+                "lr_mult": mult,
+            }
+            if pattern != "default":
+                group["lr"] = lr * mult
+            if no_decay:
+                group["weight_decay"] = 0.0
+            elif weight_decay is not None and split_decay:
+                group["weight_decay"] = weight_decay
+            out.append(group)
+    return out
+
+
 def warmup_cosine(
     optimizer: torch.optim.Optimizer,
     total_updates: int,

@@ -27,6 +27,8 @@ APPLIES = {
     "gru": (SEQUENCE, *IMAGES),
     "lstm": (SEQUENCE, *IMAGES),
     "transformer": (SEQUENCE, *IMAGES),
+    "torchvision": IMAGES,
+    "timm": IMAGES,
 }
 ALL_SHAPES = (SEQUENCE, *IMAGES, VECTOR)
 NOT_APPLICABLE = [(n, s) for n, shapes in APPLIES.items() for s in ALL_SHAPES if s not in shapes]
@@ -38,6 +40,7 @@ def build(name: str, shape: tuple[int, ...], width: int = 10, **settings) -> nn.
     args = OmegaConf.to_container(node)
     scheme = args.pop("init", "default")
     args.pop("activation_checkpointing", None)  # interpreted by bprun.build, off here
+    args.pop("init_from", None)  # bprun's own key, as build_model takes it out
     model = get_object(args.pop("_target_"))(input_shape=shape, num_classes=width, **args)
     return init_weights(model, scheme)
 
@@ -84,7 +87,7 @@ def test_inapplicable_inputs_raise_a_clear_error(name, shape):
 def test_regression_outputs_are_fitted(name):
     """A 5-wide regression output (a forecast horizon) trains like any other."""
     torch.manual_seed(0)
-    shape, steps = (DIGITS, 10) if name == "resnet" else (SEQUENCE, 40)
+    shape, steps = (DIGITS, 10) if name in ("resnet", "torchvision", "timm") else (SEQUENCE, 40)
     model = build(name, shape, width=5)
     x = torch.randn(32, *shape)
     y = x.flatten(1).mean(1, keepdim=True) * torch.linspace(-18, 18, 5)  # five scaled means

@@ -32,7 +32,13 @@ DATASETS = {
     "cifar10": 3,
     "cifar100": 3,
 }
-ONLY_IMAGES, ONLY_FLAT = {"resnet"}, {"logreg", "mlp"}
+ONLY_IMAGES, ONLY_FLAT = {"resnet", "torchvision", "timm"}, {"logreg", "mlp"}
+# The pretrained-architecture groups at their smallest: the matrix checks the fit to each
+# dataset's shapes, tests/test_finetune.py the builders themselves.
+SMALL = {
+    "torchvision": ["model.name=mobilenet_v3_small"],
+    "timm": ["model.name=mobilenetv3_small_050"],
+}
 
 
 def applies(model: str, rank: int) -> bool:
@@ -66,6 +72,7 @@ def test_model_on_dataset(model, dataset, files, tmp_path):
         "trainer.threads=1",
         "dataset.batch_size=8",
         "dataset.eval_batch_size=8",
+        *SMALL.get(model, []),
     ]
     with initialize_config_module("bprun.conf", version_base="1.3"):
         cfg = compose("config", overrides=overrides)

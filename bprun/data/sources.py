@@ -117,14 +117,36 @@ def load_mnist1d(data_dir: str = "data", num_samples: int = 5000, seed: int = 42
     )
 
 
-def load_digits(test_fraction: float = 0.2, split_seed: int = 0) -> Dataset:
-    """scikit-learn's 8x8 digits as 1x8x8 images in [0, 1], stratified train/test split."""
+def load_digits(
+    test_fraction: float = 0.2, split_seed: int = 0, classes: list[int] | None = None
+) -> Dataset:
+    """scikit-learn's 8x8 digits as 1x8x8 images in [0, 1], stratified train/test split.
+
+    `classes` keeps those digits only, labelled 0, 1, ... in the order given: a
+    related task for transfer learning (pretrain on 0-4, fine-tune on 5-9).
+    """
     from sklearn.datasets import load_digits as sk_load_digits
     from sklearn.model_selection import train_test_split
 
     digits = sk_load_digits()
     x = (digits.images / 16.0).astype(np.float32)[:, None]  # (N, 1, 8, 8)
     y = digits.target.astype(np.int64)
+    num_classes = 10
+    if classes is not None:
+        classes = [int(c) for c in classes]
+        if (
+            len(classes) < 2
+            or len(set(classes)) != len(classes)
+            or not set(classes) <= set(range(10))
+        ):
+            raise BprunError(
+                f"dataset.classes must list at least two different digits 0-9, got {classes}"
+            )
+        keep = np.isin(y, classes)
+        label = np.full(10, -1, dtype=np.int64)
+        label[classes] = np.arange(len(classes))
+        x, y = x[keep], label[y[keep]]
+        num_classes = len(classes)
     x_tr, x_te, y_tr, y_te = train_test_split(
         x, y, test_size=test_fraction, random_state=split_seed, stratify=y
     )
@@ -133,5 +155,5 @@ def load_digits(test_fraction: float = 0.2, split_seed: int = 0) -> Dataset:
         y_train=torch.from_numpy(y_tr),
         x_test=torch.from_numpy(x_te),
         y_test=torch.from_numpy(y_te),
-        num_classes=10,
+        num_classes=num_classes,
     )

@@ -6,10 +6,8 @@ A checkpoint holds tensors and plain Python values only, so it is read with
 
 from __future__ import annotations
 
-import pickle
 import random
 import re
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +15,7 @@ import torch
 from torch import nn
 
 from bprun.errors import BprunError
-from bprun.io import atomic_write
+from bprun.io import atomic_write, safe_load
 
 FORMAT_VERSION = 1
 
@@ -46,40 +44,10 @@ def resolve_checkpoint(path: str | Path, what: str = "trainer.resume") -> Path:
 def load_checkpoint(path: str | Path) -> dict:
     """Read a checkpoint safely; any problem becomes a one-line BprunError."""
     path = Path(path)
-    if path.is_file() and not _torch_file(path):
-        raise BprunError(
-            f"{path} is not a bprun checkpoint (not a file torch.save wrote): give a run folder "
-            "or one of its checkpoints/*.pt"
-        )
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise BprunError(
-            f"refused to load {path}: it holds Python objects, not only tensors and plain values "
-            f"({_shorten(str(e))}); it was not written by bprun and may run code, so it is not loaded"
-        ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise BprunError(
-            f"cannot read checkpoint {path}: the file is truncated or corrupted "
-            f"({type(e).__name__}); use another checkpoint from {path.parent}"
-        ) from None
+    ckpt = safe_load(path)
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise BprunError(f"{path} is not a bprun checkpoint (no 'model' entry)")
     return ckpt
-
-
-def _torch_file(path: Path) -> bool:
-    """torch.save writes a zip archive (or, in its legacy format, a pickle: byte 0x80)."""
-    if zipfile.is_zipfile(path):
-        return True
-    with open(path, "rb") as f:
-        return f.read(1) == b"\x80"
-
-
-def _shorten(text: str, limit: int = 160) -> str:
-    """The first line of `text`, cut at a word boundary."""
-    first = text.strip().splitlines()[0] if text.strip() else "no details"
-    return first if len(first) <= limit else first[:limit].rsplit(" ", 1)[0] + " ..."
 
 
 def load_model_state(module: nn.Module, state: dict, path: str | Path) -> None:

@@ -109,6 +109,10 @@ class TrainerSettings:
     grad_flow_every_n_epochs: int | None = None  # gradient-flow chart (PNG + TensorBoard)
     dead_units: bool = False  # share of never-active units per ReLU-family layer
     grad_watch: GradWatch = field(default_factory=GradWatch)
+    # Fine-tuning: parameter-name patterns to freeze (bprun.engine.freeze), and the number of
+    # epochs after which they train too (gradual unfreezing); None keeps them frozen.
+    freeze: list[str] = field(default_factory=list)
+    unfreeze_at_epoch: int | None = None
     channels_last: bool = False
     compile: bool = False  # torch.compile the model
     ema: EMA = field(default_factory=EMA)
@@ -165,6 +169,12 @@ class TrainerSettings:
                 f"trainer.checkpoint.last_every_n_seconds must be >= 0 (0 or null: every epoch), "
                 f"got {every}"
             )
+        if self.unfreeze_at_epoch is not None:
+            if not self.freeze:
+                raise BprunError(
+                    "trainer.unfreeze_at_epoch needs trainer.freeze=[<patterns>] to freeze first"
+                )
+            _at_least("trainer.unfreeze_at_epoch", self.unfreeze_at_epoch, 1, "(epochs frozen)")
         w = self.grad_watch
         if w.vanish_below is not None and w.explode_above is not None:
             if w.vanish_below >= w.explode_above:

@@ -103,7 +103,9 @@ class Trainer:
         self._on_summary = implemented(self.callbacks, "on_summary")
         self.uses_closure = isinstance(optimizer, torch.optim.LBFGS)
         self._check_optimizer()
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        # Every parameter, frozen ones too: clipping skips those without gradients, and a
+        # parameter unfrozen later (trainer.unfreeze_at_epoch) is clipped from then on.
+        self.params = list(model.parameters())
 
         # Progress: what the next update is. Together with the RNG state this is
         # everything a resumed run needs to continue exactly.

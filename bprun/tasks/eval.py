@@ -42,6 +42,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> float | No
             f"{cfg.dataset.get('_target_')}, as the command line asks"
         )
         saved.dataset = cfg.dataset
+    if saved.model.get("init_from"):  # the checkpoint's weights replace them anyway
+        saved.model.init_from = None
     s = TrainerSettings(
         **{
             k: v

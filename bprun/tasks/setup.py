@@ -14,6 +14,7 @@ from bprun.build import build_data, build_loss, build_model, build_optimizer, bu
 from bprun.diagnostics import diagnostic_callbacks
 from bprun.engine.averaging import averaging_callbacks
 from bprun.engine.distributed import SINGLE, DistContext, current
+from bprun.engine.freeze import finetune_callbacks
 from bprun.engine.precision import resolve_device
 from bprun.engine.settings import TrainerSettings
 from bprun.engine.trainer import Trainer
@@ -95,6 +96,7 @@ def build_trainer(
     model = model.to(device)
     warn_slow_precision(s, model, device)
     optimizer = build_optimizer(cfg.optim, model)
+    finetune = finetune_callbacks(model, s)  # after the optimizer: see finetune_callbacks
     updates_per_epoch = -(-len(data.train) // s.accumulate)
     scheduler, interval = build_scheduler(
         cfg.sched, optimizer, updates_per_epoch, s.max_epochs, s.max_updates
@@ -116,6 +118,7 @@ def build_trainer(
             *(tensorboard_callbacks(s, run_dir) if dist.is_main else ()),
             *(diagnostic_callbacks(s, run_dir) if dist.is_main else ()),
             *averaging_callbacks(s, model, data.dataset.task, data.dataset.num_classes),
+            *finetune,
             *callbacks,
         ],
         dist=dist,

@@ -72,8 +72,10 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> float | No
         f"optimizer {type(trainer.optimizer).__name__}, {impl} implementation "
         f"(optim.impl={cfg.optim.get('impl', DEFAULT_IMPL)})"
     )
+    trainable = sum(p.numel() for p in trainer.module.parameters() if p.requires_grad)
     log.info(
-        f"{type(trainer.module).__name__} with {n_params:,} parameters on {trainer.device}; "
+        f"{type(trainer.module).__name__} with {n_params:,} parameters ({trainable:,} trainable) "
+        f"on {trainer.device}; "
         f"{data.train.num_samples} train / {data.val.num_samples if data.val else 0} val / "
         f"{data.test.num_samples} test samples; run folder {run_dir}"
         + (f"; {trainer.dist.world_size} ranks" if trainer.dist.enabled else "")
