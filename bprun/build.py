@@ -255,6 +255,10 @@ def build_loss(node: DictConfig, task: str = "classification") -> nn.Module:
     return loss
 
 
+# Keys of an optim node that bprun interprets itself, with their defaults.
+OPTIM_KEYS = {"no_decay_norm_bias": False, "lr_mult": None, "impl": DEFAULT_IMPL}
+
+
 def build_optimizer(node: DictConfig, model: nn.Module) -> torch.optim.Optimizer:
     """The `_partial_` optimizer node applied to the trainable parameters.
 
@@ -267,7 +271,7 @@ def build_optimizer(node: DictConfig, model: nn.Module) -> torch.optim.Optimizer
     fastest the optimizer has for the parameters' device (see `bprun.optim.choose_impl`).
     The choice is in the optimizer's param_groups (`bprun.optim.impl_of` reads it back).
     """
-    args, own = _split(node, {"no_decay_norm_bias": False, "lr_mult": None, "impl": DEFAULT_IMPL})
+    args, own = _split(node, OPTIM_KEYS)
     for key in ("fused", "foreach"):
         if args.get(key) is not None:
             raise BprunError(

@@ -168,10 +168,12 @@ def test_activation_checkpointing_lowers_peak_cuda_memory_with_equal_gradients()
     from bprun.models.checkpointing import enable_activation_checkpointing
 
     torch.manual_seed(0)
-    plain = MLP((1024,), 10, hidden=[2048] * 12, activation="gelu", norm="layer").cuda()
+    # A batch large enough that activations, not the weights' gradients, make the peak.
+    plain = MLP((1024,), 10, hidden=[1024] * 12, activation="gelu", norm="layer").cuda()
     ckpt = copy.deepcopy(plain)
     enable_activation_checkpointing(ckpt)
-    x, y = torch.randn(512, 1024, device="cuda"), torch.randint(0, 10, (512,), device="cuda")
+    x = torch.randn(8192, 1024, device="cuda")
+    y = torch.randint(0, 10, (8192,), device="cuda")
     peaks, grads = [], []
     for m in (plain, ckpt):
         torch.cuda.synchronize()

@@ -31,7 +31,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
-from bprun.build import build_data, build_loss, build_model, build_optimizer
+from bprun.build import OPTIM_KEYS, build_data, build_loss, build_model, build_optimizer
 from bprun.config import register_configs
 from bprun.engine import Trainer, TrainerSettings
 from bprun.engine.settings import GradClip
@@ -151,7 +151,7 @@ def user_optimizer(node, model: nn.Module) -> torch.optim.Optimizer:
     """The optimizer as a hand-written script builds it: the class and its arguments, torch's
     default kernel (no fused/foreach flag), bprun's own keys left out."""
     args = OmegaConf.to_container(node, resolve=True)
-    for key in ("impl", "no_decay_norm_bias"):
+    for key in OPTIM_KEYS:
         args.pop(key, None)
     return instantiate(args)(params=model.parameters())
 
