@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import signal
 
 import pytest
 import torch
@@ -14,7 +16,7 @@ from bprun.engine import Trainer, TrainerSettings
 from bprun.engine.early_stopping import EarlyStopper
 from bprun.engine.settings import GradClip
 from bprun.engine.trainer import NonFiniteLoss
-from bprun.errors import BprunError
+from bprun.errors import BprunError, Interrupted
 
 
 def problem(n=230, d=6, classes=3, seed=0):
@@ -150,6 +152,32 @@ def test_nonfinite_skip_skips_and_gives_up_after_consecutive_skips():
     x[:] = float("nan")
     with pytest.raises(NonFiniteLoss, match="consecutive"):
         fit(mlp(), x, y, batch_size=10, max_epochs=3, nonfinite="skip", max_consecutive_skips=4)
+
+
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_saves_and_a_second_one_aborts_at_once(presses, tmp_path):
+    x, y = problem()
+
+    class CtrlC:
+        def on_update_end(self, trainer):
+            if trainer.update == 3:
+                for _ in range(presses):
+                    os.kill(os.getpid(), signal.SIGINT)
+
+    s = TrainerSettings(progress=False, max_epochs=3)
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    t = Trainer(s, model, nn.CrossEntropyLoss(), opt, run_dir=tmp_path, callbacks=[CtrlC()])
+    last = tmp_path / "checkpoints" / "last.pt"
+    if presses == 1:  # finish the update, save, stop
+        with pytest.raises(Interrupted, match="stopped by SIGINT after update 3; saved"):
+            t.fit(InMemoryLoader(x, y, 10, shuffle=True), None)
+        assert torch.load(last, weights_only=True)["progress"]["update"] == 3
+    else:  # stop now, without saving
+        with pytest.raises(KeyboardInterrupt):
+            t.fit(InMemoryLoader(x, y, 10, shuffle=True), None)
+        assert not last.exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
 
 
 def test_limit_batches_and_max_updates():
