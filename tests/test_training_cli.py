@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 
 def test_early_stopping_in_a_real_run(bprun):
@@ -43,14 +44,45 @@ def test_bf16_mixed_trains_the_cnn_on_cpu(bprun):
 def test_nonfinite_loss_stops_naming_update_and_last_good_checkpoint(bprun):
     r = bprun("optim=sgd", "optim.lr=1e30", "trainer.max_epochs=3", check=False)
     assert r.returncode != 0 and "Traceback" not in r.output
-    assert "loss became non-finite" in r.output and "at update" in r.output
+    assert "loss became non-finite (nan) at update 2 (epoch 1)" in r.output
+    assert "no checkpoint was written before it" in r.output
     assert r.metrics["status"] == "failed"
-    ckpts = (
-        list((r.run_dir / "checkpoints").glob("*.pt"))
-        if (r.run_dir / "checkpoints").exists()
-        else []
+
+
+def test_divergence_after_epoch_1_keeps_only_finite_checkpoints(bprun):
+    # epoch 2 runs at an infinite learning rate: its first update blows the weights up
+    r = bprun(
+        "optim=sgd",
+        "sched=step",
+        "sched.step_size=1",
+        "sched.gamma=inf",
+        "trainer.max_epochs=3",
+        "trainer.checkpoint.every_n_updates=1",
+        check=False,
     )
-    assert ckpts == []  # the very first updates blew up: nothing non-finite was saved
+    last = r.run_dir / "checkpoints" / "last.pt"
+    assert r.returncode == 1 and "Traceback" not in r.output
+    assert "non-finite" in r.output and "at update 37 (epoch 2" in r.output
+    assert f"last good checkpoint: {last}." in r.output
+    assert r.metrics["status"] == "failed"
+    assert torch.load(last, weights_only=True)["progress"]["update"] == 36
+    files = list(last.parent.glob("*.pt"))
+    assert len(files) == 2  # last.pt and the best, epoch 1
+    for f in files:
+        tensors = list(_tensors(torch.load(f, weights_only=True)))
+        assert tensors and all(bool(t.isfinite().all()) for t in tensors), f.name
+
+
+def _tensors(tree):
+    if torch.is_tensor(tree):
+        if tree.is_floating_point():
+            yield tree
+    elif isinstance(tree, dict):
+        for v in tree.values():
+            yield from _tensors(v)
+    elif isinstance(tree, (list, tuple)):
+        for v in tree:
+            yield from _tensors(v)
 
 
 def test_nonfinite_skip_counts_and_gives_up(bprun):
