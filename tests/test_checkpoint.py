@@ -315,6 +315,24 @@ def test_eval_task_uses_the_runs_own_config(bprun, tmp_path):
     assert "epoch=" in out["checkpoint"] and "test/acc" in r.stdout
 
 
+def test_test_split_and_eval_of_a_run_folder_use_the_best_checkpoint(bprun, tmp_path):
+    trained = bprun("trainer.max_epochs=8")  # val/loss is lowest before the last epoch
+    m = trained.metrics
+    assert m["best"]["epoch"] < m["epochs"] == 8
+    ckpts = trained.run_dir / "checkpoints"
+    (best,) = ckpts.glob(f"epoch={m['best']['epoch']:03d}-*.pt")
+
+    def evaluate(target: Path, name: str) -> dict:
+        bprun("task=eval", f"ckpt={target}", f"hydra.run.dir={tmp_path}/{name}")
+        return json.loads((ckpts / "eval.json").read_text())
+
+    of_folder, of_last = evaluate(trained.run_dir, "a"), evaluate(ckpts / "last.pt", "b")
+    assert of_folder["checkpoint"] == str(best)
+    test = {k: of_folder[k] for k in m["test"]}
+    assert test == m["test"]  # the run's own test used the best-validation weights too
+    assert of_last["test/loss"] != m["test"]["test/loss"]
+
+
 def test_checkpoint_errors_are_bprun_errors(tmp_path):
     with pytest.raises(BprunError, match="no such file"):
         ckpt_io.resolve_checkpoint(tmp_path / "missing")

@@ -85,7 +85,12 @@ def test_grad_clip_norm_bounds_the_update_and_logs_the_norm():
 
 def test_bf16_autocast_on_cpu_trains():
     x, y = problem(n=400)
-    t = fit(mlp(), x, y, batch_size=20, max_epochs=10, precision="bf16-mixed")
+    model = mlp()
+    seen = set()  # (training, output dtype) of every forward pass
+    model.register_forward_hook(lambda m, args, out: seen.add((m.training, out.dtype)))
+    t = fit(model, x, y, batch_size=20, max_epochs=10, precision="bf16-mixed")
+    assert seen == {(True, torch.bfloat16), (False, torch.bfloat16)}  # train and validation
+    assert model[0].weight.dtype == torch.float32  # the weights stay float32
     assert t.history[-1]["val/acc"] > 0.8
 
 
@@ -123,17 +128,22 @@ def test_step_scheduler_counts_updates_and_epoch_scheduler_counts_epochs():
         assert sched.last_epoch == expected
 
 
-def test_plateau_scheduler_receives_the_monitored_metric():
+@pytest.mark.parametrize("monitor, mode", [("val/loss", "min"), ("val/acc", "max")])
+def test_plateau_scheduler_receives_the_monitored_metric(monitor, mode):
     x, y = problem(n=100)
+    vx, vy = problem(n=60, seed=1)
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    # threshold 10: no change of the metric counts as an improvement
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=0, factor=0.5, threshold=10)
-    s = TrainerSettings(progress=False, max_epochs=4)
-    Trainer(s, model, nn.CrossEntropyLoss(), opt, sched, num_classes=3).fit(
-        InMemoryLoader(x, y, 50), InMemoryLoader(x, y, 100)
+    # threshold 0: every strict improvement becomes the scheduler's `best`
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode=mode, patience=1, threshold=0)
+    s = TrainerSettings(progress=False, max_epochs=6, monitor=monitor, mode=mode)
+    t = Trainer(
+        s, model, nn.CrossEntropyLoss(), opt, sched, scheduler_interval="epoch", num_classes=3
     )
-    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**4)  # one cut per check
+    t.fit(InMemoryLoader(x, y, 50), InMemoryLoader(vx, vy, 100))
+    values = [h[monitor] for h in t.history]
+    assert sched.best == (min(values) if mode == "min" else max(values))
+    assert sched.last_epoch == 6
 
 
 def test_nonfinite_loss_stops_and_names_the_update():
@@ -205,14 +215,27 @@ def test_early_stopping_min_delta_and_max_mode():
 
 
 def test_early_stopping_check_order():
-    # non-finite first, even when a threshold would also trigger
+    """Non-finite, stopping threshold, divergence, improvement: each pair that would both
+    fire on one value is decided by that order."""
+    inf = float("inf")
+    # non-finite beats divergence: +inf is also past a divergence threshold
+    s = EarlyStopper(patience=5, divergence_threshold=10.0)
+    assert feed(s, [2.0, inf]) == 1 and "not finite" in s.stopped_reason
+    # non-finite beats the stopping threshold: -inf also "beats" 1.0 in min mode
     s = EarlyStopper(patience=5, stopping_threshold=1.0)
-    assert feed(s, [2.0, float("nan")]) == 1 and "not finite" in s.stopped_reason
-    s = EarlyStopper(patience=5, stopping_threshold=1.0, divergence_threshold=10.0)
-    assert feed(s, [2.0, 0.5]) == 1 and "stopping threshold" in s.stopped_reason
-    assert feed(EarlyStopper(patience=5, divergence_threshold=10.0), [2.0, 11.0]) == 1
+    assert feed(s, [2.0, -inf]) == 1 and "not finite" in s.stopped_reason
+    # stopping threshold beats divergence when one value passes both
+    s = EarlyStopper(patience=5, stopping_threshold=5.0, divergence_threshold=3.0)
+    assert feed(s, [4.0]) == 0 and "stopping threshold" in s.stopped_reason
+    # divergence beats improvement: a first value past the threshold stops at once
+    s = EarlyStopper(patience=5, divergence_threshold=10.0)
+    assert feed(s, [11.0]) == 0 and "divergence threshold" in s.stopped_reason
+    # the stopping threshold also beats improvement (and patience)
+    s = EarlyStopper(patience=5, stopping_threshold=1.0)
+    assert feed(s, [0.5]) == 0 and "stopping threshold" in s.stopped_reason
+    # with check_finite off, NaN falls through to the improvement check
     s = EarlyStopper(patience=5, check_finite=False)
-    assert feed(s, [2.0, float("nan"), 1.0]) is None
+    assert feed(s, [2.0, float("nan"), 1.0]) is None and s.best == 1.0
 
 
 def test_early_stopping_state_round_trip():

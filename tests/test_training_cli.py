@@ -33,11 +33,37 @@ def test_early_stopping_threshold_on_accuracy(bprun):
     assert m["history"][-1]["val/acc"] > 0.5 and all(h["val/acc"] <= 0.5 for h in m["history"][:-1])
 
 
+PROBE = """
+from pathlib import Path
+from bprun.models import CNN
+
+
+class ProbedCNN(CNN):
+    \"\"\"The shipped CNN, noting the dtype of its output in training and evaluation.\"\"\"
+
+    def forward(self, x):
+        out = super().forward(x)
+        seen = f"{'train' if self.training else 'eval'} {out.dtype}\\n"
+        if seen not in getattr(self, "seen", ()):
+            self.seen = {*getattr(self, "seen", ()), seen}
+            with open("forward_dtypes.txt", "a") as f:
+                f.write(seen)
+        return out
+"""
+
+
 @pytest.mark.slow
-def test_bf16_mixed_trains_the_cnn_on_cpu(bprun):
+def test_bf16_mixed_trains_the_cnn_on_cpu(bprun, tmp_path):
+    (tmp_path / "probe.py").write_text(PROBE)  # the run's working directory
     m = bprun(
-        "model=cnn", "optim=adamw", "trainer.precision=bf16-mixed", "trainer.max_epochs=10"
+        "model=cnn",
+        "model._target_=probe.ProbedCNN",
+        "optim=adamw",
+        "trainer.precision=bf16-mixed",
+        "trainer.max_epochs=10",
     ).metrics
+    seen = (tmp_path / "forward_dtypes.txt").read_text().split("\n")
+    assert sorted(filter(None, seen)) == ["eval torch.bfloat16", "train torch.bfloat16"]
     assert m["test"]["test/acc"] >= 0.85
 
 
