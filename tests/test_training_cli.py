@@ -34,7 +34,6 @@ def test_early_stopping_threshold_on_accuracy(bprun):
 
 
 PROBE = """
-from pathlib import Path
 from bprun.models import CNN
 
 
