@@ -413,7 +413,9 @@ def test_find_lr_leaves_the_model_and_optimizer_as_they_were():
     result = find_lr(trainer, InMemoryLoader(x, y, 32, shuffle=True), LrFindSettings(num_steps=30))
     assert len(result.lrs) == 30 and result.suggestion in result.lrs
     assert result.lrs[0] == 1e-8 and result.lrs[-1] == pytest.approx(1.0)
-    assert len(set(result.losses)) == 30  # it did train
+    # it did train: at the high learning rates the loss falls clearly below its plateau
+    # (without optimizer steps it stays within 1% of it)
+    assert min(result.losses[-8:]) < 0.95 * max(result.losses)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert optimizer.state == {} and optimizer.param_groups[0]["lr"] == 1e-3

@@ -146,11 +146,17 @@ def test_plateau_scheduler_receives_the_monitored_metric(monitor, mode):
     assert sched.last_epoch == 6
 
 
-def test_nonfinite_loss_stops_and_names_the_update():
+@pytest.mark.parametrize("accumulate, update", [(1, 4), (2, 2)])
+def test_nonfinite_loss_stops_and_names_the_update(accumulate, update):
     x, y = problem()
-    x[37] = float("nan")  # first seen in the second epoch's batches at some update
-    with pytest.raises(NonFiniteLoss, match=r"non-finite \(nan\) at update \d+"):
-        fit(mlp(), x, y, batch_size=10, max_epochs=3)
+    x[37] = float("nan")  # in order, batch 3 of 10 samples: update 4, or 2 with windows of 2
+    s = TrainerSettings(progress=False, max_epochs=3, accumulate=accumulate)
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    t = Trainer(s, model, nn.CrossEntropyLoss(), opt, num_classes=3)
+    # checked at the end of the epoch (log interval 50), naming the update that saw it
+    with pytest.raises(NonFiniteLoss, match=rf"non-finite \(nan\) at update {update} \(epoch 1\)"):
+        t.fit(InMemoryLoader(x, y, 10), None)
 
 
 def test_nonfinite_skip_skips_and_gives_up_after_consecutive_skips():
