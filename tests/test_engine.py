@@ -41,8 +41,10 @@ def fit(model, x, y, batch_size, optimizer=None, **settings):
 
 
 @pytest.mark.parametrize("k", [2, 4])
-def test_accumulation_matches_one_large_batch(k):
-    x, y = problem(n=230)  # 230 = not a multiple of the window: last window is partial
+@pytest.mark.parametrize("n", [230, 233])
+def test_accumulation_matches_one_large_batch(k, n):
+    # 230: the last window has fewer micro-batches; 233: its last micro-batch is short too
+    x, y = problem(n=n)
     small, big = mlp(), mlp()
     fit(small, x, y, batch_size=10, accumulate=k, max_epochs=3)
     fit(big, x, y, batch_size=10 * k, max_epochs=3)
@@ -81,6 +83,55 @@ def test_grad_clip_norm_bounds_the_update_and_logs_the_norm():
     step = torch.cat([(p - b).flatten() for p, b in zip(model.parameters(), before, strict=True)])
     assert step.norm() <= 1e-3 * 1.0001  # lr 1 x clipped gradient norm
     assert logged["train/grad_norm"] > 1e-3  # the norm before clipping
+
+
+def test_grad_clip_value_bounds_every_element_and_logs_the_norm_before():
+    x, y = problem()
+    model = mlp()
+    logged = {}
+
+    class Tracker:
+        def log(self, scalars, step):
+            logged.update(scalars)
+
+    s = TrainerSettings(progress=False, max_updates=1, grad_clip=GradClip("value", 1e-3))
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    Trainer(s, model, nn.CrossEntropyLoss(), opt, num_classes=3, tracker=Tracker()).fit(
+        InMemoryLoader(x, y, 50, shuffle=True), None
+    )
+    step = torch.cat([(p - b).flatten() for p, b in zip(model.parameters(), before, strict=True)])
+    assert step.abs().max().item() == pytest.approx(
+        1e-3, rel=1e-5
+    )  # lr 1 x each gradient clipped to 1e-3
+    assert step.norm() > 1e-3 * 1.0001  # values, not the norm, were clipped
+    assert logged["train/grad_norm"] > 1e-2
+
+
+def test_clipping_sees_unscaled_gradients_on_the_cpu():
+    """The GradScaler path without CUDA: a CPU GradScaler, clipping after unscale."""
+    x, y = problem()
+    model = mlp()
+    logged = {}
+
+    class Tracker:
+        def log(self, scalars, step):
+            logged.update(scalars)
+
+    reference = mlp()
+    loss = nn.functional.cross_entropy(reference(x[:50]), y[:50])
+    true_norm = torch.cat([g.flatten() for g in torch.autograd.grad(loss, reference.parameters())])
+    s = TrainerSettings(progress=False, max_updates=1, grad_clip=GradClip("norm", 1e-3))
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    t = Trainer(s, model, nn.CrossEntropyLoss(), opt, num_classes=3, tracker=Tracker())
+    t.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    before = [p.detach().clone() for p in model.parameters()]
+    t.fit(InMemoryLoader(x, y, 50), None)
+    step = torch.cat([(p - b).flatten() for p, b in zip(model.parameters(), before, strict=True)])
+    # clipped to 1e-3 after unscaling: clipping the scaled gradient (4096x) and then
+    # unscaling would leave a step of 1e-3 / 4096
+    assert step.norm().item() == pytest.approx(1e-3, rel=1e-3)
+    assert logged["train/grad_norm"] == pytest.approx(true_norm.norm().item(), rel=1e-4)
 
 
 def test_bf16_autocast_on_cpu_trains():
