@@ -467,6 +467,15 @@ def test_deep_sigmoid_mlp_trips_the_vanishing_warning(bprun):
     n_layers = int(re.search(r"in (\d+) layer", line)[1])
     assert 10 <= n_layers <= 19
     assert r.metrics["history"][0]["grad_watch/vanishing_events"] == n_layers
+    events = r.metrics["grad_watch_events"]
+    assert len(events) == n_layers and {e["kind"] for e in events} == {"vanishing"}
+    assert {e["update"] for e in events} == {5} and events[0]["layer"] == "blocks.0.0.weight"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = EventAccumulator(str(r.run_dir), size_guidance={"scalars": 0, "tensors": 0})
+    tb.Reload()
+    assert max(e.value for e in tb.Scalars("grad_watch/vanishing_layers")) == n_layers
+    assert "grad_watch/text_summary" in tb.Tags()["tensors"]  # the warning as text
     assert_real_png(r.run_dir / "grad_flow" / "epoch_001.png")
 
 

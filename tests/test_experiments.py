@@ -92,11 +92,3 @@ def test_every_experiment_runs_from_the_command_line(bprun, tmp_path):
     for name, m in runs.items():
         assert m["status"] == "completed" and m["updates"] == 20, name
         assert m["stop_reason"] == "max_updates=20 reached"
-
-
-@pytest.mark.slow
-def test_paper_cnn_reaches_the_paper_accuracy(bprun):
-    """The full paper CNN run (6000 updates, ~25 s on one thread) for one seed."""
-    m = bprun("+experiment=mnist1d_paper_cnn", "seed=0").metrics
-    assert m["updates"] == 6000
-    assert m["test"]["test/acc"] >= 0.90, m["test"]

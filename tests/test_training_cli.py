@@ -72,6 +72,13 @@ def test_nonfinite_loss_stops_naming_update_and_last_good_checkpoint(bprun):
     assert "loss became non-finite (nan) at update 2 (epoch 1)" in r.output
     assert "no checkpoint was written before it" in r.output
     assert r.metrics["status"] == "failed"
+    # the failed run is in TensorBoard's HPARAMS tab, with its settings and status failure
+    from tensorboard.plugins.hparams import api_pb2
+    from test_tensorboard import events, hparams_of
+
+    values, status = hparams_of(events(r.run_dir))
+    assert status == api_pb2.STATUS_FAILURE
+    assert values["optim"] == "sgd" and values["optim.lr"] == 1e30
 
 
 def test_divergence_after_epoch_1_keeps_only_finite_checkpoints(bprun):
@@ -174,3 +181,29 @@ def test_gradient_clipping_and_accumulation_from_the_command_line(bprun):
     acc = EventAccumulator(str(r.run_dir))
     acc.Reload()
     assert [e.step for e in acc.Scalars("train/grad_norm")] == [4, 8, 12]
+
+
+def test_limit_val_batches_and_save_top_k_all_or_none(bprun, tmp_path):
+    # 400 validation samples in batches of 100
+    r = bprun(
+        "trainer.max_epochs=3",
+        "dataset.eval_batch_size=100",
+        "trainer.limit_val_batches=2",
+        "trainer.checkpoint.save_top_k=-1",
+        f"hydra.run.dir={tmp_path}/all",
+    )
+    assert "3600 train / 200 val / 1000 test samples" in r.output
+    assert all(round(h["val/acc"] * 200, 6).is_integer() for h in r.metrics["history"])
+    kept = sorted(p.name[:9] for p in (r.run_dir / "checkpoints").glob("epoch=*.pt"))
+    assert kept == ["epoch=001", "epoch=002", "epoch=003"]  # -1 keeps every one
+
+    r = bprun(
+        "trainer.max_epochs=2",
+        "dataset.eval_batch_size=100",
+        "trainer.limit_val_batches=0.25",
+        "trainer.checkpoint.save_top_k=0",
+        f"hydra.run.dir={tmp_path}/none",
+    )
+    assert "3600 train / 100 val / 1000 test samples" in r.output
+    assert [p.name for p in (r.run_dir / "checkpoints").iterdir()] == ["last.pt"]
+    assert r.metrics["status"] == "completed" and "test/acc" in r.metrics["test"]
