@@ -102,7 +102,11 @@ def test_sigkill_then_resume_is_bit_identical(model, bprun, data_dir, tmp_path):
 def interrupt(signum, data_dir, run_dir) -> tuple[str, int]:
     """Start a run with last.pt at epoch ends only (36 updates each, every one logged),
     send `signum` early in epoch 2; return the output and the update it stopped after."""
-    args = ["trainer.max_epochs=50", "trainer.log_every_n_updates=1"]
+    args = [
+        "trainer.max_epochs=50",
+        "trainer.log_every_n_updates=1",
+        "trainer.checkpoint.last_every_n_seconds=0",  # last.pt at every epoch's end
+    ]
     proc = start(args, data_dir, run_dir)
     wait_for_update(proc, run_dir / "checkpoints" / "last.pt", 36)
     time.sleep(0.05)
