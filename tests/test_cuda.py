@@ -145,10 +145,10 @@ def test_resume_on_cuda_with_16_mixed(bprun, data_dir, tmp_path):
     proc.wait()
     resumed = bprun(f"trainer.resume={run_dir}")
     assert resumed.metrics["updates"] == reference.metrics["updates"]
+    # What README.md claims for CUDA: close to the uninterrupted run, not bit for bit
+    # (cuDNN and atomic-add kernels are not deterministic from run to run anyway).
     a, b = model_state(reference.run_dir), model_state(run_dir)
-    exact = all(torch.equal(a[k], b[k]) for k in a)
     worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
-    print(f"resume on CUDA: bit-identical={exact}, max abs weight difference={worst:.3g}")
     assert worst < 1e-2
     ref_acc, got_acc = reference.metrics["test"]["test/acc"], resumed.metrics["test"]["test/acc"]
     assert abs(ref_acc - got_acc) < 0.02

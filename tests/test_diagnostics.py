@@ -413,7 +413,9 @@ def test_find_lr_leaves_the_model_and_optimizer_as_they_were():
     result = find_lr(trainer, InMemoryLoader(x, y, 32, shuffle=True), LrFindSettings(num_steps=30))
     assert len(result.lrs) == 30 and result.suggestion in result.lrs
     assert result.lrs[0] == 1e-8 and result.lrs[-1] == pytest.approx(1.0)
-    assert len(set(result.losses)) == 30  # it did train
+    # it did train: at the high learning rates the loss falls clearly below its plateau
+    # (without optimizer steps it stays within 1% of it)
+    assert min(result.losses[-8:]) < 0.95 * max(result.losses)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert optimizer.state == {} and optimizer.param_groups[0]["lr"] == 1e-3
@@ -465,6 +467,15 @@ def test_deep_sigmoid_mlp_trips_the_vanishing_warning(bprun):
     n_layers = int(re.search(r"in (\d+) layer", line)[1])
     assert 10 <= n_layers <= 19
     assert r.metrics["history"][0]["grad_watch/vanishing_events"] == n_layers
+    events = r.metrics["grad_watch_events"]
+    assert len(events) == n_layers and {e["kind"] for e in events} == {"vanishing"}
+    assert {e["update"] for e in events} == {5} and events[0]["layer"] == "blocks.0.0.weight"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = EventAccumulator(str(r.run_dir), size_guidance={"scalars": 0, "tensors": 0})
+    tb.Reload()
+    assert max(e.value for e in tb.Scalars("grad_watch/vanishing_layers")) == n_layers
+    assert "grad_watch/text_summary" in tb.Tags()["tensors"]  # the warning as text
     assert_real_png(r.run_dir / "grad_flow" / "epoch_001.png")
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import signal
 
 import pytest
 import torch
@@ -14,7 +16,7 @@ from bprun.engine import Trainer, TrainerSettings
 from bprun.engine.early_stopping import EarlyStopper
 from bprun.engine.settings import GradClip
 from bprun.engine.trainer import NonFiniteLoss
-from bprun.errors import BprunError
+from bprun.errors import BprunError, Interrupted
 
 
 def problem(n=230, d=6, classes=3, seed=0):
@@ -39,8 +41,10 @@ def fit(model, x, y, batch_size, optimizer=None, **settings):
 
 
 @pytest.mark.parametrize("k", [2, 4])
-def test_accumulation_matches_one_large_batch(k):
-    x, y = problem(n=230)  # 230 = not a multiple of the window: last window is partial
+@pytest.mark.parametrize("n", [230, 233])
+def test_accumulation_matches_one_large_batch(k, n):
+    # 230: the last window has fewer micro-batches; 233: its last micro-batch is short too
+    x, y = problem(n=n)
     small, big = mlp(), mlp()
     fit(small, x, y, batch_size=10, accumulate=k, max_epochs=3)
     fit(big, x, y, batch_size=10 * k, max_epochs=3)
@@ -81,9 +85,63 @@ def test_grad_clip_norm_bounds_the_update_and_logs_the_norm():
     assert logged["train/grad_norm"] > 1e-3  # the norm before clipping
 
 
+def test_grad_clip_value_bounds_every_element_and_logs_the_norm_before():
+    x, y = problem()
+    model = mlp()
+    logged = {}
+
+    class Tracker:
+        def log(self, scalars, step):
+            logged.update(scalars)
+
+    s = TrainerSettings(progress=False, max_updates=1, grad_clip=GradClip("value", 1e-3))
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    Trainer(s, model, nn.CrossEntropyLoss(), opt, num_classes=3, tracker=Tracker()).fit(
+        InMemoryLoader(x, y, 50, shuffle=True), None
+    )
+    step = torch.cat([(p - b).flatten() for p, b in zip(model.parameters(), before, strict=True)])
+    assert step.abs().max().item() == pytest.approx(
+        1e-3, rel=1e-5
+    )  # lr 1 x each gradient clipped to 1e-3
+    assert step.norm() > 1e-3 * 1.0001  # values, not the norm, were clipped
+    assert logged["train/grad_norm"] > 1e-2
+
+
+def test_clipping_sees_unscaled_gradients_on_the_cpu():
+    """The GradScaler path without CUDA: a CPU GradScaler, clipping after unscale."""
+    x, y = problem()
+    model = mlp()
+    logged = {}
+
+    class Tracker:
+        def log(self, scalars, step):
+            logged.update(scalars)
+
+    reference = mlp()
+    loss = nn.functional.cross_entropy(reference(x[:50]), y[:50])
+    true_norm = torch.cat([g.flatten() for g in torch.autograd.grad(loss, reference.parameters())])
+    s = TrainerSettings(progress=False, max_updates=1, grad_clip=GradClip("norm", 1e-3))
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    t = Trainer(s, model, nn.CrossEntropyLoss(), opt, num_classes=3, tracker=Tracker())
+    t.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    before = [p.detach().clone() for p in model.parameters()]
+    t.fit(InMemoryLoader(x, y, 50), None)
+    step = torch.cat([(p - b).flatten() for p, b in zip(model.parameters(), before, strict=True)])
+    # clipped to 1e-3 after unscaling: clipping the scaled gradient (4096x) and then
+    # unscaling would leave a step of 1e-3 / 4096
+    assert step.norm().item() == pytest.approx(1e-3, rel=1e-3)
+    assert logged["train/grad_norm"] == pytest.approx(true_norm.norm().item(), rel=1e-4)
+
+
 def test_bf16_autocast_on_cpu_trains():
     x, y = problem(n=400)
-    t = fit(mlp(), x, y, batch_size=20, max_epochs=10, precision="bf16-mixed")
+    model = mlp()
+    seen = set()  # (training, output dtype) of every forward pass
+    model.register_forward_hook(lambda m, args, out: seen.add((m.training, out.dtype)))
+    t = fit(model, x, y, batch_size=20, max_epochs=10, precision="bf16-mixed")
+    assert seen == {(True, torch.bfloat16), (False, torch.bfloat16)}  # train and validation
+    assert model[0].weight.dtype == torch.float32  # the weights stay float32
     assert t.history[-1]["val/acc"] > 0.8
 
 
@@ -121,24 +179,35 @@ def test_step_scheduler_counts_updates_and_epoch_scheduler_counts_epochs():
         assert sched.last_epoch == expected
 
 
-def test_plateau_scheduler_receives_the_monitored_metric():
+@pytest.mark.parametrize("monitor, mode", [("val/loss", "min"), ("val/acc", "max")])
+def test_plateau_scheduler_receives_the_monitored_metric(monitor, mode):
     x, y = problem(n=100)
+    vx, vy = problem(n=60, seed=1)
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    # threshold 10: no change of the metric counts as an improvement
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=0, factor=0.5, threshold=10)
-    s = TrainerSettings(progress=False, max_epochs=4)
-    Trainer(s, model, nn.CrossEntropyLoss(), opt, sched, num_classes=3).fit(
-        InMemoryLoader(x, y, 50), InMemoryLoader(x, y, 100)
+    # threshold 0: every strict improvement becomes the scheduler's `best`
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode=mode, patience=1, threshold=0)
+    s = TrainerSettings(progress=False, max_epochs=6, monitor=monitor, mode=mode)
+    t = Trainer(
+        s, model, nn.CrossEntropyLoss(), opt, sched, scheduler_interval="epoch", num_classes=3
     )
-    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**4)  # one cut per check
+    t.fit(InMemoryLoader(x, y, 50), InMemoryLoader(vx, vy, 100))
+    values = [h[monitor] for h in t.history]
+    assert sched.best == (min(values) if mode == "min" else max(values))
+    assert sched.last_epoch == 6
 
 
-def test_nonfinite_loss_stops_and_names_the_update():
+@pytest.mark.parametrize("accumulate, update", [(1, 4), (2, 2)])
+def test_nonfinite_loss_stops_and_names_the_update(accumulate, update):
     x, y = problem()
-    x[37] = float("nan")  # first seen in the second epoch's batches at some update
-    with pytest.raises(NonFiniteLoss, match=r"non-finite \(nan\) at update \d+"):
-        fit(mlp(), x, y, batch_size=10, max_epochs=3)
+    x[37] = float("nan")  # in order, batch 3 of 10 samples: update 4, or 2 with windows of 2
+    s = TrainerSettings(progress=False, max_epochs=3, accumulate=accumulate)
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    t = Trainer(s, model, nn.CrossEntropyLoss(), opt, num_classes=3)
+    # checked at the end of the epoch (log interval 50), naming the update that saw it
+    with pytest.raises(NonFiniteLoss, match=rf"non-finite \(nan\) at update {update} \(epoch 1\)"):
+        t.fit(InMemoryLoader(x, y, 10), None)
 
 
 def test_nonfinite_skip_skips_and_gives_up_after_consecutive_skips():
@@ -150,6 +219,32 @@ def test_nonfinite_skip_skips_and_gives_up_after_consecutive_skips():
     x[:] = float("nan")
     with pytest.raises(NonFiniteLoss, match="consecutive"):
         fit(mlp(), x, y, batch_size=10, max_epochs=3, nonfinite="skip", max_consecutive_skips=4)
+
+
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_saves_and_a_second_one_aborts_at_once(presses, tmp_path):
+    x, y = problem()
+
+    class CtrlC:
+        def on_update_end(self, trainer):
+            if trainer.update == 3:
+                for _ in range(presses):
+                    os.kill(os.getpid(), signal.SIGINT)
+
+    s = TrainerSettings(progress=False, max_epochs=3)
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    t = Trainer(s, model, nn.CrossEntropyLoss(), opt, run_dir=tmp_path, callbacks=[CtrlC()])
+    last = tmp_path / "checkpoints" / "last.pt"
+    if presses == 1:  # finish the update, save, stop
+        with pytest.raises(Interrupted, match="stopped by SIGINT after update 3; saved"):
+            t.fit(InMemoryLoader(x, y, 10, shuffle=True), None)
+        assert torch.load(last, weights_only=True)["progress"]["update"] == 3
+    else:  # stop now, without saving
+        with pytest.raises(KeyboardInterrupt):
+            t.fit(InMemoryLoader(x, y, 10, shuffle=True), None)
+        assert not last.exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
 
 
 def test_limit_batches_and_max_updates():
@@ -177,14 +272,27 @@ def test_early_stopping_min_delta_and_max_mode():
 
 
 def test_early_stopping_check_order():
-    # non-finite first, even when a threshold would also trigger
+    """Non-finite, stopping threshold, divergence, improvement: each pair that would both
+    fire on one value is decided by that order."""
+    inf = float("inf")
+    # non-finite beats divergence: +inf is also past a divergence threshold
+    s = EarlyStopper(patience=5, divergence_threshold=10.0)
+    assert feed(s, [2.0, inf]) == 1 and "not finite" in s.stopped_reason
+    # non-finite beats the stopping threshold: -inf also "beats" 1.0 in min mode
     s = EarlyStopper(patience=5, stopping_threshold=1.0)
-    assert feed(s, [2.0, float("nan")]) == 1 and "not finite" in s.stopped_reason
-    s = EarlyStopper(patience=5, stopping_threshold=1.0, divergence_threshold=10.0)
-    assert feed(s, [2.0, 0.5]) == 1 and "stopping threshold" in s.stopped_reason
-    assert feed(EarlyStopper(patience=5, divergence_threshold=10.0), [2.0, 11.0]) == 1
+    assert feed(s, [2.0, -inf]) == 1 and "not finite" in s.stopped_reason
+    # stopping threshold beats divergence when one value passes both
+    s = EarlyStopper(patience=5, stopping_threshold=5.0, divergence_threshold=3.0)
+    assert feed(s, [4.0]) == 0 and "stopping threshold" in s.stopped_reason
+    # divergence beats improvement: a first value past the threshold stops at once
+    s = EarlyStopper(patience=5, divergence_threshold=10.0)
+    assert feed(s, [11.0]) == 0 and "divergence threshold" in s.stopped_reason
+    # the stopping threshold also beats improvement (and patience)
+    s = EarlyStopper(patience=5, stopping_threshold=1.0)
+    assert feed(s, [0.5]) == 0 and "stopping threshold" in s.stopped_reason
+    # with check_finite off, NaN falls through to the improvement check
     s = EarlyStopper(patience=5, check_finite=False)
-    assert feed(s, [2.0, float("nan"), 1.0]) is None
+    assert feed(s, [2.0, float("nan"), 1.0]) is None and s.best == 1.0
 
 
 def test_early_stopping_state_round_trip():

@@ -353,7 +353,9 @@ def test_every_image_model_trains_on_digits(bprun, tmp_path):
     assert sorted(jobs) == sorted(names), r.output[-2000:]
     for name, m in jobs.items():
         assert m["status"] == "completed" and m["updates"] == 15, name
-        assert 0.0 <= m["test"]["test/acc"] <= 1.0
+        # chance is 0.10; after 15 updates the recurrent models are just above it (0.17-0.18
+        # measured), the convolutional ones far above (0.89-0.90), the transformer between
+        assert m["test"]["test/acc"] > (0.8 if name in ("cnn", "resnet") else 0.15), (name, m)
 
 
 def test_sequence_input_to_resnet_is_a_one_line_error(bprun):

@@ -112,12 +112,14 @@ def roundtrip(state: dict) -> dict:
 @pytest.mark.parametrize("sched", SCHEDS)
 @pytest.mark.parametrize("optim", OPTIMS)
 def test_every_optimizer_with_every_scheduler_lowers_the_loss_and_resumes(nodes, optim, sched):
-    model, opt, scheduler, interval = make(nodes, optim, sched, 10.0)
+    # RAdam's variance warm-up damps its first updates: it gets a larger lr to move as far
+    scale = 100.0 if optim == "radam" else 10.0
+    model, opt, scheduler, interval = make(nodes, optim, sched, scale)
     before = full_loss(model)
     for _ in range(EPOCHS - 1):
         train_epoch(model, opt, scheduler, interval)
     after = full_loss(model)
-    assert math.isfinite(after) and after < 0.995 * before, (before, after)
+    assert math.isfinite(after) and after < 0.95 * before, (before, after)
 
     # resume from a weights_only round trip of the states, then take one more step on both
     state = roundtrip(
@@ -127,7 +129,7 @@ def test_every_optimizer_with_every_scheduler_lowers_the_loss_and_resumes(nodes,
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
         }
     )
-    model2, opt2, scheduler2, _ = make(nodes, optim, sched, 10.0)
+    model2, opt2, scheduler2, _ = make(nodes, optim, sched, scale)
     model2.load_state_dict(state["model"])
     opt2.load_state_dict(state["optimizer"])
     if scheduler2 is not None:

@@ -6,18 +6,21 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shlex
 import signal
 import statistics
 import subprocess
 import time
+from datetime import datetime
 from pathlib import Path
 
+import joblib
 import pytest
 from conftest import BPRUN
 
 from bprun.sweep import summary as sweep_summary
-from bprun.sweep.callback import cores, parallel_jobs, threads_per_job
+from bprun.sweep.callback import parallel_jobs, threads_per_job
 
 FAST = ("trainer.fast_dev_run=true",)
 
@@ -157,6 +160,13 @@ def test_stopped_sweep_exits_143_and_continues_where_it_stopped(tmp_path, data_d
     assert [row["status"] for row in rows(sweep)] == ["ok", "ok"]
 
 
+def _run_interval(log: Path) -> tuple[datetime, datetime]:
+    """From the job's first to its last timestamped line: model built to result table."""
+    stamps = re.findall(r"^\[([\d-]+ [\d:,]+)\]", log.read_text(), re.M)
+    first, last = (datetime.strptime(t, "%Y-%m-%d %H:%M:%S,%f") for t in (stamps[0], stamps[-1]))
+    return first, last
+
+
 def test_joblib_jobs_run_in_parallel_with_their_share_of_threads(tmp_path, data_dir):
     sweep = tmp_path / "sweep"
     r = subprocess.run(
@@ -167,17 +177,21 @@ def test_joblib_jobs_run_in_parallel_with_their_share_of_threads(tmp_path, data_
             "hydra.launcher.n_jobs=2",
             f"hydra.sweep.dir={sweep}",
             f"paths.data_dir={data_dir}",
-            "optim.lr=0.01,1e30",
-            "trainer.max_updates=5",
+            "optim.lr=0.01,0.003,1e30",
+            "trainer.max_epochs=4",
         ],
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
-    assert [row["status"] for row in rows(sweep)] == ["ok", "failed"]
-    share = threads_per_job(cores(), 2)
-    for job in ("0", "1"):
+    assert [row["status"] for row in rows(sweep)] == ["ok", "ok", "failed"]
+    (start0, end0), (start1, end1) = (
+        _run_interval(job_dir(sweep, j) / "bprun.log") for j in (0, 1)
+    )
+    assert start1 < end0 and start0 < end1, "the first two jobs did not run at the same time"
+    share = max(1, joblib.cpu_count() // 2)  # cores // 2 jobs
+    for job in (0, 1, 2):
         assert f"torch threads: {share} (" in (job_dir(sweep, job) / "bprun.log").read_text()
 
 

@@ -608,6 +608,7 @@ class Trainer:
         state), rank 0 writes, and no rank goes on before the file is complete."""
         self._flush_train_log()  # never save state that follows a non-finite loss
         state = self.state_dict()
+        self._check_finite(state)  # nor weights that a finite loss's update blew up
         if self.dist.enabled:
             state["rng_ranks"] = self.dist.gather(state["rng"])
         if self.dist.is_main:
@@ -617,6 +618,25 @@ class Trainer:
         if path.name == "last.pt":
             self._last_written = time.perf_counter()
         return path
+
+    def _check_finite(self, state: dict) -> None:
+        tensors = [
+            t
+            for part in (state["model"], *state["optimizer"]["state"].values())
+            for t in part.values()
+            if torch.is_tensor(t) and t.is_floating_point()
+        ]
+        if not tensors or bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+            return
+        bad = [
+            k for k, v in state["model"].items() if v.is_floating_point() and not v.isfinite().all()
+        ]
+        last = self._last_saved or "no checkpoint was written before it"
+        raise NonFiniteLoss(
+            f"weights became non-finite at update {self.update} (epoch {self.epoch + 1}"
+            f"{'; ' + ', '.join(bad[:4]) if bad else ', optimizer state'}); training stopped, "
+            f"last good checkpoint: {last}. Try a lower optim.lr or trainer.grad_clip.max"
+        )
 
     def _save_topk(self, metrics: dict) -> None:
         value = metrics.get(self.topk.monitor)

@@ -23,12 +23,15 @@ class Tracker:
         self.param_groups = param_groups
 
     def log(self, scalars: dict[str, float], step: int) -> None:
+        if "lr" in scalars:
+            if step == self._lr_step:  # the trainer logs lr twice at an epoch's last update
+                scalars = {k: v for k, v in scalars.items() if k != "lr"}
+            else:
+                self._lr_step = step
+                for i, group in enumerate(self.param_groups or ()):
+                    self.writer.add_scalar(f"lr/group{i}", group["lr"], step)
         for name, value in scalars.items():
             self.writer.add_scalar(name, value, step)
-        if self.param_groups is not None and "lr" in scalars and step != self._lr_step:
-            self._lr_step = step  # the trainer logs lr twice at an epoch's last update
-            for i, group in enumerate(self.param_groups):
-                self.writer.add_scalar(f"lr/group{i}", group["lr"], step)
 
     def histogram(self, tag: str, values, step: int) -> None:
         self.writer.add_histogram(tag, values.cpu(), step)
