@@ -107,10 +107,9 @@ def safe_load(path: str | Path, what: str = "checkpoint") -> object:
 
 def _torch_file(path: Path) -> bool:
     """torch.save writes a zip archive (or, in its legacy format, a pickle: byte 0x80)."""
-    if zipfile.is_zipfile(path):
-        return True
     with open(path, "rb") as f:
-        return f.read(1) == b"\x80"
+        head = f.read(4)
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"  # a truncated zip included
 
 
 def _shorten(text: str, limit: int = 160) -> str:

@@ -22,6 +22,13 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 
 
+def job_dir(sweep: Path, n) -> Path:
+    """Job n's folder in a sweep: `<n>_<its overrides>` (a path that does not exist when the
+    job has none)."""
+    found = sorted(Path(sweep).glob(f"{n}_*")) if Path(sweep).is_dir() else []
+    return found[0] if found else Path(sweep) / f"{n}_missing"
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> Path:
     """One dataset cache for the whole session (MNIST-1D is generated once)."""

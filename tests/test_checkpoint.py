@@ -297,7 +297,8 @@ def test_bad_resume_inputs_give_one_line_errors(bprun, tmp_path):
     assert sorted(p.name for p in good.run_dir.rglob("*")) == before  # nothing lost or added
 
     last.write_bytes(data)
-    r = bprun(f"trainer.resume={good.run_dir}", "model.hidden=[32]", check=False)
+    more = "trainer.max_epochs=50"  # a finished run resumes only to train on
+    r = bprun(f"trainer.resume={good.run_dir}", "model.hidden=[32]", more, check=False)
     assert r.returncode != 0 and "does not match" in r.output
     assert "blocks.0.0.weight" in r.output and "Traceback" not in r.output
 

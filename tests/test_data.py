@@ -359,7 +359,7 @@ def test_timeseries_windows_are_chronological_without_leakage(signal):
 
 @pytest.mark.parametrize("loss", ["mse", "l1", "huber"])
 def test_regression_losses_check_the_target_kind(loss):
-    fn = build_loss(OmegaConf.load(ROOT / "conf" / "loss" / f"{loss}.yaml"))
+    fn = build_loss(OmegaConf.load(ROOT / "conf" / "loss" / f"{loss}.yaml"), "regression")
     out = torch.randn(8, 3)
     assert fn(out, out.clone()).item() == 0
     with pytest.raises(BprunError, match=f"loss={loss} needs float targets"):
@@ -445,4 +445,7 @@ def test_regression_tasks_end_to_end_with_mse_and_huber(bprun, tmp_path, dataset
 def test_wrong_loss_for_the_task_end_to_end(bprun):
     r = bprun("dataset=timeseries", "loss=nll", "trainer.fast_dev_run=true", check=False)
     assert r.returncode != 0 and "Traceback" not in r.output
-    assert "loss=nll needs class labels" in r.output
+    assert "the loss NLLLoss is for classification, but the dataset poses a regression task" in (
+        r.output
+    )
+    assert "use loss=mse, l1 or huber" in r.output

@@ -10,7 +10,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import BPRUN, ROOT
+from conftest import BPRUN, ROOT, job_dir
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 from search_helpers import FAST, counted, finished, load, param_sets
@@ -78,7 +78,7 @@ def test_unknown_key_fails_before_any_trial(bprun, tmp_path):
     assert r.returncode == 1
     assert r.stderr.strip().splitlines()[-1].startswith("error: search space: Could not override")
     assert "Traceback" not in r.output
-    assert not (tmp_path / "sweep" / "0").exists()
+    assert not job_dir(tmp_path / "sweep", 0).exists()
     assert not (tmp_path / "sweep" / "optuna.journal").exists()
 
 

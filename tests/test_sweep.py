@@ -17,7 +17,7 @@ from pathlib import Path
 
 import joblib
 import pytest
-from conftest import BPRUN
+from conftest import BPRUN, job_dir
 
 from bprun.sweep import summary as sweep_summary
 from bprun.sweep.callback import parallel_jobs, threads_per_job
@@ -193,12 +193,6 @@ def test_joblib_jobs_run_in_parallel_with_their_share_of_threads(tmp_path, data_
     share = max(1, joblib.cpu_count() // 2)  # cores // 2 jobs
     for job in (0, 1, 2):
         assert f"torch threads: {share} (" in (job_dir(sweep, job) / "bprun.log").read_text()
-
-
-def job_dir(sweep: Path, n) -> Path:
-    """Job n's folder: `<n>_<its overrides>` (a path that does not exist when there is none)."""
-    found = sorted(sweep.glob(f"{n}_*")) if sweep.is_dir() else []
-    return found[0] if found else sweep / f"{n}_missing"
 
 
 def test_threads_per_parallel_job():

@@ -8,7 +8,7 @@ import subprocess
 import threading
 
 import pytest
-from conftest import BPRUN
+from conftest import BPRUN, job_dir
 
 from bprun.sweep import gpus
 
@@ -62,10 +62,10 @@ def test_parallel_sweep_gives_each_job_its_own_gpu(tmp_path, data_dir):
         env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "7,9"},
     )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    jobs = [json.loads((sweep / str(i) / "job.json").read_text()) for i in range(3)]
+    jobs = [json.loads((job_dir(sweep, i) / "job.json").read_text()) for i in range(3)]
     assert all(job["gpu"] in ("7", "9") for job in jobs)
     for i, a in enumerate(jobs):
-        log = (sweep / str(i) / "bprun.log").read_text()
+        log = (job_dir(sweep, i) / "bprun.log").read_text()
         assert f"GPU {a['gpu']} (CUDA_VISIBLE_DEVICES={a['gpu']})" in log
         for b in jobs[i + 1 :]:
             if a["started"] < b["ended"] and b["started"] < a["ended"]:  # side by side

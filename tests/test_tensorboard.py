@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import job_dir
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import api_pb2
 from tensorboard.plugins.hparams import metadata as hp
@@ -68,7 +69,7 @@ def sweep(tmp_path_factory, data_dir) -> Path:
 
 def test_scalars_and_hparams_for_the_hparams_tab(sweep):
     for job, optim in (("0", "sgd"), ("1", "adamw")):
-        run = sweep / job
+        run = job_dir(sweep, job)
         ea = events(run)
         scalars = set(ea.Tags()["scalars"])
         assert {"lr/group0", "train/loss", "val/loss", "best/val/loss", "test/acc"} <= scalars
@@ -88,7 +89,7 @@ def test_scalars_and_hparams_for_the_hparams_tab(sweep):
 
 
 def test_histograms_in_the_chosen_epoch_and_the_graph(sweep):
-    ea = events(sweep / "0")
+    ea = events(job_dir(sweep, 0))
     tags = ea.Tags()
     assert tags["graph"] is True
     weights = {t.removeprefix("weights/") for t in tags["histograms"] if t.startswith("weights/")}
@@ -107,6 +108,9 @@ def test_tensorboard_server_serves_the_runs(sweep):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
+    # TensorBoard names each run by its folder: the job number and its overrides.
+    runs = [job_dir(sweep, 0).name, job_dir(sweep, 1).name]
+    assert "optim:sgd" in runs[0] and "optim:adamw" in runs[1]
     try:
         url = f"http://127.0.0.1:{port}/data/plugin/scalars/tags"
         deadline, tags = time.time() + 90, {}
@@ -117,11 +121,11 @@ def test_tensorboard_server_serves_the_runs(sweep):
                     tags = json.load(response)
             except OSError:
                 pass
-            if {"0", "1"} <= set(tags) and all("best/val/loss" in tags[r] for r in ("0", "1")):
+            if set(runs) <= set(tags) and all("best/val/loss" in tags[r] for r in runs):
                 break
             time.sleep(0.5)
-        assert {"0", "1"} <= set(tags), tags
-        for run in ("0", "1"):
+        assert set(runs) <= set(tags), tags
+        for run in runs:
             assert {"lr/group0", "val/loss", "best/val/loss", "test/acc"} <= set(tags[run])
     finally:
         server.terminate()
