@@ -32,7 +32,8 @@ def compose_experiment(name: str, *overrides: str):
 
 
 def test_every_experiment_file_is_a_paper_experiment():
-    assert sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")) == sorted(PAPER)
+    papers = [p.stem for p in (CONF / "experiment").glob("mnist1d_paper_*.yaml")]
+    assert sorted(papers) == sorted(PAPER)
     for path in (CONF / "experiment").glob("*.yaml"):
         assert path.read_text().startswith("# @package _global_\n"), path
 
@@ -54,6 +55,7 @@ def paper_model(name: str):
     args = OmegaConf.to_container(compose_experiment(name).model, resolve=True)
     assert args.pop("init") == "default"  # bprun applies model.init itself
     assert args.pop("activation_checkpointing") is False  # and this one
+    assert args.pop("init_from") is None  # and this one
     return instantiate(args, input_shape=(1, 40), num_classes=10)  # MNIST-1D's shape
 
 

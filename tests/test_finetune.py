@@ -269,7 +269,7 @@ class Payload:
     "case, message",
     [
         ("missing", r"model.weights=.*nope.pth: no such file"),
-        ("corrupt", r"nope.pth is not a weights file \(not a file torch.save wrote\): give "),
+        ("corrupt", r"nope.pth: the file is truncated or corrupted"),
         ("corrupt_safetensors", r"not a valid .safetensors file"),
         ("pickled_code", r"refused to load .*: it holds Python objects"),
         (

@@ -200,7 +200,7 @@ def test_killed_search_continues_to_exactly_n_trials(tmp_path, data_dir):
 def test_pruned_trial_frees_its_slot_while_the_other_runs(tmp_path, data_dir):
     sweep = tmp_path / "sweep"
     # Trial n is drawn with seed 10 + n: lr good, good, bad, good, bad. Bad trials are pruned
-    # after their second epoch; good ones run 12.
+    # after their second epoch; good ones run 40, long enough to outlast a pruned one under load.
     r = run(
         search_args(
             sweep,
@@ -211,7 +211,7 @@ def test_pruned_trial_frees_its_slot_while_the_other_runs(tmp_path, data_dir):
             "search.seed=11",
             "search.pruner_startup_trials=1",
             "search.n_warmup_steps=1",
-            "trainer.max_epochs=12",
+            "trainer.max_epochs=40",
             "optim=adam",
             "optim.lr=choice(1e-2,1e-6)",
             "optim.weight_decay=interval(0,1e-6)",

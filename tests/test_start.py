@@ -29,5 +29,7 @@ def test_the_command_line_alone_loads_no_torch():
 
 
 def test_resnet_still_resolves_by_its_config_path():
-    loaded = imported_after("from hydra.utils import get_method; get_method('bprun.models.resnet')")
+    loaded = imported_after(
+        "from hydra.utils import get_method; get_method('bprun.models.resnet.resnet')"
+    )
     assert "torchvision" in loaded

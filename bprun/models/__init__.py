@@ -2,6 +2,8 @@
 
 `num_classes` is the width of the output: the number of classes for
 classification, the number of targets (or a forecast horizon) for regression.
+`bprun.models.resnet.resnet` is not imported here: it needs torchvision, whose
+import pulls in torch._dynamo (seconds), so only model=resnet pays for it.
 """
 
 from bprun.models.cnn import CNN
@@ -20,16 +22,4 @@ __all__ = [
     "RecurrentNet",
     "Transformer",
     "init_weights",
-    "resnet",
 ]
-
-
-def __getattr__(name: str):
-    # `resnet` needs torchvision, whose import pulls in torch._dynamo (seconds): load it only
-    # for model=resnet. The function replaces the submodule of the same name on first use.
-    if name == "resnet":
-        from bprun.models.resnet import resnet
-
-        globals()["resnet"] = resnet
-        return resnet
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
