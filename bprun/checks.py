@@ -18,6 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 from bprun.errors import BprunError
 from bprun.overrides import key_of
 
+REQUIRED = ("dataset", "model", "loss", "optim", "sched", "trainer")
+
 TYPED = {  # node -> its schema, imported lazily by name
     "trainer": ("bprun.engine.settings", "TrainerSettings"),
     "gradcheck": ("bprun.diagnostics.settings", "GradcheckSettings"),
@@ -76,6 +78,17 @@ def check_command_line(argv: list[str], multirun: bool = False) -> None:
         raise BprunError(_bad_override(e, overrides)) from None
     except OverrideParseException as e:
         raise BprunError(f"cannot read the command line: {_first_line(e)}") from None
+    for node in REQUIRED:
+        if node not in cfg:
+            raise BprunError(
+                f"~{node} removes a part every run needs: drop it, or pick another option "
+                f"with {node}=<name> (bprun --help lists them)"
+            )
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except Exception as e:  # an interpolation that names nothing, and the like
+        where = getattr(e, "full_key", None)
+        raise BprunError(f"{where or 'the config'}: {_first_line(e)}") from None
     check_typed_keys(cfg)
     from bprun.tasks import TASKS
 
@@ -146,11 +159,13 @@ def _bad_override(e: BaseException, overrides: list[str]) -> str:
     cause = e.__cause__
     key = getattr(cause, "full_key", None)
     text = _first_line(cause) if cause is not None else _first_line(e)
-    if key and ("not in" in text or "not in struct" in text):
+    if key and "not in" in text:
         parent, _, leaf = key.rpartition(".")
         base = compose([o for o in overrides if key_of(o) != key])
         node = OmegaConf.select(base, parent) if parent else base
         keys = list(node.keys()) if isinstance(node, DictConfig) else []
+        if leaf in keys:  # the key exists: the override itself is what cannot work
+            return f"{key}: {text}"
         hint = did_you_mean(leaf, keys, f"{parent}." if parent else "")
         where = parent or "the config"
         return f"{key} is not a setting of {where}: " + (

@@ -159,6 +159,10 @@ def _main(argv: list[str]) -> None:
     # Hydra's parser wants its flags before the overrides; accept them anywhere.
     flags = [a for a in argv if a in ("-m", "--multirun")]
     argv = flags + [a for a in argv if a not in flags]
+    modes = sorted({a for a in argv if a in ("--cfg", "-c", "--info", "-i")} | set(flags[:1]))
+    if len(modes) > 1:
+        print(f"error: {' and '.join(modes)} cannot go together: give one of them", file=sys.stderr)
+        sys.exit(1)
     try:
         if not any(a.startswith("--") and a != "--multirun" for a in argv):
             multirun = bool(flags) or "hydra.mode=MULTIRUN" in argv
