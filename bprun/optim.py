@@ -24,35 +24,6 @@ NORM_LAYERS = (
 )
 
 
-def param_groups_weight_decay(model: nn.Module, weight_decay: float | None = None) -> list[dict]:
-    """Two parameter groups: decayed weights, and biases/normalisation parameters without decay.
-
-    As timm's `param_groups_weight_decay`: every parameter with at most one
-    dimension (biases, norm scales and shifts) and every parameter of a
-    normalisation layer goes into a group with weight_decay 0. The other group
-    gets `weight_decay` (None: the optimizer's own setting). Shared parameters
-    are listed once; frozen ones are left out; empty groups are dropped.
-    """
-    decay, no_decay, seen = [], [], set()
-    for module in model.modules():
-        is_norm = isinstance(module, NORM_LAYERS)
-        for p in module.parameters(recurse=False):
-            if not p.requires_grad or id(p) in seen:
-                continue
-            seen.add(id(p))
-            (no_decay if is_norm or p.ndim <= 1 else decay).append(p)
-    groups = []
-    if decay:
-        groups.append(
-            {"params": decay}
-            if weight_decay is None
-            else {"params": decay, "weight_decay": weight_decay}
-        )
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return groups
-
-
 def param_groups(
     model: nn.Module,
     lr: float | None = None,
@@ -65,9 +36,10 @@ def param_groups(
     `lr_mult` maps name patterns (see `bprun.engine.freeze`) to multipliers of
     `lr`: discriminative learning rates. A parameter takes the first pattern
     that matches it; the rest form the `default` group. With `split_decay`,
-    each group is split again as `param_groups_weight_decay` splits a model:
-    biases and normalisation parameters get weight_decay 0. Parameters the
-    model itself froze are left out; `trainer.freeze` freezes after the
+    each group is split again as timm's `param_groups_weight_decay` splits a
+    model: every parameter with at most one dimension (biases, norm scales and
+    shifts) and every parameter of a normalisation layer gets weight_decay 0.
+    Shared parameters are listed once; parameters the model itself froze are left out; `trainer.freeze` freezes after the
     optimizer is built, so its parameters are in (an optimizer skips parameters
     without gradients) and unfreezing needs no new groups. Each group carries
     `name` and `lr_mult`.
