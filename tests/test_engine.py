@@ -66,19 +66,22 @@ def test_training_lowers_loss_and_reaches_accuracy():
     assert t.history[-1]["val/acc"] > 0.85
 
 
+class Logged(dict):
+    """A tracker that keeps the last value logged under each name."""
+
+    def log(self, scalars, step):
+        self.update(scalars)
+
+
 def test_grad_clip_norm_bounds_the_update_and_logs_the_norm():
     x, y = problem()
     model = mlp()
-    logged = {}
-
-    class Tracker:
-        def log(self, scalars, step):
-            logged.update(scalars)
+    logged = Logged()
 
     s = TrainerSettings(progress=False, max_updates=1, grad_clip=GradClip("norm", 1e-3))
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     before = [p.detach().clone() for p in model.parameters()]
-    t = Trainer(s, model, nn.CrossEntropyLoss(), opt, num_classes=3, tracker=Tracker())
+    t = Trainer(s, model, nn.CrossEntropyLoss(), opt, num_classes=3, tracker=logged)
     t.fit(InMemoryLoader(x, y, 50, shuffle=True), None)
     step = torch.cat([(p - b).flatten() for p, b in zip(model.parameters(), before, strict=True)])
     assert step.norm() <= 1e-3 * 1.0001  # lr 1 x clipped gradient norm
@@ -88,16 +91,12 @@ def test_grad_clip_norm_bounds_the_update_and_logs_the_norm():
 def test_grad_clip_value_bounds_every_element_and_logs_the_norm_before():
     x, y = problem()
     model = mlp()
-    logged = {}
-
-    class Tracker:
-        def log(self, scalars, step):
-            logged.update(scalars)
+    logged = Logged()
 
     s = TrainerSettings(progress=False, max_updates=1, grad_clip=GradClip("value", 1e-3))
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     before = [p.detach().clone() for p in model.parameters()]
-    Trainer(s, model, nn.CrossEntropyLoss(), opt, num_classes=3, tracker=Tracker()).fit(
+    Trainer(s, model, nn.CrossEntropyLoss(), opt, num_classes=3, tracker=logged).fit(
         InMemoryLoader(x, y, 50, shuffle=True), None
     )
     step = torch.cat([(p - b).flatten() for p, b in zip(model.parameters(), before, strict=True)])
@@ -112,18 +111,14 @@ def test_clipping_sees_unscaled_gradients_on_the_cpu():
     """The GradScaler path without CUDA: a CPU GradScaler, clipping after unscale."""
     x, y = problem()
     model = mlp()
-    logged = {}
-
-    class Tracker:
-        def log(self, scalars, step):
-            logged.update(scalars)
+    logged = Logged()
 
     reference = mlp()
     loss = nn.functional.cross_entropy(reference(x[:50]), y[:50])
     true_norm = torch.cat([g.flatten() for g in torch.autograd.grad(loss, reference.parameters())])
     s = TrainerSettings(progress=False, max_updates=1, grad_clip=GradClip("norm", 1e-3))
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
-    t = Trainer(s, model, nn.CrossEntropyLoss(), opt, num_classes=3, tracker=Tracker())
+    t = Trainer(s, model, nn.CrossEntropyLoss(), opt, num_classes=3, tracker=logged)
     t.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
     before = [p.detach().clone() for p in model.parameters()]
     t.fit(InMemoryLoader(x, y, 50), None)
