@@ -1,6 +1,6 @@
 """Benchmark: bprun's engine against a hand-written PyTorch loop on the same batches.
 
-    python -m bprun.bench [--updates 200] [--rounds 5] [--threads 1] [--full]
+    python -m bprun.bench [--updates 150] [--rounds 4] [--threads 1] [--full]
     python -m bprun.bench --techniques     # activation checkpointing and EMA (bench/techniques.py)
     python -m bprun.bench --ddp [--devices 2] [--device cpu]   (see ddp.py)
     python -m bprun.bench --data      the data paths (bprun/bench/data.py)
@@ -172,7 +172,7 @@ VARIANTS = {
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--updates", type=int, default=None, help="default 200")
-    parser.add_argument("--rounds", type=int, default=None, help="default 5, 8 with --full")
+    parser.add_argument("--rounds", type=int, default=None, help="default 4, 8 with --full")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--models", default="mlp,cnn")
     parser.add_argument("--variants", default=None, help=f"comma-separated: {', '.join(VARIANTS)}")
@@ -217,8 +217,8 @@ def main(argv=None) -> None:
         return ddp(args)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    if args.updates is None:
-        args.updates = 200
+    if args.updates is None:  # the default run stays under two minutes on 2 cores
+        args.updates = 200 if args.techniques or args.full else 150
     if args.techniques:
         from bprun.bench import techniques
 
@@ -227,9 +227,7 @@ def main(argv=None) -> None:
         techniques.run(args.updates, args.rounds or 5, models, torch.device(args.device))
         return
     if args.rounds is None:
-        args.rounds = 8 if args.full else 5
-    if args.updates is None:
-        args.updates = 200
+        args.rounds = 8 if args.full else 4
     if args.variants is None:
         args.variants = "features off,grad clip" + (",bf16-mixed" if args.full else "")
     torch.set_num_threads(args.threads)
