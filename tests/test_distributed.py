@@ -112,6 +112,19 @@ def test_two_ranks_train_like_one_process(reference):
     assert m_ddp["best"]["val/acc"] == pytest.approx(m_one["best"]["val/acc"], abs=1e-6)
 
 
+def test_two_ranks_streaming_train_like_one_process(reference, tmp_path):
+    """The streaming path shards the same seeded order: DataLoader workers on each rank, and
+    the one-process in-memory run's weights at the end."""
+    run = tmp_path / "stream"
+    args = [*DDP, "dataset.loader=stream", "dataset.num_workers=1"]
+    code, out = finish(start(run, *args, data_dir=reference["one"].parent / "data"))
+    assert code == 0, out[-3000:]
+    assert "stream" in out
+    one = weights(reference["one"])
+    for name, value in weights(run).items():
+        assert torch.allclose(value, one[name], atol=1e-6), name
+
+
 def test_killed_rank_ends_the_job_and_resume_matches(reference, tmp_path):
     run = tmp_path / "run"
     proc = start(run, *DDP, data_dir=reference["ddp"].parent / "data")

@@ -25,6 +25,7 @@ from bprun.build import build_data
 from bprun.config import register_configs
 from bprun.data.loader import InMemoryLoader
 from bprun.data.sampler import SeededSampler
+from bprun.data.stream import StreamLoader, TensorRows
 from bprun.data.table import load_table
 from bprun.errors import BprunError
 from bprun.tasks.eval import run as evaluate
@@ -123,6 +124,32 @@ def test_in_memory_loader_keeps_its_order():
     expected = torch.randperm(30, generator=g)
     got = torch.cat([xb[:, 0] for xb, _ in loader.batches(1)]).long()
     assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("world_size", [1, 3])
+def test_both_loaders_read_the_samplers_shares(world_size):
+    """In memory and streamed, each rank gets the same share of the same global batches; a
+    last batch smaller than the world gives the ranks without a share one stand-in example
+    that counts for nothing (local_len 0)."""
+    n, per_rank = 25, 4  # world 3: global batches of 12, 12 and 1
+    x, y = torch.arange(n).float().unsqueeze(1), torch.arange(n)
+    counted = []
+    for rank in range(world_size):
+        memory = InMemoryLoader(x, y, per_rank, shuffle=True, seed=3).shard(rank, world_size)
+        sampler = SeededSampler(n, per_rank, shuffle=True, seed=3)
+        stream = StreamLoader(TensorRows(x, y), sampler, torch.device("cpu")).shard(
+            rank, world_size
+        )
+        assert len(memory) == len(stream) == (3 if world_size == 3 else 7)
+        for epoch in (0, 2):
+            pairs = zip(memory.batches(epoch), stream.batches(epoch), strict=True)
+            for b, ((xm, ym), (xs, ys)) in enumerate(pairs):
+                assert torch.equal(xm, xs) and torch.equal(ym, ys)
+                assert len(ym) >= 1
+                assert memory.local_len(b) == stream.local_len(b) <= len(ym)
+                if epoch == 0:
+                    counted += ym[: memory.local_len(b)].tolist()
+    assert sorted(counted) == list(range(n))  # every example once per epoch over the ranks
 
 
 def test_streamed_batches_depend_on_their_key_alone(images):

@@ -11,6 +11,7 @@ import time
 
 import pytest
 from conftest import BPRUN, ROOT, job_dir
+from omegaconf import OmegaConf
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 from search_helpers import FAST, counted, finished, load, param_sets
@@ -232,6 +233,42 @@ def test_pruned_trial_frees_its_slot_while_the_other_runs(tmp_path, data_dir):
         # The next trial started in the pruned one's slot before the other running one ended.
         reused |= any(n.datetime_start < o.datetime_complete for n in after[:1] for o in others)
     assert reused, [(t.number, t.state, t.datetime_start, t.datetime_complete) for t in trials]
+
+
+@pytest.mark.slow
+def test_two_rank_trials_share_rank0s_parameters_and_prune_decision(tmp_path, data_dir):
+    """Under trainer.devices=2 the trial belongs to rank 0: both ranks train with its
+    parameters (the frozen config) and stop at its prune decision, so the job ends pruned
+    instead of one rank waiting for the other in an all-reduce."""
+    sweep = tmp_path / "sweep"
+    # Seeds as above: trial 2 draws the bad lr and is pruned after its second epoch.
+    r = run(
+        search_args(
+            sweep,
+            data_dir,
+            "search.n_trials=3",
+            "search.sampler=random",
+            "search.seed=11",
+            "search.pruner_startup_trials=1",
+            "search.n_warmup_steps=1",
+            "trainer.devices=2",
+            "optim=adam",
+            "optim.lr=choice(1e-2,1e-6)",
+            "optim.weight_decay=interval(0,1e-6)",
+        )
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    trials = load(sweep / "optuna.journal", "mlp_lr").trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2 + [TrialState.PRUNED]
+    for t in trials:
+        folder = sweep / str(t.number)
+        metrics = json.loads((folder / "metrics.json").read_text())
+        assert metrics["world_size"] == 2
+        frozen = OmegaConf.load(folder / "frozen_config.yaml")
+        assert frozen.config.optim.lr == t.params["optim.lr"]
+        assert frozen.config.optim.weight_decay == t.params["optim.weight_decay"]
+        assert len(list(folder.glob("events.out.tfevents.*"))) == 1
+    assert metrics["status"] == "pruned" and metrics["epochs"] == 2
 
 
 @pytest.mark.parametrize(

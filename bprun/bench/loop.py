@@ -5,7 +5,9 @@
     python -m bprun.bench --ddp [--devices 2] [--device cpu]   (see ddp.py)
     python -m bprun.bench --data      the data paths (bprun/bench/data.py)
 
-For each model (the shipped `mlp` and `cnn` configs on MNIST-1D) the engine
+For each model on MNIST-1D (the shipped `mlp` and `cnn` configs, and
+`paper_cnn`, the 5,210-parameter CNN of `+experiment=mnist1d_paper_cnn`, where
+the optimizer step is a large share of the update) the engine
 and the plain loop train a fresh copy of the same initial weights for the same
 number of updates over the same batches, alternating several times; the
 median of the per-round throughput ratios is reported. The plain loop runs
@@ -161,6 +163,13 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# bench model name -> the overrides that compose it
+MODELS = {
+    "mlp": ["model=mlp"],
+    "cnn": ["model=cnn"],
+    "paper_cnn": ["+experiment=mnist1d_paper_cnn"],
+}
+
 VARIANTS = {
     "features off": {},
     "grad clip": {"grad_clip": GradClip("norm", 1.0)},
@@ -174,7 +183,7 @@ def main(argv=None) -> None:
     parser.add_argument("--updates", type=int, default=None, help="default 200")
     parser.add_argument("--rounds", type=int, default=None, help="default 4, 8 with --full")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--models", default="mlp,cnn")
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated")
     parser.add_argument("--variants", default=None, help=f"comma-separated: {', '.join(VARIANTS)}")
     parser.add_argument("--full", action="store_true", help="bf16-mixed too, 8 rounds")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -223,7 +232,7 @@ def main(argv=None) -> None:
         from bprun.bench import techniques
 
         torch.set_num_threads(args.threads)
-        models = "mlp,deep_mlp,cnn" if args.models == "mlp,cnn" else args.models
+        models = "mlp,deep_mlp,cnn" if args.models == ",".join(MODELS) else args.models
         techniques.run(args.updates, args.rounds or 5, models, torch.device(args.device))
         return
     if args.rounds is None:
@@ -239,7 +248,9 @@ def main(argv=None) -> None:
     )
     with initialize_config_module("bprun.conf", version_base="1.3"):
         for name in args.models.split(","):
-            cfg = compose("config", overrides=[f"model={name}", "dataset=mnist1d"])
+            if name not in MODELS:
+                parser.error(f"--models: {name} is not one of {', '.join(MODELS)}")
+            cfg = compose("config", overrides=[*MODELS[name], "dataset=mnist1d"])
             if name == args.models.split(",")[0]:
                 probe = torch.nn.Linear(1, 1).to(device)
                 impl = impl_of(build_optimizer(cfg.optim, probe).param_groups)
@@ -248,7 +259,7 @@ def main(argv=None) -> None:
                     f"{impl}; plain: torch's default kernel"
                 )
                 print(
-                    f"{'model':<6} {'variant':<13} {'engine upd/s':>13} {'plain upd/s':>12} "
+                    f"{'model':<9} {'variant':<13} {'engine upd/s':>13} {'plain upd/s':>12} "
                     f"{'ratio':>7} {'plain+impl upd/s':>17} {'ratio':>7}"
                 )
             for variant in args.variants.split(","):
@@ -259,7 +270,7 @@ def main(argv=None) -> None:
                     for other in ("plain", "plain_impl")
                 )
                 print(
-                    f"{name:<6} {variant:<13} {statistics.median(engine):>13.1f} "
+                    f"{name:<9} {variant:<13} {statistics.median(engine):>13.1f} "
                     f"{statistics.median(rates['plain']):>12.1f} {ratio:>7.3f} "
                     f"{statistics.median(rates['plain_impl']):>17.1f} {ratio_impl:>7.3f}",
                     flush=True,

@@ -1,14 +1,14 @@
 """Batches sliced from tensors that already live on the training device.
 
 For data that fits in memory this replaces `torch.utils.data.DataLoader`,
-whose per-batch Python work costs more than a small model's step. Each
-epoch's order is a permutation drawn from a generator seeded with
-(seed, epoch), so any position in the run, mid-epoch included, can be
-reproduced from two integers.
+whose per-batch Python work costs more than a small model's step. The order
+is the `SeededSampler`'s, the same one the streaming loader follows, so the
+two paths see the same batches for the same seed, and any position in a run,
+mid-epoch included, is two integers (epoch, batch).
 
 Under data parallelism every rank builds the same loader and calls
 `shard(rank, world_size)`: batches become global batches (per-rank batch x
-world size) of the same seeded order, and each rank takes its part of each
+world size) of the same seeded order, and each rank takes its share of each
 one, so the samples per epoch and each update's samples match one process.
 """
 
@@ -17,6 +17,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import torch
+
+from bprun.data.sampler import SeededSampler
 
 
 class InMemoryLoader:
@@ -30,74 +32,50 @@ class InMemoryLoader:
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
         max_batches: int | None = None,
     ):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.x, self.y = x, y
-        self.batch_size = batch_size
-        self.shuffle = shuffle
-        self.seed = seed
         self.transform = transform  # applied to each input batch (augmentation, dtype)
-        self.max_batches = max_batches
-        self.rank, self.world_size = 0, 1
-        self._count_batches()
-
-    def _count_batches(self) -> None:
-        full = -(-len(self.x) // self.batch_size)
-        limit = self.max_batches
-        self.num_batches = full if limit is None else max(1, min(full, limit))
+        self.sampler = SeededSampler(len(x), batch_size, shuffle, seed, max_batches=max_batches)
 
     def shard(self, rank: int, world_size: int) -> InMemoryLoader:
-        """Make `batch_size` the global batch and yield this rank's part of each batch."""
-        if world_size > 1:
-            self.batch_size *= world_size
-            self.rank, self.world_size = rank, world_size
-            self._count_batches()
+        """Make `batch_size` the global batch and yield this rank's share of each batch."""
+        self.sampler = self.sampler.sharded(rank, world_size)
         return self
 
-    def __len__(self) -> int:
-        return self.num_batches
+    batch_size = property(lambda self: self.sampler.batch_size)  # the global batch
+    num_batches = property(lambda self: self.sampler.num_batches)
+    num_samples = property(lambda self: self.sampler.num_samples)
+    shuffle = property(lambda self: self.sampler.shuffle)
+    seed = property(lambda self: self.sampler.seed)
 
-    @property
-    def num_samples(self) -> int:
-        return min(len(self.x), self.num_batches * self.batch_size)
+    def __len__(self) -> int:
+        return self.sampler.num_batches
 
     def batch_len(self, index: int) -> int:
-        """Number of samples in batch `index` of an epoch (the last one may be short)."""
-        return min(self.batch_size, self.num_samples - index * self.batch_size)
+        """Samples in global batch `index` (the last one may be short)."""
+        return self.sampler.global_batch_len(index)
 
     def local_len(self, index: int) -> int:
-        """Samples of batch `index` on this rank (`torch.tensor_split`'s sizes)."""
-        n = self.batch_len(index)
-        return n // self.world_size + (1 if self.rank < n % self.world_size else 0)
+        """Samples of batch `index` on this rank (0 when it holds only the stand-in)."""
+        return self.sampler.batch_len(index)
 
     def order(self, epoch: int) -> torch.Tensor | None:
-        if not self.shuffle:
-            return None
-        g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % (2**63))
-        return torch.randperm(len(self.x), generator=g).to(self.x.device)
+        """The epoch's permutation, on the data's device (None when not shuffling)."""
+        order = self.sampler.order(epoch)
+        return None if order is None else order.to(self.x.device)
 
     def batches(
         self, epoch: int = 0, start: int = 0
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield the batches of `epoch` from batch index `start` on."""
-        perm = self.order(epoch)
-        bs = self.batch_size
-        for i in range(start, self.num_batches):
-            if perm is None:
-                x, y = self.x[i * bs : (i + 1) * bs], self.y[i * bs : (i + 1) * bs]
+        order = self.order(epoch)
+        for b in range(start, self.sampler.num_batches):
+            lo, hi = self.sampler.positions(b)
+            if order is None:  # contiguous: views, no copy
+                x, y = self.x[lo:hi], self.y[lo:hi]
             else:
-                idx = perm[i * bs : (i + 1) * bs]
+                idx = order[lo:hi]
                 x, y = self.x[idx], self.y[idx]
-            if self.world_size > 1:
-                x, y = self._part(x), self._part(y)
             yield (x if self.transform is None else self.transform(x)), y
-
-    def _part(self, t: torch.Tensor) -> torch.Tensor:
-        part = torch.tensor_split(t, self.world_size)[self.rank]
-        # A global batch smaller than the world leaves some ranks nothing; they still run
-        # the step (every rank joins each gradient all-reduce) on one sample that the
-        # trainer weights by zero (local_len is 0).
-        return part if len(part) else t[:1]
 
     def __iter__(self):
         return self.batches(0)

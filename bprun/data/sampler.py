@@ -6,6 +6,9 @@ depends on (seed, epoch, batch) alone and any position in a run, mid-epoch
 included, is two integers. With `world_size` processes each global batch is
 split into `world_size` contiguous shares, one per rank: together the ranks
 see exactly the batches, and the samples per epoch, of a one-process run.
+A last batch smaller than the world leaves some ranks no share; they get one
+stand-in example (the batch's first), which the trainer weights by zero, so
+every rank still joins each gradient all-reduce.
 """
 
 from __future__ import annotations
@@ -57,6 +60,20 @@ class SeededSampler:
     def __len__(self) -> int:
         return self.num_batches
 
+    def sharded(self, rank: int, world_size: int) -> SeededSampler:
+        """This sampler's batch as the per-rank batch: the global batch is `world_size` times it."""
+        if world_size == 1:
+            return self
+        return SeededSampler(
+            self.num_examples,
+            self.batch_size * world_size,
+            self.shuffle,
+            self.seed,
+            rank,
+            world_size,
+            self.max_batches,
+        )
+
     @property
     def num_samples(self) -> int:
         """Examples per epoch over all ranks."""
@@ -85,9 +102,19 @@ class SeededSampler:
         return lo, lo + base + (1 if self.rank < extra else 0)
 
     def batch_len(self, index: int) -> int:
-        """Samples in this rank's share of batch `index` (the last batch may be short)."""
+        """Samples in this rank's share of batch `index` (the last batch may be short; 0 when
+        the rank only holds the stand-in)."""
         start, end = self.bounds(index)
         return end - start
+
+    def positions(self, index: int) -> tuple[int, int]:
+        """[start, end) positions this rank reads for batch `index`: its share, or the
+        stand-in when the share is empty."""
+        start, end = self.bounds(index)
+        if start == end:
+            start = self.global_bounds(index)[0]
+            end = start + 1
+        return start, end
 
     def global_batch_len(self, index: int) -> int:
         start, end = self.global_bounds(index)
@@ -95,7 +122,7 @@ class SeededSampler:
 
     def indices(self, epoch: int, index: int, order: torch.Tensor | None = None) -> torch.Tensor:
         """Example indices of this rank's share of batch `index` of `epoch`."""
-        start, end = self.bounds(index)
+        start, end = self.positions(index)
         if not self.shuffle:
             return torch.arange(start, end)
         order = self.order(epoch) if order is None else order

@@ -111,19 +111,8 @@ class StreamLoader:
 
     def shard(self, rank: int, world_size: int) -> StreamLoader:
         """Make `batch_size` the global batch and stream this rank's share of each batch."""
-        if world_size > 1:
-            s = self.sampler
-            self.sampler = SeededSampler(
-                s.num_examples,
-                s.batch_size * world_size,
-                s.shuffle,
-                s.seed,
-                rank,
-                world_size,
-                s.max_batches,
-            )
-            self._keys.sampler = self.sampler
-            self.batch_size, self.num_batches = self.sampler.batch_size, self.sampler.num_batches
+        self.sampler = self._keys.sampler = self.sampler.sharded(rank, world_size)
+        self.batch_size, self.num_batches = self.sampler.batch_size, self.sampler.num_batches
         return self
 
     @property
