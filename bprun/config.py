@@ -7,6 +7,22 @@ from bprun.diagnostics.settings import GradcheckSettings, LrFindSettings
 from bprun.engine.settings import TrainerSettings
 from bprun.search.settings import SearchSettings
 
+# top-level key -> its schema: what compose checks, and what a frozen config gets back
+SCHEMAS = {
+    "trainer": TrainerSettings,
+    "gradcheck": GradcheckSettings,
+    "lr_find": LrFindSettings,
+    "search": SearchSettings,
+}
+
+
+def typed(cfg) -> None:
+    """Give a config loaded from plain YAML (a frozen config) its schemas back, so the tasks
+    read typed, validated settings as after compose."""
+    for key, schema in SCHEMAS.items():
+        if key in cfg:
+            cfg[key] = OmegaConf.merge(OmegaConf.structured(schema), cfg[key])
+
 
 def register_configs() -> None:
     cs = ConfigStore.instance()

@@ -192,14 +192,13 @@ def run_rank(frozen_text: str) -> float | None:
     """Run the frozen config as this rank (the process group is up)."""
     import torch.distributed as dist
 
-    from bprun.engine.settings import TrainerSettings
+    from bprun.config import typed
     from bprun.tasks import run_task
 
     frozen = OmegaConf.create(frozen_text)
     run_dir = Path(frozen.run_dir)
     cfg = frozen.config
-    # The trainer node gets its schema back, so the tasks read typed settings as after compose.
-    cfg.trainer = OmegaConf.merge(OmegaConf.structured(TrainerSettings), cfg.trainer)
+    typed(cfg)
     setup_logging(run_dir, dist.get_rank())
     return run_task(cfg, run_dir, list(frozen.overrides))
 

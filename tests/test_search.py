@@ -241,12 +241,14 @@ def test_two_rank_trials_share_rank0s_parameters_and_prune_decision(tmp_path, da
     parameters (the frozen config) and stop at its prune decision, so the job ends pruned
     instead of one rank waiting for the other in an all-reduce."""
     sweep = tmp_path / "sweep"
-    # Seeds as above: trial 2 draws the bad lr and is pruned after its second epoch.
+    # One trial at a time, seeded: trial 0 draws the good lr and completes, a later one the
+    # bad lr and is pruned.
     r = run(
         search_args(
             sweep,
             data_dir,
             "search.n_trials=3",
+            "search.n_jobs=1",
             "search.sampler=random",
             "search.seed=11",
             "search.pruner_startup_trials=1",
@@ -259,7 +261,8 @@ def test_two_rank_trials_share_rank0s_parameters_and_prune_decision(tmp_path, da
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     trials = load(sweep / "optuna.journal", "mlp_lr").trials
-    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2 + [TrialState.PRUNED]
+    complete, pruned = TrialState.COMPLETE, TrialState.PRUNED
+    assert trials[0].state == complete and pruned in [t.state for t in trials[1:]]
     for t in trials:
         folder = sweep / str(t.number)
         metrics = json.loads((folder / "metrics.json").read_text())
@@ -268,7 +271,10 @@ def test_two_rank_trials_share_rank0s_parameters_and_prune_decision(tmp_path, da
         assert frozen.config.optim.lr == t.params["optim.lr"]
         assert frozen.config.optim.weight_decay == t.params["optim.weight_decay"]
         assert len(list(folder.glob("events.out.tfevents.*"))) == 1
-    assert metrics["status"] == "pruned" and metrics["epochs"] == 2
+        if t.state == pruned:  # both ranks stopped at rank 0's decision, and the job ended
+            assert metrics["status"] == "pruned" and metrics["epochs"] < 4
+        else:
+            assert metrics["status"] == "completed" and metrics["epochs"] == 4
 
 
 @pytest.mark.parametrize(
