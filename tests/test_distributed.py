@@ -1,7 +1,8 @@
 """`trainer.devices=2`: DistributedDataParallel over 2 CPU processes (gloo).
 
 The runs share one small set-up (a 32-unit MLP on sklearn's digits, SGD, 3
-epochs of ~100 updates each) so the suite pays for few launches.
+epochs of ~100 updates each, an EMA of the weights) so the suite pays for few
+launches.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ COMMON = [
     "trainer.progress=false",
     "trainer.log_every_n_updates=10",
     "trainer.checkpoint.every_n_updates=20",
+    "trainer.ema.decay=0.9",  # each rank keeps the average of the weights they share
 ]
 DDP = ["trainer.devices=2", "dataset.batch_size=8", "dataset.eval_batch_size=50"]
 ONE = ["dataset.batch_size=16", "dataset.eval_batch_size=100"]
@@ -52,7 +54,10 @@ def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
 
 
 def weights(run_dir: Path) -> dict:
-    return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["model"]
+    """The model's weights and, as `ema.<name>`, the EMA's, from the run's last.pt."""
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    ema = state["callbacks"]["averaging"]["weights"]
+    return {**state["model"], **{f"ema.{k}": v for k, v in ema.items()}}
 
 
 def children(pid: int) -> list[int]:
@@ -109,7 +114,8 @@ def test_two_ranks_train_like_one_process(reference):
     # Validation and test metrics are reduced over the ranks: every sample counted once.
     for key in ("test/acc", "test/loss"):
         assert m_ddp["test"][key] == pytest.approx(m_one["test"][key], abs=1e-5)
-    assert m_ddp["best"]["val/acc"] == pytest.approx(m_one["best"]["val/acc"], abs=1e-6)
+    for key in ("val/acc", "val_ema/acc", "val_ema/loss"):
+        assert m_ddp["best"][key] == pytest.approx(m_one["best"][key], abs=1e-5)
 
 
 def test_two_ranks_streaming_train_like_one_process(reference, tmp_path):
