@@ -18,7 +18,7 @@ run: install
 	$(BIN)/bprun $(ARGS)
 
 test: install
-	$(BIN)/pytest -n auto $(ARGS)
+	$(BIN)/pytest -n auto --durations=15 $(ARGS)
 
 lint: install
 	$(BIN)/ruff check bprun tests hydra_plugins
