@@ -138,6 +138,16 @@ def build_data(
         raise BprunError(f"dataset.val_fraction must be in [0, 1), got {own['val_fraction']}")
     args.pop("defaults", None)  # a dataset file read without Hydra: its loading keys default
     dataset: Dataset = _instantiate(args, "dataset", **source_extras(args, own, state))
+    if not isinstance(dataset, Dataset):
+        raise BprunError(
+            f"dataset={args['_target_']} gives {type(dataset).__name__}, not a dataset of "
+            "examples: "
+            + (
+                "it is a distribution of tasks, for task=meta (e.g. bprun experiment=maml_sine)"
+                if callable(getattr(dataset, "sample", None))
+                else "its _target_ must return a bprun.data.Dataset"
+            )
+        )
     if dataset.x_val is not None or "val_fraction" in source_params(args):
         x_tr, y_tr = dataset.x_train, dataset.y_train  # the source carved validation itself
         x_val, y_val = dataset.x_val, dataset.y_val
@@ -208,6 +218,24 @@ def _count(limit: float | None, total: int) -> int | None:
     if limit is None:
         return None
     return max(1, math.ceil(limit * total)) if limit <= 1.0 else int(limit)
+
+
+def build_tasks(node: DictConfig):
+    """The distribution of tasks named by the dataset node, for `task=meta`: a class with a
+    `sample(n_tasks, shots, query, generator)` method (see `bprun.meta.sine.SineTasks`)."""
+    from hydra.utils import get_object
+
+    args, _ = _split(node, {})
+    try:
+        target = get_object(args.get("_target_") or "")
+    except Exception:  # a bad target: instantiate names it
+        target = None
+    if target is not None and not callable(getattr(target, "sample", None)):
+        raise BprunError(
+            f"task=meta learns from a distribution of tasks, and dataset={args['_target_']} "
+            "is one dataset: use dataset=sine_tasks (e.g. bprun experiment=maml_sine)"
+        )
+    return _instantiate(args, "dataset")
 
 
 def build_model(node: DictConfig, dataset: Dataset) -> nn.Module:

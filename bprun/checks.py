@@ -3,7 +3,7 @@
 `check_command_line` composes the config once, as Hydra will, and turns
 composition errors into a message that names the key or option and the
 closest valid ones ("did you mean"). It also refuses `+key=value` on the
-typed nodes (trainer, gradcheck, lr_find), where Hydra would add a key that
+typed nodes (trainer, gradcheck, lr_find, meta), where Hydra would add a key that
 nothing reads. No torch here: this runs before the task is imported.
 """
 
@@ -24,6 +24,7 @@ TYPED = {  # node -> its schema, imported lazily by name
     "trainer": ("bprun.engine.settings", "TrainerSettings"),
     "gradcheck": ("bprun.diagnostics.settings", "GradcheckSettings"),
     "lr_find": ("bprun.diagnostics.settings", "LrFindSettings"),
+    "meta": ("bprun.meta.settings", "MetaSettings"),
 }
 
 
@@ -90,6 +91,8 @@ def check_command_line(argv: list[str], multirun: bool = False) -> None:
         where = getattr(e, "full_key", None)
         raise BprunError(f"{where or 'the config'}: {_first_line(e)}") from None
     check_typed_keys(cfg)
+    if cfg.get("task") == "meta":
+        OmegaConf.to_object(cfg.meta)  # its values, checked by MetaSettings before torch loads
     from bprun.tasks import TASKS
 
     if cfg.task not in TASKS:

@@ -159,6 +159,8 @@ def _main(argv: list[str]) -> None:
     # Hydra's parser wants its flags before the overrides; accept them anywhere.
     flags = [a for a in argv if a in ("-m", "--multirun")]
     argv = flags + [a for a in argv if a not in flags]
+    # No experiment is in the defaults list: `experiment=X` means `+experiment=X`.
+    argv = [f"+{a}" if a.startswith("experiment=") else a for a in argv]
     modes = sorted({a for a in argv if a in ("--cfg", "-c", "--info", "-i")} | set(flags[:1]))
     if len(modes) > 1:
         print(f"error: {' and '.join(modes)} cannot go together: give one of them", file=sys.stderr)

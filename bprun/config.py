@@ -5,6 +5,7 @@ from omegaconf import OmegaConf
 
 from bprun.diagnostics.settings import GradcheckSettings, LrFindSettings
 from bprun.engine.settings import TrainerSettings
+from bprun.meta.settings import MetaSettings
 from bprun.search.settings import SearchSettings
 
 # top-level key -> its schema: what compose checks, and what a frozen config gets back
@@ -29,6 +30,7 @@ def register_configs() -> None:
     cs.store(group="trainer", name="trainer_schema", node=TrainerSettings)
     cs.store(group="gradcheck", name="gradcheck_schema", node=GradcheckSettings)
     cs.store(group="lr_find", name="lr_find_schema", node=LrFindSettings)
+    cs.store(group="meta", name="meta_schema", node=MetaSettings)
     OmegaConf.register_new_resolver("run_name", run_name, replace=True)
     # The `search` node is always there (typed), so that `search=<name>` files and the
     # sweeper's `search.*` settings are checked when the config is composed.

@@ -71,7 +71,8 @@ def hparam_values(cfg, choices: dict[str, str] | None = None) -> dict[str, float
                 values[name] = value
 
     container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
-    walk({k: v for k, v in container.items() if k not in _NOT_HPARAMS}, "")
+    skip = _NOT_HPARAMS + (() if container.get("task") == "meta" else ("meta",))
+    walk({k: v for k, v in container.items() if k not in skip}, "")
     values.update(
         {
             k: str(v)
