@@ -29,6 +29,8 @@ Settings (override any value with key=value; `bprun --cfg job` prints them all):
   dataset.*    batch_size, val_fraction, augment, loader (auto|memory|stream), memory_budget,
                num_workers and the chosen source's own arguments
   optim.*      lr, weight_decay, ... of the chosen optimizer;  sched.* likewise
+  meta.*       task=meta (MAML): iterations, tasks_per_batch, shots, inner_steps, inner_lr,
+               first_order, eval_steps, ... (bprun experiment=maml_sine)
   seed         the global seed (0 is a seed like any other)
   paths.*      data_dir (datasets and their cache), output_dir (run folders)
 

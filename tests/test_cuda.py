@@ -285,3 +285,26 @@ def test_nccl_data_parallel_on_the_gpus_there_are(bprun, tmp_path):
     rate = lambda r: r.metrics["history"][-1]["throughput/samples_per_s"]  # noqa: E731
     print(f"NCCL, {n} rank(s): {rate(many):.0f} samples/s; one process {rate(one):.0f}")
     assert abs(many.metrics["test"]["test/acc"] - one.metrics["test"]["test/acc"]) < 0.05
+
+
+def test_maml_on_cuda_matches_the_cpu_and_runs_end_to_end(bprun):
+    from bprun.meta import maml
+    from bprun.meta.sine import SineTasks
+
+    batch = SineTasks().sample(25, 10, 10, torch.Generator().manual_seed(0))
+    grads = {}
+    for device in ("cpu", "cuda"):
+        torch.manual_seed(0)
+        net = nn.Sequential(
+            nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 1)
+        )
+        net = net.double().to(device)
+        on_device = batch.to(device)
+        support = tuple(t.double() for t in on_device.support)
+        query = tuple(t.double() for t in on_device.query)
+        maml.meta_loss(net, nn.MSELoss(), support, query, 1, 0.01).backward()
+        grads[device] = [p.grad.cpu() for p in net.parameters()]
+    for cpu, cuda in zip(grads["cpu"], grads["cuda"], strict=True):
+        assert torch.allclose(cpu, cuda, rtol=1e-9, atol=1e-12)
+    r = bprun("experiment=maml_sine", "meta.iterations=20", "trainer.device=cuda")
+    assert r.metrics["status"] == "completed" and "on cuda" in r.output

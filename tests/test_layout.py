@@ -68,6 +68,7 @@ def test_only_the_command_line_tasks_and_plugins_read_hydra_config():
         ("data", ("bprun.tasks", "bprun.cli", "bprun.build", "bprun.engine.trainer")),
         ("models", ("bprun.tasks", "bprun.cli", "bprun.build", "bprun.engine")),
         ("tracking", ("bprun.tasks", "bprun.cli", "bprun.build")),
+        ("meta", ("bprun.tasks", "bprun.cli", "bprun.build")),
     ],
 )
 def test_imports_run_one_way(package, forbidden):

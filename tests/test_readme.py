@@ -45,6 +45,8 @@ def test_readme_command_runs(command, bprun, tmp_path):
         assert "model" in r.stdout
         return
     budget = ["trainer.max_epochs=1", "trainer.max_updates=5"]
+    if any(a in ("task=meta", "experiment=maml_sine") for a in args):  # no epochs: iterations
+        budget = ["meta.iterations=5", "meta.eval_tasks=10"]
     if any(a.startswith(("search=", "hydra/sweeper=optuna")) for a in args):
         budget += ["search.n_trials=2", "search.n_jobs=1"]  # a search: two short trials
     r = bprun(*args, *budget, cwd=tmp_path)
