@@ -254,3 +254,10 @@ def test_what_task_meta_cannot_run_is_refused_before_it_starts(tmp_path, overrid
         run_in_process(tmp_path, *overrides)
     assert message in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "metrics.json").exists()
+
+
+def test_fast_dev_run_is_a_short_smoke_test_without_checkpoints(tmp_path):
+    m = run_in_process(tmp_path, "+experiment=maml_sine", "trainer.fast_dev_run=true")
+    assert m["status"] == "completed" and m["iterations"] == 2
+    assert m["adaptation"]["maml"]["tasks"] == 10
+    assert not (tmp_path / "checkpoints").exists()

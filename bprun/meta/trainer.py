@@ -64,7 +64,8 @@ class Learner:
 
 
 class MetaTrainer:
-    """Meta-trains `maml.model` on tasks drawn from `tasks` (see `bprun.meta.sine`)."""
+    """Meta-trains `learner` on tasks drawn from `tasks` (see `bprun.meta.sine`) and, when
+    given, trains `baseline` jointly on the same points."""
 
     def __init__(
         self,

@@ -41,8 +41,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> float:
     """Meta-train, evaluate on held-out tasks, write metrics.json; returns the 1-step MSE."""
     started = time.time()
     s: MetaSettings = OmegaConf.to_object(cfg.meta)
+    check_trainer_settings(OmegaConf.to_object(cfg.trainer))  # as given, before fast_dev_run
     ts = trainer_settings(cfg)
-    check_trainer_settings(ts)
     if ts.fast_dev_run:  # a smoke test, as in training: a couple of updates, no checkpoints
         s.iterations, s.eval_tasks = 2, min(s.eval_tasks, 10)
     resumed = ckpt_io.resolve_checkpoint(ts.resume) if ts.resume else None
