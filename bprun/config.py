@@ -13,6 +13,7 @@ SCHEMAS = {
     "trainer": TrainerSettings,
     "gradcheck": GradcheckSettings,
     "lr_find": LrFindSettings,
+    "meta": MetaSettings,
     "search": SearchSettings,
 }
 
