@@ -115,6 +115,7 @@ class Data:
     val: Loader | None
     test: Loader
     path: str = "memory"  # memory | stream: what dataset.loader chose
+    augment: dict | None = None  # the checked dataset.augment node (parse_augment)
 
 
 def build_data(
@@ -181,7 +182,8 @@ def build_data(
     train_tf, eval_tf = make_transforms(
         x_tr, dataset.mean, dataset.std, own["augment"], device, not augment_in_workers
     )
-    augment = worker_augment(parse_augment(own["augment"], x_tr)) if augment_in_workers else None
+    augment_settings = parse_augment(own["augment"], x_tr)
+    augment = worker_augment(augment_settings) if augment_in_workers else None
 
     def loader(x, y, batch_size, shuffle, transform, max_batches, training=False):
         if path == "memory":
@@ -210,7 +212,7 @@ def build_data(
             n_val = -(-len(x_val) // ebs)
             val = loader(x_val, y_val, ebs, False, eval_tf, few or _count(limit_val, n_val))
     test = loader(x_test, dataset.y_test, ebs, False, eval_tf, few)
-    return Data(dataset, train, val, test, path)
+    return Data(dataset, train, val, test, path, augment_settings)
 
 
 def _count(limit: float | None, total: int) -> int | None:

@@ -3,7 +3,7 @@
 `check_command_line` composes the config once, as Hydra will, and turns
 composition errors into a message that names the key or option and the
 closest valid ones ("did you mean"). It also refuses `+key=value` on the
-typed nodes (trainer, gradcheck, lr_find, meta), where Hydra would add a key that
+typed nodes (trainer, gradcheck, lr_find, meta, attack), where Hydra would add a key that
 nothing reads. No torch here: this runs before the task is imported.
 """
 
@@ -25,6 +25,7 @@ TYPED = {  # node -> its schema, imported lazily by name
     "gradcheck": ("bprun.diagnostics.settings", "GradcheckSettings"),
     "lr_find": ("bprun.diagnostics.settings", "LrFindSettings"),
     "meta": ("bprun.meta.settings", "MetaSettings"),
+    "attack": ("bprun.engine.settings", "Attack"),
 }
 
 

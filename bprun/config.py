@@ -4,7 +4,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from bprun.diagnostics.settings import GradcheckSettings, LrFindSettings
-from bprun.engine.settings import TrainerSettings
+from bprun.engine.settings import Attack, TrainerSettings
 from bprun.meta.settings import MetaSettings
 from bprun.search.settings import SearchSettings
 
@@ -14,6 +14,7 @@ SCHEMAS = {
     "gradcheck": GradcheckSettings,
     "lr_find": LrFindSettings,
     "meta": MetaSettings,
+    "attack": Attack,
     "search": SearchSettings,
 }
 
@@ -32,6 +33,7 @@ def register_configs() -> None:
     cs.store(group="gradcheck", name="gradcheck_schema", node=GradcheckSettings)
     cs.store(group="lr_find", name="lr_find_schema", node=LrFindSettings)
     cs.store(group="meta", name="meta_schema", node=MetaSettings)
+    cs.store(group="attack", name="attack_schema", node=Attack)
     OmegaConf.register_new_resolver("run_name", run_name, replace=True)
     # The `search` node is always there (typed), so that `search=<name>` files and the
     # sweeper's `search.*` settings are checked when the config is composed.

@@ -38,12 +38,14 @@ def _regression_targets(name: str, out: torch.Tensor, target: torch.Tensor) -> N
 
 
 class CrossEntropyLoss(nn.CrossEntropyLoss):
-    """Softmax cross-entropy of logits and int64 class labels."""
+    """Softmax cross-entropy of logits and int64 class labels, or of class probabilities
+    shaped like the output (the soft targets of mixup and cutmix)."""
 
     task = "classification"
 
     def forward(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        _class_targets("cross_entropy", out, target)
+        if not (target.is_floating_point() and target.shape == out.shape):
+            _class_targets("cross_entropy", out, target)
         return super().forward(out, target)
 
 

@@ -15,7 +15,15 @@ import torch.nn.functional as F
 
 from bprun.errors import BprunError
 
-AUGMENT_KEYS = {"crop_padding": 0, "hflip": False, "resized_crop": None}
+# mixup and cutmix (Beta alphas, 0: off) mix whole batches with their labels in the
+# trainer (bprun.data.mixing); the others are the loaders' per-image transforms.
+AUGMENT_KEYS = {
+    "crop_padding": 0,
+    "hflip": False,
+    "resized_crop": None,
+    "mixup": 0.0,
+    "cutmix": 0.0,
+}
 
 
 TABLE_LIMIT = 2**22  # entries (32 MiB of int64) up to which every crop/flip index is precomputed
@@ -194,9 +202,35 @@ def make_transforms(
     return train, test
 
 
+def pixel_bounds(
+    x,
+    mean: tuple[float, ...] | None,
+    std: tuple[float, ...] | None,
+    value_range: tuple[float, float] | None,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(low, high, unit) of pixel space in the units the model sees, for data like `x`; None
+    when the inputs have no known range (tables, signals).
+
+    uint8 images become x / 255 normalised by (mean, std), as `make_transforms` does, so
+    the pixel range [0, 1] is [-mean / std, (1 - mean) / std] per channel, and one pixel
+    unit is 1 / std. Float inputs with a `value_range` (images already in [0, 1]) keep it."""
+    if x.dtype == torch.uint8:
+        channels, dims = x.shape[1], len(x.shape)
+        m = torch.tensor(mean if mean is not None else (0.0,) * channels)
+        s = torch.tensor(std if std is not None else (1.0,) * channels)
+        view = (1, channels) + (1,) * (dims - 2)
+        low, high, unit = -m / s, (1 - m) / s, 1 / s
+        return tuple(t.view(view).to(device) for t in (low, high, unit))
+    if value_range is not None:
+        low, high = (torch.tensor(float(v), device=device) for v in value_range)
+        return low, high, torch.tensor(1.0, device=device)
+    return None
+
+
 def parse_augment(augment: dict | None, x) -> dict:
     """The `dataset.augment` node checked against data like `x`: crop_padding, hflip,
-    resized_crop (None or a (min, max) area fraction)."""
+    resized_crop (None or a (min, max) area fraction), mixup and cutmix (alphas, 0: off)."""
     settings = dict(AUGMENT_KEYS)
     if augment:
         unknown = sorted(set(augment) - set(AUGMENT_KEYS))
@@ -228,4 +262,14 @@ def parse_augment(augment: dict | None, x) -> dict:
             f"dataset.augment needs images (N, C, H, W), but this dataset's inputs are "
             f"{tuple(x.shape[1:])}: set dataset.augment.crop_padding=0 and hflip=false"
         )
-    return {"crop_padding": padding, "hflip": hflip, "resized_crop": resized}
+    mix = {}
+    for key in ("mixup", "cutmix"):
+        value = settings[key]
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+        if not ok:
+            raise BprunError(
+                f"dataset.augment.{key} is the alpha of its Beta distribution: a number >= 0 "
+                f"(e.g. 0.2; 0 is off), got {value}"
+            )
+        mix[key] = float(value)
+    return {"crop_padding": padding, "hflip": hflip, "resized_crop": resized, **mix}

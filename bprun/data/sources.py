@@ -43,6 +43,9 @@ class Dataset:
     # What the source fitted on the training split (plain values): saved in checkpoints and
     # handed back to the source as `state=` by eval and resume, so they use the same.
     state: dict | None = None
+    # Float inputs that are pixel intensities in this range, e.g. (0, 1): adversarial attacks
+    # keep to it (uint8 images need none: x / 255 lies in [0, 1]). None: no known range.
+    value_range: tuple[float, float] | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -156,4 +159,5 @@ def load_digits(
         x_test=torch.from_numpy(x_te),
         y_test=torch.from_numpy(y_te),
         num_classes=num_classes,
+        value_range=(0.0, 1.0),
     )

@@ -7,6 +7,9 @@ nothing in the loop. Callbacks read the run's settings from `trainer.settings`
 and log through `trainer.tracker` (None when the run has no folder).
 
     on_fit_start                before the first update of `fit` (also after a resume)
+    on_train_batch              per micro-batch: after the loader's transform (uint8 -> float,
+                                normalisation, crops and flips), before the forward pass; returns
+                                the (x, y) to train on (mixup, adversarial examples)
     on_before_optimizer_step    per update: gradients are final (accumulated, unscaled, clipped)
     on_update_end               per update: after the step and zero_grad
     on_validation               per epoch: after its updates and validation; may add metrics
@@ -32,6 +35,11 @@ if TYPE_CHECKING:
 class Callback:
     def on_fit_start(self, trainer: Trainer, train_loader: Any) -> None:
         """`fit` starts (or continues from a checkpoint); `train_loader` is the training data."""
+
+    def on_train_batch(self, trainer: Trainer, x: Any, y: Any) -> tuple[Any, Any]:
+        """The batch the model trains on next; return it, or a replacement. Callbacks
+        implementing this are chained in their order; validation and test never see it."""
+        return x, y
 
     def on_before_optimizer_step(self, trainer: Trainer) -> None:
         """Gradients of this update are final; the optimizer steps right after."""
@@ -59,6 +67,7 @@ class Callback:
 
 HOOKS = (
     "on_fit_start",
+    "on_train_batch",
     "on_before_optimizer_step",
     "on_update_end",
     "on_validation",

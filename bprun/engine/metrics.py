@@ -8,7 +8,8 @@ import torch
 class Metrics:
     """Sums over an evaluation pass; `compute()` makes the single host read.
 
-    classification: acc (and top5 when there are more than 5 classes)
+    classification: acc (and top5 when there are more than 5 classes); soft targets (class
+    probabilities, as mixup makes) count their argmax as the label
     regression: mae and rmse over all output elements
     """
 
@@ -33,6 +34,8 @@ class Metrics:
         n = y.shape[0]
         out = out.detach().float()
         if self.task == "classification":
+            if y.is_floating_point() and y.dim() == 2:
+                y = y.argmax(1)
             top = out.topk(min(5, out.shape[1]), dim=1).indices
             hits = top == y.view(-1, 1)
             row = torch.stack([loss.detach().float() * n, hits[:, 0].sum(), hits.any(1).sum()])

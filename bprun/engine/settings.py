@@ -80,6 +80,65 @@ class SWA:
 
 
 @dataclass
+class Attack:
+    """An adversarial attack on the inputs (`attack=fgsm|pgd` for task=eval): each step moves
+    the input by `alpha` in the sign of the loss's gradient, kept within `eps` of the clean
+    input (L-infinity) and, for images, within the pixel range [0, 1].
+
+    `eps` and `alpha` are in pixel units for images (8/255: eight grey levels), scaled per
+    channel by the dataset's std into the normalised units the model sees; in input units
+    otherwise (tables, signals), where there is no range to keep to.
+    """
+
+    method: str = "none"  # none | fgsm | pgd
+    eps: float = 8 / 255  # the largest change of any input value
+    alpha: float | None = None  # step size; None: eps for fgsm, 2.5 * eps / steps for pgd
+    steps: int = 10  # pgd's steps (fgsm takes one)
+    random_start: bool | None = None  # start at a uniform point of the eps-ball; None: pgd only
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self, prefix: str = "attack") -> None:
+        _one_of(f"{prefix}.method", self.method, ("none", "fgsm", "pgd"))
+        if not self.eps >= 0:
+            raise BprunError(f"{prefix}.eps must be >= 0 (e.g. 0.0314 for 8/255), got {self.eps}")
+        if self.alpha is not None and not self.alpha > 0:
+            raise BprunError(
+                f"{prefix}.alpha must be positive (or null: from eps and steps), got {self.alpha}"
+            )
+        if self.method == "pgd":
+            _at_least(f"{prefix}.steps", self.steps, 1, "(pgd's gradient steps)")
+
+    @property
+    def step_size(self) -> float:
+        if self.alpha is not None:
+            return self.alpha
+        return self.eps if self.method == "fgsm" else 2.5 * self.eps / self.steps
+
+    @property
+    def num_steps(self) -> int:
+        return 1 if self.method == "fgsm" else self.steps
+
+    @property
+    def starts_at_random(self) -> bool:
+        return self.method == "pgd" if self.random_start is None else self.random_start
+
+
+@dataclass
+class Adversarial(Attack):
+    """Adversarial training (Goodfellow et al. 2015; Madry et al. 2018): a `share` of each
+    training batch is replaced by adversarial examples of the current model."""
+
+    share: float = 1.0  # the fraction of each batch replaced, in [0, 1]
+
+    def validate(self, prefix: str = "trainer.adversarial") -> None:
+        super().validate(prefix)
+        if not 0 <= self.share <= 1:
+            raise BprunError(f"{prefix}.share must lie in [0, 1], got {self.share}")
+
+
+@dataclass
 class TrainerSettings:
     max_epochs: int = 20
     max_updates: int | None = None  # stop after this many optimizer updates
@@ -117,6 +176,7 @@ class TrainerSettings:
     compile: bool = False  # torch.compile the model
     ema: EMA = field(default_factory=EMA)
     swa: SWA = field(default_factory=SWA)
+    adversarial: Adversarial = field(default_factory=Adversarial)
     # Data parallelism: N processes on this machine (DistributedDataParallel; gloo on the
     # CPU, NCCL with one GPU per rank). dataset.batch_size is per rank.
     devices: int = 1
@@ -163,6 +223,7 @@ class TrainerSettings:
             if value is not None and not value > 0:
                 raise BprunError(f"{key} must be positive (or null: off), got {value}")
         self._validate_averaging()
+        self.adversarial.validate()
         every = self.checkpoint.last_every_n_seconds
         if every is not None and not every >= 0:
             raise BprunError(

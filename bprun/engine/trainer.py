@@ -93,6 +93,7 @@ class Trainer:
         # Each hook is the list of callbacks implementing it: an unused hook costs one empty loop.
         self.callbacks = list(callbacks)
         self._on_fit_start = implemented(self.callbacks, "on_fit_start")
+        self._on_train_batch = implemented(self.callbacks, "on_train_batch")
         self._on_before_step = implemented(self.callbacks, "on_before_optimizer_step")
         self._on_update_end = implemented(self.callbacks, "on_update_end")
         self._on_validation = implemented(self.callbacks, "on_validation")
@@ -277,6 +278,8 @@ class Trainer:
                 dynamic_ncols=True,
             )
         for b, (x, y) in enumerate(loader.batches(self.epoch, self.batch), start=self.batch):
+            for fn in self._on_train_batch:  # mixup, adversarial examples
+                x, y = fn(self, x, y)
             if s.channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             if self.uses_closure:
@@ -463,7 +466,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def evaluate(self, loader: InMemoryLoader, prefix: str) -> dict[str, float]:
+    def evaluate(self, loader: InMemoryLoader, prefix: str, perturb=None) -> dict[str, float]:
+        """Metrics of `loader` named `<prefix>/<metric>`. `perturb(model, x, y)`, when given,
+        replaces each batch's inputs first (an adversarial attack; it enables grad itself)."""
         # Under DDP each rank evaluates its part of every batch with the plain module
         # (no collective per batch); the sums are reduced once at the end.
         model = self.module if self.dist.enabled else self.model
@@ -473,6 +478,8 @@ class Trainer:
         for i, (x, y) in enumerate(loader.batches()):
             if loader.local_len(i) == 0:
                 continue
+            if perturb is not None:
+                x = perturb(model, x, y)
             if self.settings.channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             with self.precision.autocast():

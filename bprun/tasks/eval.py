@@ -1,4 +1,5 @@
-"""`task=eval`: rebuild the model from a checkpoint's own config and test it."""
+"""`task=eval`: rebuild the model from a checkpoint's own config and test it, clean and, with
+`attack=fgsm|pgd`, under that adversarial attack (`test_<method>/*` beside `test/*`)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,14 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from bprun.engine import checkpoint as ckpt_io
+from bprun.engine.adversarial import attacked, describe
 from bprun.engine.averaging import use_averaged_weights
 from bprun.engine.precision import resolve_device
 from bprun.engine.settings import TrainerSettings
 from bprun.errors import BprunError
 from bprun.io import write_json
 from bprun.overrides import key_of
-from bprun.tasks.setup import build_trainer, data_state
+from bprun.tasks.setup import build_trainer, data_state, input_bounds
 
 log = logging.getLogger("bprun")
 
@@ -23,6 +25,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> float | No
     """Test the checkpoint `ckpt` (a run folder means its best weights); write eval.json."""
     if not cfg.get("ckpt"):
         raise BprunError("task=eval needs ckpt=<run folder or .pt file>")
+    attack = OmegaConf.to_object(cfg.attack) if cfg.get("attack") else None
     path = ckpt_io.resolve_checkpoint(cfg.ckpt, "ckpt")
     state = ckpt_io.load_checkpoint(path)
     if Path(cfg.ckpt).is_dir() and state.get("topk") and state["topk"]["entries"]:
@@ -70,10 +73,13 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> float | No
     if weights != "raw":
         log.info(f"evaluating the {weights.upper()} weights the checkpoint holds")
     metrics = trainer.evaluate(data.test, "test")
-    out = write_json(
-        {"checkpoint": str(path), "weights": weights, **metrics}, path.parent / "eval.json"
-    )
+    record = {"checkpoint": str(path), "weights": weights}
+    if attack is not None and attack.method != "none":
+        perturb = attacked(trainer, attack, input_bounds(data, trainer.device))
+        metrics.update(trainer.evaluate(data.test, f"test_{attack.method}", perturb))
+        record["attack"] = describe(attack)
+    out = write_json({**record, **metrics}, path.parent / "eval.json")
     for k, v in metrics.items():
-        log.info(f"{k:<10} {v:.4f}")
+        log.info(f"{k:<15} {v:.4f}")
     log.info(f"wrote {out}")
     return metrics.get("test/loss")

@@ -11,7 +11,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from bprun.build import build_data, build_loss, build_model, build_optimizer, build_scheduler
+from bprun.data.augment import pixel_bounds
+from bprun.data.mixing import mixing_callbacks
 from bprun.diagnostics import diagnostic_callbacks
+from bprun.engine.adversarial import adversarial_callbacks
 from bprun.engine.averaging import averaging_callbacks
 from bprun.engine.distributed import SINGLE, DistContext, current
 from bprun.engine.freeze import finetune_callbacks
@@ -101,10 +104,11 @@ def build_trainer(
     scheduler, interval = build_scheduler(
         cfg.sched, optimizer, updates_per_epoch, s.max_epochs, s.max_updates
     )
+    loss = build_loss(cfg.loss, data.dataset.task)
     trainer = Trainer(
         s,
         model,
-        build_loss(cfg.loss, data.dataset.task),
+        loss,
         optimizer,
         scheduler,
         scheduler_interval=interval,
@@ -119,11 +123,20 @@ def build_trainer(
             *(diagnostic_callbacks(s, run_dir) if dist.is_main else ()),
             *averaging_callbacks(s, model, data.dataset.task, data.dataset.num_classes),
             *finetune,
+            # batch hooks, in this order: mix the batch, then attack the mixed batch
+            *mixing_callbacks(data.augment or {}, data.dataset, loss),
+            *adversarial_callbacks(s.adversarial, input_bounds(data, device)),
             *callbacks,
         ],
         dist=dist,
     )
     return trainer, data
+
+
+def input_bounds(data, device: torch.device):
+    """The pixel range and unit of the data's inputs, in the units the model sees (or None)."""
+    ds = data.dataset
+    return pixel_bounds(ds.x_train, ds.mean, ds.std, ds.value_range, device)
 
 
 def data_state(checkpoint: dict | None) -> dict | None:
