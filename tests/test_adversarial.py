@@ -167,12 +167,17 @@ def test_bad_settings_on_the_command_line_end_in_one_line(args, message, bprun, 
     assert message in r.output
 
 
-def digits_cnn(tmp_path, *overrides):
-    """A CNN trained on digits in this process, built from the config as `bprun` builds it."""
+def build(tmp_path, *overrides):
+    """(trainer, data) for a CNN on digits, built from the config as `bprun` builds them."""
     register_configs()
     with initialize_config_module("bprun.conf", version_base="1.3"):
         cfg = compose("config", overrides=[*DIGITS_CNN, *overrides])
-    trainer, data = build_trainer(cfg, tmp_path, trainer_settings(cfg))
+    return build_trainer(cfg, tmp_path, trainer_settings(cfg))
+
+
+def digits_cnn(tmp_path, *overrides):
+    """A CNN trained on digits in this process."""
+    trainer, data = build(tmp_path, *overrides)
     trainer.fit(data.train, data.val)
     return trainer, data
 
