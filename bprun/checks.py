@@ -94,6 +94,12 @@ def check_command_line(argv: list[str], multirun: bool = False) -> None:
     check_typed_keys(cfg)
     if cfg.get("task") == "meta":
         OmegaConf.to_object(cfg.meta)  # its values, checked by MetaSettings before torch loads
+    attack = [o for o in overrides if key_of(o).split(".")[0] == "attack"]
+    if attack and cfg.task != "eval":
+        raise BprunError(
+            f"{attack[0]} attacks a trained model under task=eval ckpt=<run>; to train on "
+            "adversarial examples set trainer.adversarial.method=fgsm|pgd (and its eps, steps)"
+        )
     from bprun.tasks import TASKS
 
     if cfg.task not in TASKS:

@@ -158,6 +158,7 @@ def test_bad_adversarial_settings_are_one_line_errors(settings, message):
             "trainer.adversarial.share must lie in [0, 1], got 2",
         ),
         (["task=eval", "ckpt=x.pt", "attack=pgd", "attack.eps=-1"], "attack.eps must be >= 0"),
+        (["attack=pgd"], "attack=pgd attacks a trained model under task=eval ckpt=<run>; to tr"),
     ],
 )
 def test_bad_settings_on_the_command_line_end_in_one_line(args, message, bprun, tmp_path):
@@ -200,8 +201,15 @@ def test_fgsm_and_pgd_break_a_digits_cnn_and_pgd_training_resists_them(tmp_path)
     of it under the same PGD, and stays a good classifier of clean digits."""
     fgsm, pgd = Attack("fgsm", 0.1), Attack("pgd", 0.1, steps=10)
     results = {}
-    for name, extra in (("plain", []), ("robust", [*PGD, "trainer.adversarial.steps=5",
-                                                    "trainer.adversarial.share=0.5"])):  # fmt: skip
+    robust_args = [
+        *PGD,
+        "trainer.adversarial.steps=5",
+        "trainer.adversarial.share=0.5",
+        "trainer.adversarial.validate_under_attack=true",  # val_pgd/* each epoch
+        "trainer.monitor=val_pgd/acc",
+        "trainer.mode=max",
+    ]
+    for name, extra in (("plain", []), ("robust", robust_args)):
         trainer, data = digits_cnn(tmp_path / name, *extra)
         bounds = input_bounds(data, trainer.device)
         results[name] = {
@@ -209,6 +217,10 @@ def test_fgsm_and_pgd_break_a_digits_cnn_and_pgd_training_resists_them(tmp_path)
             "fgsm": trainer.evaluate(data.test, "t", attacked(trainer, fgsm, bounds))["t/acc"],
             "pgd": trainer.evaluate(data.test, "t", attacked(trainer, pgd, bounds))["t/acc"],
         }
+        if name == "robust":
+            last = trainer.history[-1]
+            assert last["val_pgd/acc"] < last["val/acc"] - 0.1 and "val_pgd/loss" in last
+            assert trainer.best["val_pgd/acc"] == max(h["val_pgd/acc"] for h in trainer.history)
     plain, robust = results["plain"], results["robust"]
     assert plain["clean"] > 0.85 and robust["clean"] > 0.85
     assert plain["fgsm"] < plain["clean"] - 0.25

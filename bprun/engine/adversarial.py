@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from bprun.engine.callbacks import Callback
+from bprun.engine.metrics import Metrics
 from bprun.engine.settings import Adversarial, Attack
 from bprun.errors import BprunError
 
@@ -99,8 +100,19 @@ class AdversarialTraining(Callback):
     """Replaces the first `share` of each training batch (already shuffled) by adversarial
     examples of the current weights; the labels stay."""
 
-    def __init__(self, settings: Adversarial, bounds: Bounds | None = None):
+    def __init__(
+        self,
+        settings: Adversarial,
+        bounds: Bounds | None = None,
+        task: str = "classification",
+        num_classes: int = 0,
+    ):
         self.attack, self.bounds = settings, bounds
+        self.prefix = f"val_{settings.method}"
+        # what each epoch adds, so that trainer.monitor=val_pgd/acc is checked before training
+        self.metric_names = (
+            Metrics.names(task, num_classes, self.prefix) if settings.validate_under_attack else []
+        )
 
     def on_fit_start(self, trainer, train_loader) -> None:
         a = describe(self.attack)
@@ -123,13 +135,25 @@ class AdversarialTraining(Callback):
         )  # fmt: skip
         return (adv if n == x.shape[0] else torch.cat([adv, x[n:]])), y
 
+    def on_validation(self, trainer, metrics: dict, val_loader) -> None:
+        if self.attack.validate_under_attack and val_loader is not None:
+            perturb = attacked(trainer, self.attack, self.bounds)
+            metrics.update(trainer.evaluate(val_loader, self.prefix, perturb))
+
     def on_summary(self, trainer, summary: dict) -> None:
         summary["adversarial"] = {**describe(self.attack), "share": self.attack.share}
 
 
-def adversarial_callbacks(settings: Adversarial, bounds: Bounds | None) -> list:
+def adversarial_callbacks(
+    settings: Adversarial,
+    bounds: Bounds | None,
+    task: str = "classification",
+    num_classes: int = 0,
+) -> list:
     """The adversarial-training callback the settings switch on (none for method=none)."""
-    return [] if settings.method == "none" else [AdversarialTraining(settings, bounds)]
+    if settings.method == "none":
+        return []
+    return [AdversarialTraining(settings, bounds, task, num_classes)]
 
 
 def attacked(trainer, attack: Attack, bounds: Bounds | None) -> Callable:

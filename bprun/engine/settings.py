@@ -131,6 +131,9 @@ class Adversarial(Attack):
     training batch is replaced by adversarial examples of the current model."""
 
     share: float = 1.0  # the fraction of each batch replaced, in [0, 1]
+    # Also validate under the attack each epoch (val_<method>/*, which trainer.monitor and
+    # checkpoint ranking can name: robust accuracy peaks before clean accuracy does).
+    validate_under_attack: bool = False
 
     def validate(self, prefix: str = "trainer.adversarial") -> None:
         super().validate(prefix)

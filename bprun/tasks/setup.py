@@ -125,7 +125,12 @@ def build_trainer(
             *finetune,
             # batch hooks, in this order: mix the batch, then attack the mixed batch
             *mixing_callbacks(data.augment or {}, data.dataset, loss),
-            *adversarial_callbacks(s.adversarial, input_bounds(data, device)),
+            *adversarial_callbacks(
+                s.adversarial,
+                input_bounds(data, device),
+                data.dataset.task,
+                data.dataset.num_classes,
+            ),
             *callbacks,
         ],
         dist=dist,
