@@ -308,3 +308,65 @@ def test_maml_on_cuda_matches_the_cpu_and_runs_end_to_end(bprun):
         assert torch.allclose(cpu, cuda, rtol=1e-9, atol=1e-12)
     r = bprun("experiment=maml_sine", "meta.iterations=20", "trainer.device=cuda")
     assert r.metrics["status"] == "completed" and "on cuda" in r.output
+
+
+def test_adversarial_training_on_cuda_in_16_mixed_stays_in_range_and_resumes_exactly():
+    """uint8 images normalised on the GPU; PGD's random starts draw from the CUDA generator,
+    which the checkpoint holds; the examples keep to eps and to the pixel range."""
+    from bprun.data.augment import make_transforms, pixel_bounds
+    from bprun.engine.adversarial import adversarial_callbacks, perturb
+    from bprun.engine.settings import Adversarial, Attack
+
+    g = torch.Generator().manual_seed(0)
+    raw = torch.randint(0, 256, (96, 3, 8, 8), generator=g, dtype=torch.uint8).cuda()
+    y = torch.randint(0, 4, (96,), generator=g).cuda()
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    train_tf, _ = make_transforms(raw, mean, std, None, torch.device("cuda"))
+    bounds = pixel_bounds(raw, mean, std, None, torch.device("cuda"))
+    low, high, unit = bounds
+    assert low.device.type == "cuda"
+
+    def cnn():
+        torch.manual_seed(0)
+        return nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4),
+        ).cuda()  # fmt: skip
+
+    x = train_tf(raw)
+    adv = perturb(cnn(), nn.CrossEntropyLoss(), x, y, Attack("pgd", 8 / 255, steps=3), bounds)
+    assert ((adv - x).abs() <= 8 / 255 * unit + 1e-5).all()
+    assert (adv >= low - 1e-5).all() and (adv <= high + 1e-5).all()
+
+    def fit(epochs, state=None):
+        s = TrainerSettings(
+            progress=False, max_epochs=epochs, device="cuda", precision="16-mixed",
+            adversarial=Adversarial("pgd", 8 / 255, steps=2, share=0.5),
+        )  # fmt: skip
+        m = cnn()
+        t = Trainer(
+            s, m, nn.CrossEntropyLoss(), torch.optim.SGD(m.parameters(), 0.05), device="cuda",
+            num_classes=4, callbacks=adversarial_callbacks(s.adversarial, bounds),
+        )  # fmt: skip
+        if state is not None:
+            t.load_state_dict(state)
+        t.fit(InMemoryLoader(x, y, 32, shuffle=True), None)
+        return t
+
+    straight = fit(2)
+    torch.cuda.manual_seed(99)
+    resumed = fit(2, state=fit(1).state_dict())
+    for k, v in straight.module.state_dict().items():
+        assert torch.equal(resumed.module.state_dict()[k], v), k
+
+
+def test_mixup_and_cutmix_on_cuda_give_soft_labels_on_the_device():
+    from bprun.data.mixing import MixBatches
+
+    x = torch.rand(64, 3, 16, 16, device="cuda")
+    y = torch.randint(0, 10, (64,), device="cuda")
+    mix = MixBatches(0.4, 1.0, 10)
+    for _ in range(4):
+        mixed, soft = mix.on_train_batch(None, x, y)
+        assert mixed.device.type == soft.device.type == "cuda" and soft.shape == (64, 10)
+        torch.testing.assert_close(soft.sum(1), torch.ones(64, device="cuda"))
