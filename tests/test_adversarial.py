@@ -153,10 +153,6 @@ def test_bad_adversarial_settings_are_one_line_errors(settings, message):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (
-            ["trainer.adversarial.method=pgd", "trainer.adversarial.share=2"],
-            "trainer.adversarial.share must lie in [0, 1], got 2",
-        ),
         (["task=eval", "ckpt=x.pt", "attack=pgd", "attack.eps=-1"], "attack.eps must be >= 0"),
         (["attack=pgd"], "attack=pgd attacks a trained model under task=eval ckpt=<run>; to tr"),
     ],

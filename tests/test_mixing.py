@@ -136,10 +136,10 @@ def test_a_bad_alpha_is_a_one_line_error(value):
         parse_augment({"cutmix": value}, torch.zeros(2, 1, 8, 8))
 
 
-def test_mixup_on_a_regression_dataset_fails_on_the_command_line_in_one_line(bprun):
-    r = bprun("dataset=regression", "+dataset.augment.mixup=0.2", check=False)
+def test_mixup_with_a_loss_that_takes_no_probabilities_fails_in_one_line(bprun):
+    r = bprun("dataset=digits", "dataset.augment.mixup=0.2", "loss=nll", check=False)
     assert r.returncode != 0 and "Traceback" not in r.output
-    assert "dataset.augment.mixup mix class labels, but this dataset poses a regression" in (
+    assert "dataset.augment.mixup make soft targets (class probabilities), which NLLLoss" in (
         r.output
     )
 
@@ -151,7 +151,7 @@ def test_a_mixed_digits_run_trains_and_resumes_exactly_after_sigkill(bprun, data
         "model=mlp",
         "model.hidden=[64]",
         "optim.lr=0.01",
-        "trainer.max_epochs=2",
+        "trainer.max_epochs=1",
         "dataset.augment.mixup=0.4",
         "dataset.augment.cutmix=1.0",
         "trainer.checkpoint.every_n_updates=1",
