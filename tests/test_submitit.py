@@ -1,0 +1,139 @@
+"""Sweeps through hydra-submitit-launcher on this machine (`hydra/launcher=submitit_local`):
+jobs run in processes that submitit starts, their results come back pickled, and a job
+that gets submitit's requeue signal saves last.pt, is started again and resumes from it.
+The same launcher code runs SLURM jobs (tests/test_slurm.py)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import BPRUN, job_dir
+from omegaconf import OmegaConf
+
+from hydra_plugins.bprun_submitit import launcher
+
+# Two jobs that train the same weights: the log cadence changes nothing that is learnt.
+SAME_TWICE = "trainer.log_every_n_updates=10,11"
+LONG = [
+    "trainer.device=cpu",
+    "trainer.max_epochs=80",
+    "trainer.limit_train_batches=4",
+    "trainer.checkpoint.last_every_n_seconds=0",  # last.pt at every epoch's end
+]
+
+
+def rows(sweep: Path) -> list[dict]:
+    with (sweep / "summary.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def weights(folder: Path) -> dict:
+    return torch.load(folder / "checkpoints" / "last.pt", weights_only=True)["model"]
+
+
+def children(pid: int) -> list[int]:
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(p) for p in text.split()]
+
+
+def sweep_command(sweep: Path, data_dir: Path, *args: str) -> list[str]:
+    return [
+        BPRUN,
+        "-m",
+        "hydra/launcher=submitit_local",
+        f"hydra.sweep.dir={sweep}",
+        f"paths.data_dir={data_dir}",
+        "trainer.threads=1",
+        *args,
+    ]
+
+
+def wait_for(predicate, what: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        assert proc.poll() is None, f"the sweep ended before {what}"
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_requeued_job_resumes_and_ends_like_an_uninterrupted_one(tmp_path, data_dir):
+    sweep = tmp_path / "sweep"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        sweep_command(sweep, data_dir, *LONG, SAME_TWICE),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    try:
+        job = job_dir(sweep, 0)
+        marker = job / launcher.JOB_ID_FILE
+        wait_for(lambda: (job_dir(sweep, 0) / "checkpoints" / "last.pt").is_file(), "last.pt", proc)
+        job = job_dir(sweep, 0)
+        marker = job / launcher.JOB_ID_FILE
+        # The job's process is the one child of submitit's controller, whose pid is the job id.
+        (task,) = children(int(marker.read_text()))
+        os.kill(task, signal.SIGUSR2)  # what submitit sends signal_delay_s before the limit
+        out = proc.communicate(timeout=240)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out[-3000:]
+    assert [r["status"] for r in rows(sweep)] == ["ok", "ok"], out[-3000:]
+    log = (job / "bprun.log").read_text()
+    assert "stopped by SIGUSR2" in log and "resumed from" in log, log[-3000:]
+    metrics = json.loads((job / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["epochs"] == 80
+    assert metrics["resumed_from"].endswith("last.pt")
+    # the job ran twice under one job id: the stopped attempt's log is in submitit's folder
+    submitit_log = sweep / ".submitit" / marker.read_text().strip()
+    assert "Requeued job" in "".join(p.read_text() for p in submitit_log.glob("*_log.*"))
+    # ... and ends where the job that was not stopped ends
+    interrupted, straight = weights(job), weights(job_dir(sweep, 1))
+    assert interrupted.keys() == straight.keys()
+    for name in straight:
+        assert torch.equal(interrupted[name], straight[name]), name
+
+
+def test_a_new_sweep_over_an_old_folder_does_not_resume_it(tmp_path):
+    """Only the job that wrote its id in the folder resumes there."""
+
+    class Env:
+        job_id = "1234"
+
+    folder = tmp_path / "0_job"
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "checkpoints" / "last.pt").write_bytes(b"")
+    (folder / launcher.JOB_ID_FILE).write_text("999\n")  # another job's
+    assert launcher.restarted_in(folder, Env()) is False
+    assert (folder / launcher.JOB_ID_FILE).read_text() == "1234\n"
+    assert launcher.restarted_in(folder, Env()) is True  # the same job, started again
+
+
+def test_defaults_a_slurm_user_expects():
+    from hydra import compose, initialize_config_module
+
+    from bprun.config import register_configs
+
+    register_configs()
+    with initialize_config_module("bprun.conf", version_base="1.3"):
+        cfg = compose(
+            "config",
+            overrides=["hydra/launcher=submitit_slurm", "trainer.devices=4"],
+            return_hydra_config=True,
+        )
+    conf = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    assert conf["_target_"] == "hydra_plugins.bprun_submitit.launcher.SlurmLauncher"
+    assert conf["tasks_per_node"] == 4 and conf["gpus_per_node"] == 4  # one rank per GPU
+    assert conf["signal_delay_s"] > 0 and conf["max_num_timeout"] > 0 and conf["timeout_min"]
+    assert "partition" in conf and "cpus_per_task" in conf
+    assert conf["submitit_folder"].endswith(".submitit/%j")
