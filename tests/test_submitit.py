@@ -24,7 +24,7 @@ from hydra_plugins.bprun_submitit import launcher
 SAME_TWICE = "trainer.log_every_n_updates=10,11"
 LONG = [
     "trainer.device=cpu",
-    "trainer.max_epochs=80",
+    "trainer.max_epochs=60",
     "trainer.limit_train_batches=4",
     "trainer.checkpoint.last_every_n_seconds=0",  # last.pt at every epoch's end
 ]
@@ -42,6 +42,15 @@ def weights(folder: Path) -> dict:
 def children(pid: int) -> list[int]:
     text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
     return [int(p) for p in text.split()]
+
+
+def end_session(proc: subprocess.Popen) -> None:
+    """Stop the sweep and whatever jobs it left running (all in its session)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
 
 
 def sweep_command(sweep: Path, data_dir: Path, *args: str) -> list[str]:
@@ -65,15 +74,18 @@ def wait_for(predicate, what: str, proc: subprocess.Popen, timeout: float = 120)
 
 
 @pytest.mark.slow
-def test_requeued_job_resumes_and_ends_like_an_uninterrupted_one(tmp_path, data_dir):
+def test_requeued_ddp_job_resumes_and_ends_like_an_uninterrupted_one(tmp_path, data_dir):
+    """2 jobs of 2 ranks each (2 submitit tasks, gloo): job 0 gets submitit's signal
+    mid-run, saves, is started again and resumes; it ends with job 1's weights."""
     sweep = tmp_path / "sweep"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
-        sweep_command(sweep, data_dir, *LONG, SAME_TWICE),
+        sweep_command(sweep, data_dir, *LONG, SAME_TWICE, "trainer.devices=2"),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         env=env,
+        start_new_session=True,  # the jobs' processes too end with the session below
     )
     try:
         job = job_dir(sweep, 0)
@@ -81,24 +93,28 @@ def test_requeued_job_resumes_and_ends_like_an_uninterrupted_one(tmp_path, data_
         wait_for(lambda: (job_dir(sweep, 0) / "checkpoints" / "last.pt").is_file(), "last.pt", proc)
         job = job_dir(sweep, 0)
         marker = job / launcher.JOB_ID_FILE
-        # The job's process is the one child of submitit's controller, whose pid is the job id.
-        (task,) = children(int(marker.read_text()))
-        os.kill(task, signal.SIGUSR2)  # what submitit sends signal_delay_s before the limit
+        # The job's tasks (its 2 ranks) are the children of submitit's controller, whose
+        # pid is the job id; submitit sends them USR2 signal_delay_s before the time limit.
+        for task in children(int(marker.read_text())):
+            os.kill(task, signal.SIGUSR2)
         out = proc.communicate(timeout=240)[0]
     finally:
-        proc.kill()
+        end_session(proc)
     assert proc.returncode == 0, out[-3000:]
     assert [r["status"] for r in rows(sweep)] == ["ok", "ok"], out[-3000:]
     log = (job / "bprun.log").read_text()
     assert "stopped by SIGUSR2" in log and "resumed from" in log, log[-3000:]
     metrics = json.loads((job / "metrics.json").read_text())
-    assert metrics["status"] == "completed" and metrics["epochs"] == 80
+    assert metrics["status"] == "completed" and metrics["epochs"] == 60
+    assert metrics["world_size"] == 2 and (job / "frozen_config.yaml").is_file()
+    straight_job = job_dir(sweep, 1)  # one run folder per job, one event file: rank 0 writes
+    assert len(list(straight_job.glob("events.out.tfevents.*"))) == 1
     assert metrics["resumed_from"].endswith("last.pt")
     # the job ran twice under one job id: the stopped attempt's log is in submitit's folder
     submitit_log = sweep / ".submitit" / marker.read_text().strip()
     assert "Requeued job" in "".join(p.read_text() for p in submitit_log.glob("*_log.*"))
     # ... and ends where the job that was not stopped ends
-    interrupted, straight = weights(job), weights(job_dir(sweep, 1))
+    interrupted, straight = weights(job), weights(straight_job)
     assert interrupted.keys() == straight.keys()
     for name in straight:
         assert torch.equal(interrupted[name], straight[name]), name

@@ -28,7 +28,7 @@ import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.singleton import Singleton
@@ -50,7 +50,7 @@ RANKS_STARTED = "BPRUN_RANKS_STARTED"  # set in a task made a rank here (bprun.l
 _MODULE = "hydra_plugins.bprun_submitit.launcher"
 
 
-def gpus_per_node(device: str, devices: int) -> Optional[int]:
+def gpus_per_node(device: str, devices: int) -> int | None:
     """One GPU per rank, none for trainer.device=cpu (a cluster without GPUs)."""
     return None if str(device) == "cpu" else int(devices)
 
@@ -69,8 +69,8 @@ class SlurmConf(SlurmQueueConf):
     # One task per rank and one GPU per task: a DDP job over trainer.devices GPUs.
     tasks_per_node: Any = "${trainer.devices}"
     gpus_per_node: Any = "${bprun_gpus_per_node:${trainer.device},${trainer.devices}}"
-    cpus_per_task: Optional[int] = None  # None: the partition's default
-    partition: Optional[str] = None  # None: the cluster's default partition
+    cpus_per_task: int | None = None  # None: the partition's default
+    partition: str | None = None  # None: the cluster's default partition
     # USR2 this long before the time limit: the job saves last.pt and is requeued.
     signal_delay_s: int = 120
     max_num_timeout: int = 20  # requeues after reaching the time limit before it gives up
@@ -122,11 +122,12 @@ class _BprunSubmitit(base.BaseSubmititLauncher):
             [state] * len(job_overrides),
         )
         log.info(f"submitit '{self._EXECUTOR}': {len(jobs)} jobs; logs in {executor.folder}")
-        for n, job, overrides in zip(numbers, jobs, job_overrides):
+        for n, job, overrides in zip(numbers, jobs, job_overrides, strict=True):
             log.info(f"\t#{n} job {job.job_id}: {' '.join(filter_overrides(overrides))}")
         tasks = int(params.get("tasks_per_node") or 1) * int(params.get("nodes") or 1)
         return [
-            _result(job, list(o), n, tasks) for n, job, o in zip(numbers, jobs, job_overrides)
+            _result(job, list(o), n, tasks)
+            for n, job, o in zip(numbers, jobs, job_overrides, strict=True)
         ]
 
     def __call__(self, sweep_overrides, job_dir_key, job_num, job_id, singleton_state):
@@ -200,14 +201,14 @@ def _result(job, overrides: list, number: int, tasks: int) -> JobReturn:
         return JobReturn(overrides=overrides, status=JobStatus.FAILED, _return_value=error)
 
 
-def _stopped_by(ret: Any) -> Optional[int]:
+def _stopped_by(ret: Any) -> int | None:
     exc = getattr(ret, "_return_value", None)
     if getattr(ret, "status", None) == JobStatus.FAILED and isinstance(exc, Interrupted):
         return exc.exit_code - 128
     return None
 
 
-def _left_to_the_scheduler(signum: Optional[int], env) -> bool:
+def _left_to_the_scheduler(signum: int | None, env) -> bool:
     """Signals after which the job ends without a result: submitit's requeue signal, and
     SIGTERM from SLURM, which requeues the job or ends it, as it decided."""
     return signum == env._usr_sig() or (signum == signal.SIGTERM and env.cluster == "slurm")
