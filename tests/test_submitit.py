@@ -153,3 +153,23 @@ def test_defaults_a_slurm_user_expects():
     assert conf["signal_delay_s"] > 0 and conf["max_num_timeout"] > 0 and conf["timeout_min"]
     assert "partition" in conf and "cpus_per_task" in conf
     assert conf["submitit_folder"].endswith(".submitit/%j")
+
+
+def test_a_job_without_a_result_is_a_failed_return_not_the_end_of_the_sweep(tmp_path):
+    """submitit raises when a job ended without a result (scancel, killed): that job is
+    recorded as failed and the other jobs' results are still collected."""
+    from hydra.core.utils import JobStatus
+    from submitit.core.utils import UncompletedJobError
+
+    class Cancelled:
+        job_id = "41_0"
+
+        class paths:
+            stdout = tmp_path / "41_0_0_log.out"
+
+        def result(self):
+            raise UncompletedJobError("Job 41_0 (task: 0) has not produced any output")
+
+    ret = launcher._result(Cancelled(), ["optim.lr=0.1"], 0, tasks=1)
+    assert ret.status == JobStatus.FAILED and ret.overrides == ["optim.lr=0.1"]
+    assert "41_0" in str(ret._return_value) and "41_0_0_log.out" in str(ret._return_value)
