@@ -195,6 +195,19 @@ def _state(job: str, env: dict) -> str:
 
 @pytest.mark.slow
 def test_slurm_sweep_with_a_preempted_job_that_resumes(slurm, tmp_path, data_dir):
+    # sbatch refusing the jobs is one line naming its reason
+    r = subprocess.run(
+        [BPRUN, "-m", "hydra/launcher=submitit_slurm", "hydra.launcher.partition=nosuch"]
+        + [f"hydra.sweep.dir={tmp_path / 'refused'}", "seed=1,2"],
+        capture_output=True,
+        text=True,
+        env=slurm,
+        timeout=120,
+    )
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].startswith("error: the jobs were not submitted: ")
+    assert "nosuch" in r.stderr or "partition" in r.stderr.lower(), r.stderr[-2000:]
+
     sweep = tmp_path / "sweep"
     command = [
         BPRUN,

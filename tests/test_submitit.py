@@ -173,3 +173,22 @@ def test_a_job_without_a_result_is_a_failed_return_not_the_end_of_the_sweep(tmp_
     ret = launcher._result(Cancelled(), ["optim.lr=0.1"], 0, tasks=1)
     assert ret.status == JobStatus.FAILED and ret.overrides == ["optim.lr=0.1"]
     assert "41_0" in str(ret._return_value) and "41_0_0_log.out" in str(ret._return_value)
+
+
+def test_submitit_slurm_without_slurm_is_one_line(tmp_path):
+    venv = str(Path(BPRUN).parent)  # bprun and python, but no sbatch or srun on the PATH
+    r = subprocess.run(
+        [BPRUN, "-m", "hydra/launcher=submitit_slurm", f"hydra.sweep.dir={tmp_path}", "seed=1,2"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PATH": venv},
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1] == (
+        "error: hydra/launcher=submitit_slurm needs SLURM's sbatch and srun on the PATH: run "
+        "the sweep on a node of the cluster, or use hydra/launcher=submitit_local to run the "
+        "jobs on this machine"
+    )
+    assert "Traceback" not in r.stderr

@@ -25,7 +25,9 @@ every plugin at start-up, outside sys.modules.
 
 import logging
 import os
+import shutil
 import signal
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,6 +101,12 @@ class _BprunSubmitit(base.BaseSubmititLauncher):
         """The plugin's launch, except that a job without a result is recorded, not raised."""
         import submitit
 
+        if self._EXECUTOR == "slurm" and not (shutil.which("sbatch") and shutil.which("srun")):
+            _fail(
+                "hydra/launcher=submitit_slurm needs SLURM's sbatch and srun on the PATH: run "
+                "the sweep on a node of the cluster, or use hydra/launcher=submitit_local to "
+                "run the jobs on this machine"
+            )
         params = dict(self.params)
         executor = submitit.AutoExecutor(
             cluster=self._EXECUTOR,
@@ -113,14 +121,19 @@ class _BprunSubmitit(base.BaseSubmititLauncher):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         state = Singleton.get_state()
         numbers = range(initial_job_idx, initial_job_idx + len(job_overrides))
-        jobs = executor.map_array(
-            self,
-            [list(o) for o in job_overrides],
-            ["hydra.sweep.dir"] * len(job_overrides),
-            list(numbers),
-            [f"job_id_for_{n}" for n in numbers],
-            [state] * len(job_overrides),
-        )
+        try:
+            jobs = executor.map_array(
+                self,
+                [list(o) for o in job_overrides],
+                ["hydra.sweep.dir"] * len(job_overrides),
+                list(numbers),
+                [f"job_id_for_{n}" for n in numbers],
+                [state] * len(job_overrides),
+            )
+        except submitit.core.utils.FailedJobError as e:  # sbatch refused the array
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            said = next((line for line in lines if "error" in line.lower()), lines[-1:] or [e])
+            _fail(f"the jobs were not submitted: {said}; fix the hydra.launcher.* setting it names")
         log.info(f"submitit '{self._EXECUTOR}': {len(jobs)} jobs; logs in {executor.folder}")
         for n, job, overrides in zip(numbers, jobs, job_overrides, strict=True):
             log.info(f"\t#{n} job {job.job_id}: {' '.join(filter_overrides(overrides))}")
@@ -186,6 +199,12 @@ class SlurmLauncher(_BprunSubmitit):
 
 class LocalLauncher(_BprunSubmitit):
     _EXECUTOR = "local"
+
+
+def _fail(message: str) -> None:
+    """A sweep that cannot start: one line, exit 1, no traceback (as the sweep callback)."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(1)
 
 
 def _result(job, overrides: list, number: int, tasks: int) -> JobReturn:
