@@ -132,8 +132,14 @@ class _BprunSubmitit(base.BaseSubmititLauncher):
             )
         except submitit.core.utils.FailedJobError as e:  # sbatch refused the array
             lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-            said = next((line for line in lines if "error" in line.lower()), lines[-1:] or [e])
-            _fail(f"the jobs were not submitted: {said}; fix the hydra.launcher.* setting it names")
+            said = next((line for line in lines if "error" in line.lower()), str(e))
+            fix = "fix the hydra.launcher.* setting it names"
+            if "gres" in said.lower() and params.get("gpus_per_node"):
+                fix = (
+                    f"hydra.launcher.gpus_per_node={params['gpus_per_node']} asks for GPUs; "
+                    "on a cluster without them add trainer.device=cpu"
+                )
+            _fail(f"the jobs were not submitted: {said}; {fix}")
         log.info(f"submitit '{self._EXECUTOR}': {len(jobs)} jobs; logs in {executor.folder}")
         for n, job, overrides in zip(numbers, jobs, job_overrides, strict=True):
             log.info(f"\t#{n} job {job.job_id}: {' '.join(filter_overrides(overrides))}")
