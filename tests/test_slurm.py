@@ -1,6 +1,7 @@
 """A sweep on a real SLURM scheduler: a one-node cluster started here (munged, slurmctld
 and slurmd on 127.0.0.1, no cgroups), jobs submitted through sbatch by
-`hydra/launcher=submitit_slurm`, and one of them preempted with `scontrol requeue`.
+`hydra/launcher=submitit_slurm` with 2 tasks (DDP ranks) each, and one of them preempted
+with `scontrol requeue`.
 
 `.ci/run` installs the distribution's slurm-wlm and munge; where CI=true a cluster
 that cannot start is a failure, elsewhere the test is skipped with the daemons' error.
@@ -41,9 +42,10 @@ def _free_port() -> int:
 
 
 def _slurm_conf(root: Path) -> str:
-    cpus = max(2, os.cpu_count() or 2)
+    # 4 CPUs whatever the machine has (config_overrides): 2 jobs of 2 one-CPU tasks at once
     return f"""\
 ClusterName=bprun-test
+SlurmdParameters=config_overrides
 SlurmctldHost=localhost(127.0.0.1)
 SlurmctldPort={_free_port()}
 SlurmdPort={_free_port()}
@@ -65,7 +67,7 @@ JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 MpiDefault=none
 ReturnToService=2
-NodeName=localhost NodeAddr=127.0.0.1 CPUs={cpus} RealMemory=1000 State=UNKNOWN
+NodeName=localhost NodeAddr=127.0.0.1 CPUs=4 RealMemory=1000 State=UNKNOWN
 PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 """
 
@@ -222,6 +224,7 @@ def test_slurm_sweep_with_a_preempted_job_that_resumes(slurm, tmp_path, data_dir
         *[a for a in LONG if not a.startswith("trainer.max_epochs")],
         "trainer.max_epochs=150",
         SAME_TWICE,
+        "trainer.devices=2",  # 2 SLURM tasks per job, one gloo rank each
     ]
     env = {**slurm, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
@@ -253,6 +256,7 @@ def test_slurm_sweep_with_a_preempted_job_that_resumes(slurm, tmp_path, data_dir
     metrics = json.loads((job / "metrics.json").read_text())
     assert metrics["status"] == "completed" and metrics["epochs"] == 150
     assert metrics["resumed_from"].endswith("last.pt")
+    assert metrics["world_size"] == 2 and (job / "frozen_config.yaml").is_file()
     straight = weights(job_dir(sweep, 1))
     resumed = weights(job)
     for name in straight:
