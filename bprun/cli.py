@@ -31,7 +31,7 @@ from omegaconf import DictConfig  # noqa: E402
 from bprun.checks import check_command_line  # noqa: E402
 from bprun.config import register_configs  # noqa: E402
 from bprun.errors import BprunError  # noqa: E402
-from bprun.launch import under_torchrun  # noqa: E402
+from bprun.launch import started_as_rank, under_torchrun  # noqa: E402
 from bprun.overrides import key_of, merge  # noqa: E402
 
 log = logging.getLogger("bprun")
@@ -111,7 +111,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
     if multirun:
         cfg.trainer.progress = False  # a sweep prints one line per job, not interleaved bars
     try:
-        if under_torchrun():  # rank 0 of a user's `torchrun -m bprun`: share the config
+        if started_as_rank():  # rank 0 of `torchrun -m bprun` or of SLURM tasks: share the config
             from bprun.launch import lead
 
             return lead(cfg, run_dir, list(hc.overrides.task))

@@ -76,12 +76,18 @@ def register_plugins() -> None:
     An installed wheel puts them where Hydra's discovery lists the `hydra_plugins`
     namespace; an editable install maps that namespace through an import hook,
     which imports but cannot be listed, so discovery alone would miss them there.
-    Registering a plugin that discovery found already changes nothing.
+    Registering a plugin that discovery found already changes nothing. bprun's submitit
+    launchers replace the plugin's `submitit_slurm`/`submitit_local` configs, which
+    discovery (the first `Plugins.instance()`) stores.
     """
     from hydra.core.plugins import Plugins
 
     from hydra_plugins.bprun_optuna_sweeper.optuna_sweeper import OptunaSweeper
+    from hydra_plugins.bprun_submitit import launcher as submitit_launcher
     from hydra_plugins.bprun_sweeper.sweeper import BprunSweeper
 
     Plugins.instance().register(BprunSweeper)
     Plugins.instance().register(OptunaSweeper)
+    Plugins.instance().register(submitit_launcher.SlurmLauncher)
+    Plugins.instance().register(submitit_launcher.LocalLauncher)
+    submitit_launcher.store_configs()

@@ -18,6 +18,9 @@ class Interrupted(BprunError):
         super().__init__(message)
         self.exit_code = 128 + signum
 
+    def __reduce__(self):  # a job's exception travels back to the sweep process pickled
+        return (Interrupted, (str(self), self.exit_code - 128))
+
 
 class SignalExit(KeyboardInterrupt):
     """A stop signal outside the training loop, which handles its own (saving first)."""
@@ -35,7 +38,7 @@ class SignalExit(KeyboardInterrupt):
 
 
 def stop_on_signals(raising: bool = False) -> None:
-    """SIGTERM, SIGINT and SIGUSR1 end the command from now on (the training loop puts its
+    """SIGTERM, SIGINT, SIGUSR1 and SIGUSR2 end the command from now on (the training loop puts its
     own handlers in place while it runs, and these back when it ends). Until `raising` is
     switched on, the command is still importing: nothing to clean up, and an exception
     there would print a traceback, so the handler writes its line and exits at once."""
@@ -51,5 +54,5 @@ def stop_on_signals(raising: bool = False) -> None:
         sys.stderr.write(text + "\n")
         os._exit(interrupted.exit_code)
 
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(signum, _stop)

@@ -5,6 +5,7 @@
                                      through `torch.distributed.run` (torchrun's module)
     torchrun ... -m bprun ...        several machines: rank 0 composes and sends the frozen
                                      config to the others
+    hydra/launcher=submitit_slurm    one SLURM task per rank, the same way (rank 0 composes)
 
 Ranks load the frozen config and never compose again, so there is one run folder
 (rank 0's), one TensorBoard log and one metrics.json. The rendezvous of a
@@ -37,6 +38,13 @@ TIMEOUT = timedelta(minutes=10)
 def under_torchrun() -> bool:
     """True in a process that torchrun started (it sets these for every rank)."""
     return "TORCHELASTIC_RUN_ID" in os.environ and "LOCAL_RANK" in os.environ
+
+
+def started_as_rank() -> bool:
+    """True in a rank that a launcher other than `bprun` started: torchrun, or a SLURM task
+    of bprun's submitit launcher (hydra_plugins/bprun_submitit), which joined the process
+    group before Hydra composed. Rank 0 of these freezes the config for the others."""
+    return under_torchrun() or "BPRUN_RANKS_STARTED" in os.environ
 
 
 def freeze(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> str:

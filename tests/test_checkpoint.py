@@ -144,8 +144,9 @@ def test_sigterm_saves_prints_resume_command_and_it_works(bprun, data_dir, tmp_p
     assert scalar_steps(newest)["train/loss"] == list(range(stopped + 1, 3 * 36 + 1))
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGUSR1])
-def test_sigint_and_sigusr1_save_and_exit_128_plus_signal(signum, data_dir, tmp_path):
+# SIGUSR2: what submitit sends before a SLURM time limit (hydra_plugins/bprun_submitit)
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2])
+def test_sigint_and_sigusr_save_and_exit_128_plus_signal(signum, data_dir, tmp_path):
     out, _ = interrupt(signum, data_dir, tmp_path / "run")
     assert f"bprun trainer.resume={tmp_path / 'run'}" in out
 

@@ -1,4 +1,5 @@
-"""Graceful stop on SIGTERM, SIGINT and SIGUSR1: finish the update, save, exit.
+"""Graceful stop on SIGTERM, SIGINT, SIGUSR1 and SIGUSR2 (what submitit sends before a
+SLURM time limit): finish the update, save, exit.
 
 A second SIGINT aborts at once, for a user who does not want to wait.
 """
@@ -11,7 +12,14 @@ import threading
 
 class StopSignals:
     SIGNALS = tuple(
-        s for s in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGUSR1", None)) if s
+        s
+        for s in (
+            signal.SIGTERM,
+            signal.SIGINT,
+            getattr(signal, "SIGUSR1", None),
+            getattr(signal, "SIGUSR2", None),
+        )
+        if s
     )
 
     def __init__(self):

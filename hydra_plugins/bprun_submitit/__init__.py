@@ -1,0 +1,1 @@
+"""bprun's submitit launchers (SLURM and local), found by Hydra's plugin discovery."""
