@@ -7,6 +7,7 @@ import os
 import signal
 import statistics
 import subprocess
+import threading
 import time
 
 import pytest
@@ -369,3 +370,136 @@ def test_settings_reject_unknown_sampler_and_pruner():
         SearchSettings(sampler="tpee").validate()
     with pytest.raises(BprunError, match="search.pruner=medain is not known"):
         SearchSettings(pruner="medain").validate()
+    with pytest.raises(BprunError, match="search.heartbeat_s=0: must be more than 0"):
+        SearchSettings(heartbeat_s=0).validate()
+    with pytest.raises(BprunError, match="search.grace_s=50.0: must be at least twice"):
+        SearchSettings(heartbeat_s=30, grace_s=50.0).validate()
+
+
+def test_grace_shorter_than_two_heartbeats_fails_before_any_trial(bprun, tmp_path):
+    r = bprun("-m", "search=mlp_lr", "search.heartbeat_s=60", "search.grace_s=100", check=False)
+    assert r.returncode == 1
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: search.grace_s=100.0: must be at least twice search.heartbeat_s")
+    assert "Traceback" not in r.output
+    assert not (tmp_path / "sweep" / "optuna.journal").exists()
+
+
+# --------------------------------------------------- trials of a search on another host
+BEAT = {"heartbeat_s": 0.2, "grace_s": 5.0}  # a stopped search's trial is checked for 1.4 s
+
+
+def _other_host_trial(study, owner: str, beat: float) -> int:
+    """A trial RUNNING under a search on another host, last stamped at `beat`."""
+    trial = study.ask({"a": FloatDistribution(0, 1), "b": CategoricalDistribution(["x", "y", "z"])})
+    trial.set_user_attr("bprun.owner", owner)
+    trial.set_user_attr("bprun.heartbeat_s", BEAT["heartbeat_s"])
+    trial.set_user_attr("bprun.heartbeat", beat)
+    return trial.number
+
+
+def check_stale_other_host_trial_is_released(tmp_path, spec):
+    """Shared with the PostgreSQL test: one trial done here, one of a stopped search on
+    otherhost (stamped an hour ago), one of a live one (stamped now); the search run again
+    releases the stopped one only and asks to exactly n_trials."""
+    first = _search(tmp_path, "random", spec=spec, **BEAT)
+    done = first.ask(lambda n: tmp_path / str(n))
+    first.tell(done.number, "complete", 1.0)
+    first.close()
+    stale = _other_host_trial(first.study, "otherhost:123", time.time() - 3600)
+    fresh = _other_host_trial(first.study, "otherhost:124", time.time())
+
+    again = _search(tmp_path, "random", spec=spec, **BEAT)
+    assert [t.number for t in again.released] == [stale]
+    while (trial := again.ask(lambda n: tmp_path / str(n))) is not None:
+        again.tell(trial.number, "complete", 2.0)
+    again.close()
+
+    study = load(spec, "unit")
+    assert study.trials[stale].state == TrialState.FAIL
+    assert "search on otherhost stopped" in study.trials[stale].user_attrs["bprun.released"]
+    assert study.trials[fresh].state == TrialState.RUNNING
+    assert "bprun.released" not in study.trials[fresh].user_attrs
+    # n_trials=4: the done one, the live one, and two asked now (one in the stale one's slot).
+    assert len(counted(study)) == 4 and len(study.trials) == 5
+    assert [t.state for t in study.trials[3:]] == [TrialState.COMPLETE] * 2
+
+
+def test_stale_other_host_trial_is_released_and_its_slot_rerun(tmp_path):
+    check_stale_other_host_trial_is_released(tmp_path, str(tmp_path / "optuna.journal"))
+
+
+def test_other_host_trial_with_a_slow_clock_but_a_live_heartbeat_is_kept(tmp_path):
+    """Its owner's clock runs an hour behind ours: the stamp looks stale, but it moves."""
+    first = _search(tmp_path, "random", **BEAT)
+    number = _other_host_trial(first.study, "otherhost:125", time.time() - 3600)
+    trial_id = first._trial_id(number)
+    stop = threading.Event()
+
+    def beat():  # the live search on otherhost, its clock an hour behind
+        while not stop.wait(BEAT["heartbeat_s"]):
+            first.study._storage.set_trial_user_attr(
+                trial_id, "bprun.heartbeat", time.time() - 3600
+            )
+
+    beating = threading.Thread(target=beat, daemon=True)
+    beating.start()
+    try:
+        again = _search(tmp_path, "random", **BEAT)
+    finally:
+        stop.set()
+        beating.join()
+    assert again.released == []
+    assert load(tmp_path / "optuna.journal", "unit").trials[number].state == TrialState.RUNNING
+
+
+def test_heartbeat_advances_while_a_trial_runs_and_stops_when_it_ends(tmp_path):
+    search = _search(tmp_path, "random", heartbeat_s=0.1, grace_s=1.0)
+    trial = search.ask(lambda n: tmp_path / str(n))
+
+    def stamp():  # as another process reads it
+        return (
+            load(tmp_path / "optuna.journal", "unit")
+            .trials[trial.number]
+            .user_attrs["bprun.heartbeat"]
+        )
+
+    asked = stamp()
+    time.sleep(0.5)
+    running = stamp()
+    assert asked < running <= time.time()
+    search.tell(trial.number, "complete", 1.0)
+    ended = stamp()
+    time.sleep(0.3)
+    assert stamp() == ended
+    search.close()
+    assert not search.heartbeat._thread.is_alive()
+
+
+@pytest.mark.parametrize("answer", [1, 0])
+def test_mysql_study_lock_takes_and_gives_back_a_named_lock(tmp_path, monkeypatch, answer):
+    """MySQL's GET_LOCK / RELEASE_LOCK, played by SQLite functions (no MySQL server here)."""
+    import sqlalchemy
+
+    from bprun.search.study import _SERVER_LOCKS, StudyLock
+
+    calls = []
+    engine = sqlalchemy.create_engine(f"sqlite:///{tmp_path / 'x.db'}")
+
+    @sqlalchemy.event.listens_for(engine, "connect")
+    def functions(conn, _):
+        conn.create_function("GET_LOCK", 2, lambda n, t: calls.append(("get", n)) or answer)
+        conn.create_function("RELEASE_LOCK", 1, lambda n: calls.append(("release", n)) or 1)
+
+    monkeypatch.setattr(sqlalchemy, "create_engine", lambda *a, **k: engine)
+    lock = StudyLock("mysql+pymysql://u@db/x", "unit")
+    assert lock._sql == _SERVER_LOCKS["mysql"]
+    if answer == 1:
+        with lock.held():
+            assert calls == [("get", f"bprun:{lock.key}")]
+        assert calls[-1] == ("release", f"bprun:{lock.key}")
+    else:
+        with pytest.raises(BprunError, match="the server did not grant the study's lock"):
+            with lock.held():
+                pass
+        assert calls == [("get", f"bprun:{lock.key}")]

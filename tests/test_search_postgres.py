@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from optuna.trial import TrialState
 from search_helpers import load, param_sets
-from test_search import search_args
+from test_search import check_stale_other_host_trial_is_released, search_args
 
 
 def _pg_bin(name: str) -> str | None:
@@ -99,3 +99,7 @@ def test_two_searches_share_one_postgresql_study(postgres, tmp_path, data_dir):
     # Every trial ran once, in the folder of the search that asked it.
     ran = [p.name for i in range(2) for p in (tmp_path / f"sweep{i}").iterdir() if p.name.isdigit()]
     assert sorted(map(int, ran)) == list(range(4)), ran
+
+
+def test_stale_other_host_trial_in_postgresql_is_released(postgres, tmp_path):
+    check_stale_other_host_trial_is_released(tmp_path, postgres)

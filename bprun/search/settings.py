@@ -33,6 +33,11 @@ class SearchSettings:
     n_warmup_steps: int = 2  # epochs a trial runs before it can be pruned
     min_resource: int = 1  # successive_halving / hyperband: epochs before the first rung
     reduction_factor: int = 3  # successive_halving / hyperband
+    # While a trial runs its search stamps it with its clock every heartbeat_s seconds; a
+    # trial of a search on another host is released once its stamp is grace_s old (clocks
+    # within grace_s of each other) and did not move while this search waited to make sure.
+    heartbeat_s: float = 30.0
+    grace_s: float = 300.0
     # Set by the sweeper on each job: the trial this run reports to. Not for the command line.
     trial: int | None = None
 
@@ -52,6 +57,13 @@ class SearchSettings:
         for key in ("n_startup_trials", "pruner_startup_trials", "n_warmup_steps"):
             if getattr(self, key) < 0:
                 raise BprunError(f"search.{key}={getattr(self, key)}: must be 0 or more")
+        if not self.heartbeat_s > 0:
+            raise BprunError(f"search.heartbeat_s={self.heartbeat_s}: must be more than 0")
+        if not self.grace_s >= 2 * self.heartbeat_s:
+            raise BprunError(
+                f"search.grace_s={self.grace_s}: must be at least twice search.heartbeat_s "
+                f"({self.heartbeat_s}), or a live search's trials could be taken for stopped"
+            )
         if not 0.0 < self.percentile < 100.0:
             raise BprunError(f"search.percentile={self.percentile}: must lie in (0, 100)")
         if not self.study_name:

@@ -10,6 +10,15 @@
 - Resume: a trial still RUNNING whose owner (host:pid, a user attribute) was
   on this host and is gone is marked failed and *released*: it no longer
   counts, so a later trial re-runs its slot. Its folder keeps its files.
+- Heartbeat: another host's processes cannot be asked, so while a trial runs
+  the search that asked it stamps it with its clock (`bprun.heartbeat`) from a
+  thread in the sweeper process, every `search.heartbeat_s`. The sweeper, not
+  the job, beats because the sweeper tells the trial how it ended: a job stuck
+  in data loading still has an owner, a dead sweeper's trial has none. A trial
+  of another host is released when its stamp is `search.grace_s` old by this
+  host's clock *and* did not change while this search waited two of its
+  owner's beats: a skewed clock can only delay a release, never release a
+  trial whose search still runs.
 - No repeats: each trial is sampled with the seed `search.seed + its number`,
   so no two trials share a seed whichever process asks them, and a proposal
   equal to a trial already run is released and asked again.
@@ -22,6 +31,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import zlib
 from pathlib import Path
 from typing import Any
@@ -38,6 +48,8 @@ JOURNAL = "optuna.journal"
 OWNER = "bprun.owner"  # host:pid of the search that asked the trial
 FOLDER = "bprun.folder"  # the trial's job folder
 RELEASED = "bprun.released"  # why the trial no longer counts toward n_trials
+HEARTBEAT = "bprun.heartbeat"  # the owner's time.time() when it last said it runs the trial
+HEARTBEAT_S = "bprun.heartbeat_s"  # how often the owner says so
 MAX_REPEATS = 50  # proposals in a row equal to trials already run before giving up
 
 
@@ -192,26 +204,36 @@ def _alive(owner: str | None) -> bool | None:
     return True
 
 
+# Session-level locks of the database servers that have them: (take, give back, what `take`
+# answers once it holds the lock, None: nothing to check). MySQL's and MariaDB's GET_LOCK is
+# by name and answers 1, or 0 on its timeout (a year here) and NULL on an error.
+_SERVER_LOCKS = {
+    "postgresql": ("SELECT pg_advisory_lock(:k)", "SELECT pg_advisory_unlock(:k)", None),
+    "mysql": ("SELECT GET_LOCK(:name, 31536000)", "SELECT RELEASE_LOCK(:name)", 1),
+    "mariadb": ("SELECT GET_LOCK(:name, 31536000)", "SELECT RELEASE_LOCK(:name)", 1),
+}
+
+
 class StudyLock:
     """One process at a time counts and asks, across processes and machines."""
 
     def __init__(self, spec: str, study_name: str):
         self.spec, self.key = spec, zlib.crc32(f"bprun:{study_name}".encode()) & 0x7FFFFFFF
         self._threads = threading.Lock()
-        self._engine = None
-        if spec.startswith("postgresql"):
+        self._engine, self._file_lock = None, None
+        self._sql = _SERVER_LOCKS.get(spec.split("://", 1)[0].split("+", 1)[0])
+        if self._sql is not None:
             import sqlalchemy
 
             try:
                 self._engine = sqlalchemy.create_engine(spec, poolclass=sqlalchemy.pool.NullPool)
             except Exception as e:
                 raise _storage_error(spec, e) from None
-            self._file_lock = None
         else:
             from optuna.storages.journal import JournalFileSymlinkLock
 
-            # Other databases (MySQL, ...): processes of this search share the thread lock
-            # only, so searches on several machines may end a trial or two past n_trials.
+            # Other databases (Oracle, MS SQL, ...): processes of this search share the thread
+            # lock only, so searches on several machines may end a trial or two past n_trials.
             path = spec.split("///", 1)[1] if spec.startswith("sqlite") else spec
             self._file_lock = None if "://" in path else JournalFileSymlinkLock(path + ".ask")
 
@@ -221,18 +243,23 @@ class StudyLock:
             if self._engine is not None:
                 import sqlalchemy
 
+                take, give_back, granted = self._sql
+                names = {"k": self.key, "name": f"bprun:{self.key}"}
                 try:
                     conn = self._engine.connect()
                 except Exception as e:
                     raise _storage_error(self.spec, e) from None
-                with conn:
-                    conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": self.key})
+                with conn:  # closing the session frees its lock, should the release fail
+                    answer = conn.execute(sqlalchemy.text(take), names).scalar()
+                    if granted is not None and answer != granted:
+                        raise BprunError(
+                            f"search.storage={shown(self.spec)}: the server did not grant the "
+                            f"study's lock ({take} answered {answer}); run the search again"
+                        )
                     try:
                         yield
                     finally:
-                        conn.execute(
-                            sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": self.key}
-                        )
+                        conn.execute(sqlalchemy.text(give_back), names)
             elif self._file_lock is not None:
                 self._file_lock.acquire()
                 try:
@@ -241,6 +268,50 @@ class StudyLock:
                     self._file_lock.release()
             else:
                 yield
+
+
+class Heartbeat:
+    """A daemon thread that stamps the trials this search runs with the time, every
+    `interval` seconds, until they end."""
+
+    def __init__(self, storage, interval: float):
+        self.storage, self.interval = storage, interval
+        self._trials: set[int] = set()  # trial ids
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bprun-heartbeat", daemon=True)
+        self._warned = False
+
+    def add(self, trial_id: int) -> None:
+        with self._lock:
+            self._trials.add(trial_id)
+        if not self._thread.is_alive() and not self._stop.is_set():
+            self._thread.start()
+
+    def discard(self, trial_id: int) -> None:
+        with self._lock:
+            self._trials.discard(trial_id)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
+        from optuna.exceptions import UpdateFinishedTrialError
+
+        while not self._stop.wait(self.interval):
+            with self._lock:
+                trials = sorted(self._trials)
+            for trial_id in trials:
+                try:
+                    self.storage.set_trial_user_attr(trial_id, HEARTBEAT, time.time())
+                except UpdateFinishedTrialError:  # told between the copy and the stamp
+                    self.discard(trial_id)
+                except Exception as e:  # the storage is away for a while: beat again later
+                    if not self._warned:
+                        log.warning(f"search heartbeat: {type(e).__name__}: {e}")
+                        self._warned = True
 
 
 class Search:
@@ -255,27 +326,69 @@ class Search:
         pruner = make_pruner(settings, max_epochs)
         with self.lock.held():  # two searches starting at once would both create the tables
             self.study = open_study(settings, spec, pruner=pruner, direction=direction)
-            self.released = self._release_orphans()
+        self.heartbeat = Heartbeat(self.study._storage, settings.heartbeat_s)
+        self.released = self._release_orphans()
+
+    def close(self) -> None:
+        """Stop the heartbeat (the trials it stamped have ended, or are left to be released)."""
+        self.heartbeat.close()
 
     def _release_orphans(self) -> list:
-        """Mark failed the trials left RUNNING by a search on this host that is gone."""
+        """Mark failed and release the trials left RUNNING by a search that is gone: on this
+        host, its process is; on another, its heartbeat is grace_s old and stays still."""
         from optuna.trial import TrialState
 
-        released = []
-        for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if _alive(t.user_attrs.get(OWNER)) is False:
-                self.release(
-                    t.number, "the search running it stopped; a later trial re-ran its slot"
-                )
-                released.append(t)
+        released, suspects = [], {}
+        now = time.time()
+        with self.lock.held():
+            for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                owner = t.user_attrs.get(OWNER)
+                alive = _alive(owner)
+                if alive is False:
+                    if self._release_running(t.number, "the search running it stopped"):
+                        released.append(t)
+                    continue
+                beat, every = t.user_attrs.get(HEARTBEAT), t.user_attrs.get(HEARTBEAT_S)
+                stamped = isinstance(beat, (int, float)) and isinstance(every, (int, float))
+                if alive is None and owner and stamped and now - beat > self.settings.grace_s:
+                    suspects[t.number] = (beat, every, owner.rsplit(":", 1)[0])
+        if not suspects:
+            return released
+        # The stamps are in their owners' clocks: wait two of their beats (at most grace_s)
+        # and release only the trials whose stamp did not move, so a clock that runs behind
+        # ours cannot make a live search's trial look stopped.
+        wait = min(self.settings.grace_s, 2 * max(e for _, e, _ in suspects.values()) + 1)
+        hosts = ", ".join(sorted({h for _, _, h in suspects.values()}))
+        print(
+            f"search: {len(suspects)} trial(s) of {hosts} have not beaten for "
+            f"{self.settings.grace_s:g} s; checking for {wait:g} s that their search stopped",
+            flush=True,
+        )
+        time.sleep(wait)
+        with self.lock.held():
+            for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                if t.number in suspects and t.user_attrs.get(HEARTBEAT) == suspects[t.number][0]:
+                    silent = time.time() - t.user_attrs[HEARTBEAT]
+                    why = f"its search on {suspects[t.number][2]} stopped (silent {silent:.0f} s)"
+                    if self._release_running(t.number, why):
+                        released.append(t)
         return released
+
+    def _release_running(self, number: int, why: str) -> bool:
+        """Release a trial found RUNNING, unless another search released it meanwhile."""
+        from optuna.exceptions import UpdateFinishedTrialError
+
+        try:
+            self.release(number, f"{why}; a later trial re-ran its slot")
+        except UpdateFinishedTrialError:
+            return False
+        return True
 
     def release(self, number: int, why: str) -> None:
         from optuna.trial import TrialState
 
-        trial_id = self.study._storage.get_trial_id_from_study_id_trial_number(
-            self.study._study_id, number
-        )
+        trial_id = self._trial_id(number)
+        self.heartbeat.discard(trial_id)
         self.study._storage.set_trial_user_attr(trial_id, RELEASED, why)
         self.study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
 
@@ -305,6 +418,9 @@ class Search:
                 trial.set_user_attr(OWNER, self.owner)
                 if trial.params not in seen:
                     trial.set_user_attr(FOLDER, str(folder_of(trial.number)))
+                    trial.set_user_attr(HEARTBEAT_S, self.settings.heartbeat_s)
+                    trial.set_user_attr(HEARTBEAT, time.time())
+                    self.heartbeat.add(trial._trial_id)
                     return trial
                 self.release(trial.number, "the sampler proposed parameters already run")
         raise BprunError(
@@ -317,11 +433,17 @@ class Search:
 
         states = {"complete": TrialState.COMPLETE, "pruned": TrialState.PRUNED}
         target = states.get(state, TrialState.FAIL)
+        self.heartbeat.discard(self._trial_id(number))
         self.study.tell(
             number,
             value if target == TrialState.COMPLETE else None,
             state=target,
             skip_if_finished=True,
+        )
+
+    def _trial_id(self, number: int) -> int:
+        return self.study._storage.get_trial_id_from_study_id_trial_number(
+            self.study._study_id, number
         )
 
     def trial(self, number: int) -> Any:

@@ -99,6 +99,13 @@ class SearchRun:
         self.search = Search(
             s, self.space, self.spec, self.direction, self.config.trainer.max_epochs
         )
+        try:
+            return self._run()
+        finally:
+            self.search.close()
+
+    def _run(self) -> list:
+        s = self.settings
         for t in self.search.released:
             report.mark_replaced(t, sweep_summary.JOB_FILE, self.sweep_dir)
         before = self.search.counted()
