@@ -242,6 +242,9 @@ def _as_rank(body) -> None:
     code = 0
     try:
         body()
+        # Leave together: a rank that closes its group while a peer still talks to the
+        # rendezvous store can abort at exit (std::terminate in a store thread).
+        dist.barrier()
     except BprunError as e:
         log.error(f"error: {e}")
         code = e.exit_code
