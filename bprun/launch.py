@@ -208,7 +208,11 @@ def run_rank(frozen_text: str) -> float | None:
     cfg = frozen.config
     typed(cfg)
     setup_logging(run_dir, dist.get_rank())
-    return run_task(cfg, run_dir, list(frozen.overrides))
+    result = run_task(cfg, run_dir, list(frozen.overrides))
+    # Every rank, however it was started, leaves together: a rank that closes its group
+    # while a peer still talks to the store can abort at exit.
+    dist.barrier()
+    return result
 
 
 def lead(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> float | None:
@@ -242,9 +246,6 @@ def _as_rank(body) -> None:
     code = 0
     try:
         body()
-        # Leave together: a rank that closes its group while a peer still talks to the
-        # rendezvous store can abort at exit (std::terminate in a store thread).
-        dist.barrier()
     except BprunError as e:
         log.error(f"error: {e}")
         code = e.exit_code
