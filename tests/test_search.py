@@ -198,6 +198,18 @@ def test_killed_search_continues_to_exactly_n_trials(tmp_path, data_dir):
     assert {j.trial: j.status for j in summarize(sweep).jobs}[killed] == "replaced"
 
 
+# Seeded random draws of a good (1e-2) or a bad (1e-6) lr; bad ones are pruned early.
+GOOD_OR_BAD_LR = [
+    "search.sampler=random",
+    "search.seed=11",
+    "search.pruner_startup_trials=1",
+    "search.n_warmup_steps=1",
+    "optim=adam",
+    "optim.lr=choice(1e-2,1e-6)",
+    "optim.weight_decay=interval(0,1e-6)",
+]
+
+
 @pytest.mark.slow
 def test_pruned_trial_frees_its_slot_while_the_other_runs(tmp_path, data_dir):
     sweep = tmp_path / "sweep"
@@ -209,14 +221,8 @@ def test_pruned_trial_frees_its_slot_while_the_other_runs(tmp_path, data_dir):
             data_dir,
             "search.n_trials=5",
             "search.n_jobs=2",
-            "search.sampler=random",
-            "search.seed=11",
-            "search.pruner_startup_trials=1",
-            "search.n_warmup_steps=1",
+            *GOOD_OR_BAD_LR,
             "trainer.max_epochs=40",
-            "optim=adam",
-            "optim.lr=choice(1e-2,1e-6)",
-            "optim.weight_decay=interval(0,1e-6)",
         )
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -250,14 +256,8 @@ def test_two_rank_trials_share_rank0s_parameters_and_prune_decision(tmp_path, da
             data_dir,
             "search.n_trials=3",
             "search.n_jobs=1",
-            "search.sampler=random",
-            "search.seed=11",
-            "search.pruner_startup_trials=1",
-            "search.n_warmup_steps=1",
+            *GOOD_OR_BAD_LR,
             "trainer.devices=2",
-            "optim=adam",
-            "optim.lr=choice(1e-2,1e-6)",
-            "optim.weight_decay=interval(0,1e-6)",
         )
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

@@ -9,7 +9,6 @@ that cannot start is a failure, elsewhere the test is skipped with the daemons' 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -21,7 +20,13 @@ from pathlib import Path
 
 import pytest
 from conftest import BPRUN, job_dir
-from test_submitit import LONG, SAME_TWICE, end_session, rows, wait_for, weights
+from test_submitit import (
+    LONG,
+    SAME_TWICE,
+    end_session,
+    ends_like_the_job_not_stopped,
+    wait_for,
+)
 
 from hydra_plugins.bprun_submitit import launcher
 
@@ -262,17 +267,7 @@ def test_slurm_sweep_with_a_preempted_job_that_resumes(slurm, tmp_path, data_dir
     finally:
         end_session(proc)
     assert proc.returncode == 0, out[-3000:]
-    assert [r["status"] for r in rows(sweep)] == ["ok", "ok"], out[-3000:]
-    log = (job / "bprun.log").read_text()
-    assert "stopped by SIGTERM" in log and "resumed from" in log, log[-3000:]
-    metrics = json.loads((job / "metrics.json").read_text())
-    assert metrics["status"] == "completed" and metrics["epochs"] == 150
-    assert metrics["resumed_from"].endswith("last.pt")
-    assert metrics["world_size"] == 2 and (job / "frozen_config.yaml").is_file()
-    straight = weights(job_dir(sweep, 1))
-    resumed = weights(job)
-    for name in straight:
-        assert (resumed[name] == straight[name]).all(), name
+    ends_like_the_job_not_stopped(sweep, job, "SIGTERM", epochs=150, out=out)
     # submitit's folder: the job's sbatch script, its pickles and the logs of its tasks
     submitit = sweep / ".submitit" / slurm_id
     assert (submitit / f"{slurm_id}_0_log.out").is_file()

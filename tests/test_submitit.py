@@ -101,19 +101,24 @@ def test_requeued_ddp_job_resumes_and_ends_like_an_uninterrupted_one(tmp_path, d
     finally:
         end_session(proc)
     assert proc.returncode == 0, out[-3000:]
-    assert [r["status"] for r in rows(sweep)] == ["ok", "ok"], out[-3000:]
-    log = (job / "bprun.log").read_text()
-    assert "stopped by SIGUSR2" in log and "resumed from" in log, log[-3000:]
-    metrics = json.loads((job / "metrics.json").read_text())
-    assert metrics["status"] == "completed" and metrics["epochs"] == 60
-    assert metrics["world_size"] == 2 and (job / "frozen_config.yaml").is_file()
-    straight_job = job_dir(sweep, 1)  # one run folder per job, one event file: rank 0 writes
-    assert len(list(straight_job.glob("events.out.tfevents.*"))) == 1
-    assert metrics["resumed_from"].endswith("last.pt")
+    ends_like_the_job_not_stopped(sweep, job, "SIGUSR2", epochs=60, out=out)
     # the job ran twice under one job id: the stopped attempt's log is in submitit's folder
     submitit_log = sweep / ".submitit" / marker.read_text().strip()
     assert "Requeued job" in "".join(p.read_text() for p in submitit_log.glob("*_log.*"))
-    # ... and ends where the job that was not stopped ends
+
+
+def ends_like_the_job_not_stopped(sweep: Path, job: Path, stopped_by: str, epochs: int, out: str):
+    """Both jobs of the sweep are ok; `job` was stopped by `stopped_by`, resumed from its
+    last.pt under 2 ranks, and ends with the weights of job 1, which ran straight through."""
+    assert [r["status"] for r in rows(sweep)] == ["ok", "ok"], out[-3000:]
+    log = (job / "bprun.log").read_text()
+    assert f"stopped by {stopped_by}" in log and "resumed from" in log, log[-3000:]
+    metrics = json.loads((job / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["epochs"] == epochs
+    assert metrics["resumed_from"].endswith("last.pt")
+    assert metrics["world_size"] == 2 and (job / "frozen_config.yaml").is_file()
+    straight_job = job_dir(sweep, 1)  # one run folder per job, one event file: rank 0 writes
+    assert len(list(straight_job.glob("events.out.tfevents.*"))) == 1
     interrupted, straight = weights(job), weights(straight_job)
     assert interrupted.keys() == straight.keys()
     for name in straight:
