@@ -23,6 +23,7 @@ from test_data import write_cifar
 
 from bprun.build import build_data
 from bprun.config import register_configs
+from bprun.data import loader as loader_module
 from bprun.data.loader import InMemoryLoader
 from bprun.data.sampler import SeededSampler
 from bprun.data.stream import StreamLoader, TensorRows
@@ -124,6 +125,30 @@ def test_in_memory_loader_keeps_its_order():
     expected = torch.randperm(30, generator=g)
     got = torch.cat([xb[:, 0] for xb, _ in loader.batches(1)]).long()
     assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("block_batches", [1, 2, 100])
+@pytest.mark.parametrize("world_size", [1, 3])
+def test_blocks_of_shuffled_batches_hold_each_batchs_own_examples(
+    block_batches, world_size, monkeypatch
+):
+    """Shuffled batches are gathered a block at a time; whatever the block, from the first batch
+    or a resumed one, each batch holds exactly the sampler's examples for it, in its order."""
+    n, per_rank = 53, 4
+    x = torch.arange(n * 3).float().reshape(n, 3)
+    y = torch.arange(n) * 10
+    row_bytes = 3 * 4 + 8
+    monkeypatch.setattr(
+        loader_module, "BLOCK_BYTES", block_batches * row_bytes * per_rank * world_size
+    )
+    for rank in range(world_size):
+        loader = InMemoryLoader(x, y, per_rank, shuffle=True, seed=7).shard(rank, world_size)
+        for epoch, first in ((0, 0), (1, 3)):
+            got = list(loader.batches(epoch, first))
+            assert len(got) == len(loader) - first
+            for b, (xb, yb) in enumerate(got, start=first):
+                idx = loader.sampler.indices(epoch, b)
+                assert torch.equal(xb, x[idx]) and torch.equal(yb, y[idx])
 
 
 @pytest.mark.parametrize("world_size", [1, 3])

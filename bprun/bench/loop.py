@@ -1,23 +1,25 @@
 """Benchmark: bprun's engine against a hand-written PyTorch loop on the same batches.
 
-    python -m bprun.bench [--updates 150] [--rounds 4] [--threads 1] [--full]
+    python -m bprun.bench [--updates 100] [--rounds 12] [--threads 1] [--full]
     python -m bprun.bench --techniques     # activation checkpointing and EMA (bench/techniques.py)
     python -m bprun.bench --ddp [--devices 2] [--device cpu]   (see ddp.py)
     python -m bprun.bench --data      the data paths (bprun/bench/data.py)
 
 For each model on MNIST-1D (the shipped `mlp` and `cnn` configs, and
 `paper_cnn`, the 5,210-parameter CNN of `+experiment=mnist1d_paper_cnn`, where
-the optimizer step is a large share of the update) the engine
-and the plain loop train a fresh copy of the same initial weights for the same
-number of updates over the same batches, alternating several times; the
-median of the per-round throughput ratios is reported. The plain loop runs
-twice: with the optimizer as a user constructs it (`torch.optim.Adam(params,
+the optimizer step is a large share of the update) the engine and the plain
+loop train a fresh copy of the same initial weights for the same number of
+updates over the same batches, in many short rounds that rotate which loop
+goes first. Each round gives a ratio of throughputs measured within a second
+of each other, so a slow spell of a shared machine hits both sides of it; the
+median over rounds is reported with its interquartile range. The plain loop
+runs twice: with the optimizer as a user constructs it (`torch.optim.Adam(params,
 lr=...)`, torch's default kernel), and with the kernel bprun picks
 (`optim.impl=auto`: fused Adam on the CPU), the engine's own. The engine runs with
 its defaults (features off), then with gradient clipping, each against the
 plain loop doing the same work; `--full` adds bf16-mixed autocast and more
 rounds (bf16 convolutions on a CPU are slow: the full run takes about 15
-minutes on 2 cores, the default under two).
+minutes on 2 cores, the default about two).
 """
 
 from __future__ import annotations
@@ -180,12 +182,12 @@ VARIANTS = {
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--updates", type=int, default=None, help="default 200")
-    parser.add_argument("--rounds", type=int, default=None, help="default 4, 8 with --full")
+    parser.add_argument("--updates", type=int, default=None, help="default 100 (200: --techniques)")
+    parser.add_argument("--rounds", type=int, default=None, help="default 12, 20 with --full")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated")
     parser.add_argument("--variants", default=None, help=f"comma-separated: {', '.join(VARIANTS)}")
-    parser.add_argument("--full", action="store_true", help="bf16-mixed too, 8 rounds")
+    parser.add_argument("--full", action="store_true", help="bf16-mixed too, 20 rounds")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument(
         "--techniques",
@@ -226,8 +228,8 @@ def main(argv=None) -> None:
         return ddp(args)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    if args.updates is None:  # the default run stays under two minutes on 2 cores
-        args.updates = 200 if args.techniques or args.full else 150
+    if args.updates is None:  # the default run takes about two minutes on 2 cores
+        args.updates = 200 if args.techniques or args.full else 100
     if args.techniques:
         from bprun.bench import techniques
 
@@ -236,7 +238,7 @@ def main(argv=None) -> None:
         techniques.run(args.updates, args.rounds or 5, models, torch.device(args.device))
         return
     if args.rounds is None:
-        args.rounds = 8 if args.full else 4
+        args.rounds = 20 if args.full else 12
     if args.variants is None:
         args.variants = "features off,grad clip" + (",bf16-mixed" if args.full else "")
     torch.set_num_threads(args.threads)
@@ -244,7 +246,7 @@ def main(argv=None) -> None:
     device = torch.device(args.device)
     print(
         f"torch {torch.__version__}, {args.threads} thread(s), {args.updates} updates x "
-        f"{args.rounds} rounds, MNIST-1D, {device}"
+        f"{args.rounds} rounds, MNIST-1D, {device}; ratio: median over rounds [quartiles]"
     )
     with initialize_config_module("bprun.conf", version_base="1.3"):
         for name in args.models.split(","):
@@ -259,22 +261,30 @@ def main(argv=None) -> None:
                     f"{impl}; plain: torch's default kernel"
                 )
                 print(
-                    f"{'model':<9} {'variant':<13} {'engine upd/s':>13} {'plain upd/s':>12} "
-                    f"{'ratio':>7} {'plain+impl upd/s':>17} {'ratio':>7}"
+                    f"{'model':<9} {'variant':<13} {'engine upd/s':>12} {'plain upd/s':>11} "
+                    f"{'ratio':>19} {'plain+impl upd/s':>16} {'ratio':>19}"
                 )
             for variant in args.variants.split(","):
                 rates = measure(cfg, VARIANTS[variant], args.updates, args.rounds, device)
                 engine = rates["engine"]
-                ratio, ratio_impl = (
-                    statistics.median(e / p for e, p in zip(engine, rates[other], strict=True))
+                ratios = [
+                    spread([e / p for e, p in zip(engine, rates[other], strict=True)])
                     for other in ("plain", "plain_impl")
-                )
+                ]
                 print(
-                    f"{name:<9} {variant:<13} {statistics.median(engine):>13.1f} "
-                    f"{statistics.median(rates['plain']):>12.1f} {ratio:>7.3f} "
-                    f"{statistics.median(rates['plain_impl']):>17.1f} {ratio_impl:>7.3f}",
+                    f"{name:<9} {variant:<13} {statistics.median(engine):>12.1f} "
+                    f"{statistics.median(rates['plain']):>11.1f} {ratios[0]:>19} "
+                    f"{statistics.median(rates['plain_impl']):>16.1f} {ratios[1]:>19}",
                     flush=True,
                 )
+
+
+def spread(ratios: list[float]) -> str:
+    """The median ratio and its quartiles: '1.123 [1.08-1.15]'."""
+    if len(ratios) < 4:
+        return f"{statistics.median(ratios):.3f}"
+    q1, q2, q3 = statistics.quantiles(ratios, n=4)
+    return f"{q2:.3f} [{q1:.2f}-{q3:.2f}]"
 
 
 if __name__ == "__main__":
