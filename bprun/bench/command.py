@@ -118,5 +118,5 @@ def main(argv=None, device: str = "cpu", threads: int = 1, rounds: int | None = 
     if "lightning" in walls:
         print(f"Lightning / bprun, training time:         {ratio(fits, 'lightning', 'bprun'):.3f}")
         print(f"Lightning / bprun, wall time:             {ratio(walls, 'lightning', 'bprun'):.3f}")
-    else:
+    elif importlib.util.find_spec("lightning") is None:
         print("Lightning: not installed (pip install 'bprun[bench]' to compare)")
