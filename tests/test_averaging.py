@@ -129,6 +129,23 @@ def test_swa_recomputes_batch_norm_statistics_before_the_test():
     assert bn.momentum == 0.1  # update_bn restores the momentum it overrides
 
 
+def test_swa_batch_norm_statistics_on_a_rank_are_the_one_process_statistics():
+    """Under DDP each rank's loader holds its share of each batch; the BatchNorm pass before the
+    test reads the whole batches, so every rank ends with the statistics of one process."""
+    x, y = noisy_problem(96, 6)
+    stats = []
+    for rank_loader in (None, InMemoryLoader(x, y, 8, shuffle=True).shard(1, 2)):
+        model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 2))
+        trainer, avg = make_trainer(model=model, max_epochs=3, swa=SWA(start_epoch=2))
+        trainer.fit(InMemoryLoader(x, y, 16, shuffle=True), None)
+        if rank_loader is not None:
+            avg.train_loader = rank_loader  # what rank 1 of 2 holds, with the same global batch
+        avg.on_test_start(trainer)
+        stats.append((model[1].running_mean.clone(), model[1].running_var.clone()))
+    (mean_one, var_one), (mean_rank, var_rank) = stats
+    assert torch.equal(mean_rank, mean_one) and torch.equal(var_rank, var_one)
+
+
 def test_resume_restores_the_average_and_a_mismatch_is_refused(tmp_path):
     x, y = noisy_problem(64, 5)
     trainer, avg = make_trainer(max_epochs=1, ema=EMA(decay=0.9))

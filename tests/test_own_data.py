@@ -177,6 +177,24 @@ def test_both_loaders_read_the_samplers_shares(world_size):
     assert sorted(counted) == list(range(n))  # every example once per epoch over the ranks
 
 
+@pytest.mark.parametrize("rank", [0, 2])
+def test_a_ranks_loaders_unsharded_read_the_one_process_batches(rank):
+    """`unsharded()` gives a rank the whole global batches (what SWA's BatchNorm pass reads)."""
+    n, per_rank = 25, 4
+    x, y = torch.arange(n).float().unsqueeze(1), torch.arange(n)
+    one = list(InMemoryLoader(x, y, per_rank * 3, shuffle=True, seed=3).batches(1))
+    memory = InMemoryLoader(x, y, per_rank, shuffle=True, seed=3).shard(rank, 3)
+    stream = StreamLoader(
+        TensorRows(x, y), SeededSampler(n, per_rank, shuffle=True, seed=3), torch.device("cpu")
+    ).shard(rank, 3)
+    for loader in (memory, stream):
+        whole = list(loader.unsharded().batches(1))
+        assert len(whole) == len(one) == 3
+        for (xw, yw), (xo, yo) in zip(whole, one, strict=True):
+            assert torch.equal(xw, xo) and torch.equal(yw, yo)
+        assert len(list(loader.batches(1))[0][1]) == per_rank  # the rank's own loader is unchanged
+
+
 def test_streamed_batches_depend_on_their_key_alone(images):
     """A worker's crops come from the batch's (seed, epoch, batch) key, not from its history:
     the premise of exact mid-epoch resume with several workers."""

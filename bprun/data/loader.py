@@ -44,6 +44,16 @@ class InMemoryLoader:
         self.sampler = self.sampler.sharded(rank, world_size)
         return self
 
+    def unsharded(self) -> InMemoryLoader:
+        """The same data in whole global batches, as one process reads them (every rank holds
+        all of it): what a pass that must equal one process's, such as SWA's BatchNorm
+        statistics, reads."""
+        if self.sampler.world_size == 1:
+            return self
+        whole = InMemoryLoader(self.x, self.y, 1, transform=self.transform)
+        whole.sampler = self.sampler.unsharded()
+        return whole
+
     batch_size = property(lambda self: self.sampler.batch_size)  # the global batch
     num_batches = property(lambda self: self.sampler.num_batches)
     num_samples = property(lambda self: self.sampler.num_samples)

@@ -74,6 +74,18 @@ class SeededSampler:
             self.max_batches,
         )
 
+    def unsharded(self) -> SeededSampler:
+        """The whole global batches, as one process reads them."""
+        if self.world_size == 1:
+            return self
+        return SeededSampler(
+            self.num_examples,
+            self.batch_size,
+            self.shuffle,
+            self.seed,
+            max_batches=self.max_batches,
+        )
+
     @property
     def num_samples(self) -> int:
         """Examples per epoch over all ranks."""

@@ -90,6 +90,7 @@ class StreamLoader:
         self.batch_size, self.shuffle, self.seed = sampler.batch_size, sampler.shuffle, sampler.seed
         self.num_batches = sampler.num_batches
         self.num_workers = num_workers
+        self._options = {"pin_memory": pin_memory, "prefetch_factor": prefetch_factor}
         self._keys = _Keys(sampler)
         extra = {}
         if num_workers > 0:
@@ -114,6 +115,20 @@ class StreamLoader:
         self.sampler = self._keys.sampler = self.sampler.sharded(rank, world_size)
         self.batch_size, self.num_batches = self.sampler.batch_size, self.sampler.num_batches
         return self
+
+    def unsharded(self) -> StreamLoader:
+        """The same data in whole global batches, as one process streams them (for one pass,
+        so its workers do not persist)."""
+        if self.sampler.world_size == 1:
+            return self
+        return StreamLoader(
+            self.source,
+            self.sampler.unsharded(),
+            self.device,
+            self.transform,
+            num_workers=self.num_workers,
+            **self._options,
+        )
 
     @property
     def num_samples(self) -> int:

@@ -121,7 +121,7 @@ class WeightAveraging(Callback):
             return
         copy_into(self.module, self.average)
         if self.kind == "swa" and self.train_loader is not None:
-            recompute_batch_norm(trainer.model, self.train_loader)
+            recompute_batch_norm(self.module, self.train_loader)
         log.info(f"testing the {self.kind.upper()} weights ({self.count} averaging steps)")
 
     def on_summary(self, trainer, summary: dict) -> None:
@@ -197,10 +197,13 @@ def copy_into(module: nn.Module, weights: dict) -> None:
         t.copy_(weights[k])
 
 
-def recompute_batch_norm(model: nn.Module, loader) -> None:
-    """BatchNorm running statistics of the averaged weights, from one pass over `loader`."""
-    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        torch.optim.swa_utils.update_bn(loader.batches(0), model)
+def recompute_batch_norm(module: nn.Module, loader) -> None:
+    """BatchNorm running statistics of the averaged weights, from one pass over `loader`'s
+    whole batches. Under DDP every rank makes the one-process pass through the plain module:
+    through the DDP wrapper each forward would first overwrite the statistics with rank 0's,
+    and a rank's share of the data would give its own statistics, not the run's."""
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules()):
+        torch.optim.swa_utils.update_bn(loader.unsharded().batches(0), module)
 
 
 def averaging_callbacks(
@@ -213,7 +216,7 @@ def averaging_callbacks(
     return []
 
 
-def use_averaged_weights(module: nn.Module, model: nn.Module, state: dict, train_loader) -> str:
+def use_averaged_weights(module: nn.Module, state: dict, train_loader) -> str:
     """Load the averaged weights a checkpoint holds into `module` (SWA: and recompute its
     BatchNorm statistics on `train_loader`); returns which weights are in it: ema, swa or raw."""
     entry = (state.get("callbacks") or {}).get(STATE_KEY)
@@ -221,5 +224,5 @@ def use_averaged_weights(module: nn.Module, model: nn.Module, state: dict, train
         return "raw"
     copy_into(module, entry["weights"])
     if entry["kind"] == "swa":
-        recompute_batch_norm(model, train_loader)
+        recompute_batch_norm(module, train_loader)
     return str(entry["kind"])

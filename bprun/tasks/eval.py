@@ -69,7 +69,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> float | No
             f"the model saved in {path} does not fit this dataset's input shape or classes "
             f"({str(e).split('(', 1)[-1].split(')')[0]}): evaluate it on data shaped like its own"
         ) from None
-    weights = use_averaged_weights(trainer.module, trainer.model, state, data.train)
+    weights = use_averaged_weights(trainer.module, state, data.train)
     if weights != "raw":
         log.info(f"evaluating the {weights.upper()} weights the checkpoint holds")
     metrics = trainer.evaluate(data.test, "test")
