@@ -436,6 +436,29 @@ def test_find_lr_takes_a_loss_function_too():
     assert trainer.loss_fn is loss
 
 
+def test_find_lr_trains_on_the_batches_the_training_would_see():
+    """The trainer's batch hooks (Mixup, CutMix, adversarial examples) apply in the range test."""
+    x, y = problem(n=256)
+    seen = []
+
+    def loss(output, target):
+        seen.append(target)
+        return nn.functional.cross_entropy(output, target)
+
+    class FirstClassOnly:  # stands for a batch hook such as Mixup
+        def on_train_batch(self, trainer, xb, yb):
+            return xb, torch.zeros_like(yb)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer = Trainer(
+        TrainerSettings(progress=False), model, loss, opt, callbacks=[FirstClassOnly()]
+    )
+    find_lr(trainer, InMemoryLoader(x, y, 32, shuffle=True), LrFindSettings(num_steps=10))
+    assert len(seen) == 10 and all(bool((t == 0).all()) for t in seen)
+
+
 def test_lr_find_cli_suggests_near_the_shipped_lr_and_writes_no_weights(bprun):
     r = bprun("task=lr_find")
     shipped = float(re.search(r"^lr: (\S+)", (CONF / "optim" / "adam.yaml").read_text(), re.M)[1])

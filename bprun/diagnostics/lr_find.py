@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from bprun.diagnostics.settings import LrFindSettings
-from bprun.engine.callbacks import Callback
+from bprun.engine.callbacks import Callback, implemented
 from bprun.engine.settings import Checkpointing, EarlyStopping, GradWatch
 from bprun.engine.trainer import Trainer
 
@@ -151,7 +151,8 @@ def find_lr(trainer: Trainer, train_loader, settings: LrFindSettings | None = No
         device=trainer.device,
         task=trainer.task,
         num_classes=trainer.num_classes,
-        callbacks=[sweep],
+        # The batches are the training's: mixed (Mixup, CutMix) or attacked as it would be.
+        callbacks=[*(h.__self__ for h in implemented(trainer.callbacks, "on_train_batch")), sweep],
     )
     handle = loss_fn.register_forward_hook(sweep.record_loss)
     quiet = _Quiet()
