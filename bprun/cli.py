@@ -11,7 +11,7 @@ Stop signals are handled from the first line on: outside the training loop
 
 from __future__ import annotations
 
-from bprun.errors import SignalExit, stop_on_signals
+from bprun.errors import SignalExit, fast_exit, stop_on_signals
 
 stop_on_signals()  # a stop signal at any moment of start-up ends with a message and 128 + N
 
@@ -145,6 +145,8 @@ def main() -> None:
     except KeyboardInterrupt as e:
         print(_interrupt_text(e), file=sys.stderr)
         sys.exit(_exit_code(e))
+    finally:
+        fast_exit()
 
 
 def _main(argv: list[str]) -> None:

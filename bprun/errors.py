@@ -37,6 +37,20 @@ class SignalExit(KeyboardInterrupt):
         return f"stopped by {name} outside the training loop; nothing was left to save"
 
 
+def fast_exit() -> None:
+    """Spare the exiting process the interpreter's last garbage collections.
+
+    Called as a command ends. With torch (and torch._dynamo, which the optimizers load)
+    imported, the collections at interpreter shutdown traverse about a million objects
+    that are freed on exit anyway: 0.6-0.9 s on a CPU, a share of every command and every
+    rank. Frozen objects are still released and atexit handlers still run (logging
+    flushes, TensorBoard closes); only cycles among them are left to the operating system.
+    """
+    import gc
+
+    gc.freeze()
+
+
 def stop_on_signals(raising: bool = False) -> None:
     """SIGTERM, SIGINT, SIGUSR1 and SIGUSR2 end the command from now on (the training loop puts its
     own handlers in place while it runs, and these back when it ends). Until `raising` is

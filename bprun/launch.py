@@ -25,7 +25,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from bprun.errors import BprunError, Interrupted
+from bprun.errors import BprunError, Interrupted, fast_exit
 
 log = logging.getLogger("bprun")
 
@@ -263,7 +263,10 @@ def main() -> None:
     _die_with_parent()
     frozen_text = Path(sys.argv[1]).read_text()
     init_process_group()
-    _as_rank(lambda: run_rank(frozen_text))
+    try:
+        _as_rank(lambda: run_rank(frozen_text))
+    finally:
+        fast_exit()
 
 
 if __name__ == "__main__":
