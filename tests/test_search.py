@@ -476,6 +476,77 @@ def test_heartbeat_advances_while_a_trial_runs_and_stops_when_it_ends(tmp_path):
     assert not search.heartbeat._thread.is_alive()
 
 
+class TrialsThatTakeTime:
+    """The search's slot loop with trials that complete after `seconds` (no jobs launched)."""
+
+    def __init__(self, search, sweep_dir, seconds: float):
+        from bprun.search.sweeper import SearchRun
+
+        self.run = object.__new__(SearchRun)  # its slot loop alone: no sweeper, no launcher
+        self.run.search, self.run.sweep_dir, self.run.stop = search, sweep_dir, threading.Event()
+        self.run._marked, self.run._marking, self.run.error = 0, threading.Lock(), None
+        self.run._run_trial = self._run_trial
+        self.seconds = seconds
+
+    def _run_trial(self, trial):
+        time.sleep(self.seconds)
+        self.run.search.tell(trial.number, "complete", 1.0)
+        return trial.number
+
+    def slot(self) -> list:
+        returns = []
+        self.run._slot(returns)
+        return returns
+
+
+def test_a_search_that_dies_mid_run_has_its_slot_rerun_by_the_live_one(tmp_path):
+    """otherhost's search beats while this one starts, then dies: before this search ends it
+    releases that trial (stamp grace_s old and still for two beats) and re-runs its slot."""
+    search = _search(tmp_path, "random", heartbeat_s=0.2, grace_s=1.0)
+    folder = tmp_path / "elsewhere"
+    folder.mkdir()
+    foreign = _other_host_trial(search.study, "otherhost:126", time.time())
+    search.study._storage.set_trial_user_attr(
+        search._trial_id(foreign), "bprun.folder", str(folder)
+    )
+    ran = TrialsThatTakeTime(search, tmp_path, seconds=0.4).slot()
+    search.close()
+
+    study = load(tmp_path / "optuna.journal", "unit")
+    assert len(ran) == 4  # its 3 slots of n_trials=4, and the dead search's
+    assert study.trials[foreign].state == TrialState.FAIL
+    assert "search on otherhost stopped" in study.trials[foreign].user_attrs["bprun.released"]
+    assert [t.state for t in counted(study)].count(TrialState.COMPLETE) == 4
+    assert json.loads((folder / "job.json").read_text())["status"] == "replaced"
+
+
+def test_a_live_search_with_a_slow_clock_does_not_hold_a_full_search_open(tmp_path):
+    """otherhost's clock runs an hour behind, so its stamp looks stale, but it moves: the
+    search checks once, sees it move, and ends when it has nothing to ask."""
+    search = _search(tmp_path, "random", heartbeat_s=0.2, grace_s=1.0)
+    stop = threading.Event()
+    number = _other_host_trial(search.study, "otherhost:127", time.time() - 3600)
+    trial_id = search._trial_id(number)
+
+    def beat():  # the live search on otherhost, for 15 s (a search that waited on it ends)
+        end = time.monotonic() + 15
+        while not stop.wait(0.2) and time.monotonic() < end:
+            search.study._storage.set_trial_user_attr(
+                trial_id, "bprun.heartbeat", time.time() - 3600
+            )
+
+    beating = threading.Thread(target=beat, daemon=True)
+    beating.start()
+    try:
+        ran = TrialsThatTakeTime(search, tmp_path, seconds=0.0).slot()
+    finally:
+        stop.set()
+        beating.join()
+        search.close()
+    assert len(ran) == 3 and search.stale_wait() is None
+    assert load(tmp_path / "optuna.journal", "unit").trials[number].state == TrialState.RUNNING
+
+
 @pytest.mark.parametrize("answer", [1, 0])
 def test_mysql_study_lock_takes_and_gives_back_a_named_lock(tmp_path, monkeypatch, answer):
     """MySQL's GET_LOCK / RELEASE_LOCK, played by SQLite functions (no MySQL server here)."""

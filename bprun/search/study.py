@@ -327,7 +327,11 @@ class Search:
         with self.lock.held():  # two searches starting at once would both create the tables
             self.study = open_study(settings, spec, pruner=pruner, direction=direction)
         self.heartbeat = Heartbeat(self.study._storage, settings.heartbeat_s)
-        self.released = self._release_orphans()
+        # Another host's trials whose stamp is grace_s old: number -> (that stamp, our
+        # monotonic clock when we first saw it, its owner's beat, whether it had moved);
+        # released by a later ask once the stamp has stood still for two beats.
+        self._suspects: dict[int, tuple[float, float, float, bool]] = {}
+        self.released = self._release_orphans()  # and, as trials are asked, those released then
 
     def close(self) -> None:
         """Stop the heartbeat (the trials it stamped have ended, or are left to be released)."""
@@ -374,6 +378,54 @@ class Search:
                         released.append(t)
         return released
 
+    def _release_stopped_now(self) -> None:
+        """As a trial is asked (the lock held): release the trials of searches that stopped
+        since this one began, by the start's rule but without waiting: a process of this host
+        that is gone, or another host's stamp that is grace_s old and did not move in two of
+        its owner's beats between asks. So a search on shared storage re-runs the slots of a
+        search that died on another machine while it still has work, as Optuna's heartbeat
+        fails stale trials whenever a worker starts one."""
+        from optuna.trial import TrialState
+
+        now, clock = time.time(), time.monotonic()
+        watched = {}
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            owner = t.user_attrs.get(OWNER)
+            if not owner or owner == self.owner:
+                continue
+            alive = _alive(owner)
+            if alive is False:
+                if self._release_running(t.number, "the search running it stopped"):
+                    self.released.append(t)
+                continue
+            beat, every = t.user_attrs.get(HEARTBEAT), t.user_attrs.get(HEARTBEAT_S)
+            if not (isinstance(beat, (int, float)) and isinstance(every, (int, float))):
+                continue
+            if alive is None and now - beat > self.settings.grace_s:
+                seen = self._suspects.get(t.number)
+                if seen is None or seen[0] != beat:
+                    # A stamp that moved belongs to a live search whose clock runs behind ours:
+                    # watched still, but no reason for a search with nothing to ask to wait.
+                    watched[t.number] = (beat, clock, every, seen is not None)
+                elif clock - seen[1] >= 2 * every + 1:
+                    host = owner.rsplit(":", 1)[0]
+                    why = f"its search on {host} stopped (silent {now - beat:.0f} s)"
+                    if self._release_running(t.number, why):
+                        self.released.append(t)
+                else:
+                    watched[t.number] = seen
+        self._suspects = watched
+
+    def stale_wait(self) -> float | None:
+        """Seconds until a trial that looks stopped can be released by another ask; None when
+        no trial looks stopped (a search with nothing to ask can end)."""
+        due = [
+            first + 2 * every + 1 for _, first, every, moved in self._suspects.values() if not moved
+        ]
+        if not due:
+            return None
+        return max(0.1, min(due) - time.monotonic())
+
     def _release_running(self, number: int, why: str) -> bool:
         """Release a trial found RUNNING, unless another search released it meanwhile."""
         from optuna.exceptions import UpdateFinishedTrialError
@@ -401,6 +453,7 @@ class Search:
         from optuna.trial import TrialState
 
         with self.lock.held():
+            self._release_stopped_now()
             for _ in range(MAX_REPEATS):
                 trials = self.study.get_trials(deepcopy=False)
                 if sum(counts(t) for t in trials) >= self.settings.n_trials:

@@ -69,6 +69,7 @@ class SearchRun:
         self.stop = threading.Event()
         self.interrupted: Interrupted | None = None
         self.error: BaseException | None = None  # what stopped a slot's thread
+        self._marked, self._marking = 0, threading.Lock()  # released trials marked so far
 
     def _check_space(self) -> None:
         """Compose one trial's config now, so an unknown key fails before any trial runs."""
@@ -104,10 +105,17 @@ class SearchRun:
         finally:
             self.search.close()
 
+    def _mark_released(self) -> None:
+        """Each trial released from a stopped search: its folder, where this host sees it,
+        says a later trial re-ran its slot."""
+        with self._marking:
+            for trial in self.search.released[self._marked :]:
+                report.mark_replaced(trial, sweep_summary.JOB_FILE, self.sweep_dir)
+            self._marked = len(self.search.released)
+
     def _run(self) -> list:
         s = self.settings
-        for t in self.search.released:
-            report.mark_replaced(t, sweep_summary.JOB_FILE, self.sweep_dir)
+        self._mark_released()
         before = self.search.counted()
         print(
             f"search {s.study_name}: {before} of {s.n_trials} trials done or running in "
@@ -155,8 +163,15 @@ class SearchRun:
         try:
             while not self.stop.is_set():
                 trial = self.search.ask(lambda n: self.sweep_dir / str(n))
+                self._mark_released()
                 if trial is None:
-                    return
+                    # The study is full, but a trial of a search that looks stopped may yet be
+                    # released: wait to see, then ask again.
+                    wait = self.search.stale_wait()
+                    if wait is None:
+                        return
+                    self.stop.wait(wait)
+                    continue
                 returns.append(self._run_trial(trial))
         except BaseException as e:  # the storage went away, the space ran out: stop every slot
             if threading.current_thread() is threading.main_thread():
