@@ -53,6 +53,32 @@ def test_accumulation_matches_one_large_batch(k, n):
     assert not torch.equal(small[0].weight, mlp()[0].weight)  # training happened
 
 
+def test_updates_equal_a_hand_written_loop_bit_for_bit():
+    """The engine's step (its batches, backward, Adam step, gradients cleared) is the loop a
+    user writes, to the last bit."""
+    x, y = problem(n=230)
+    model, plain = mlp(), mlp()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    trainer = Trainer(
+        TrainerSettings(progress=False, max_epochs=3),
+        model,
+        nn.CrossEntropyLoss(),
+        optimizer,
+        num_classes=3,
+    )
+    trainer.fit(InMemoryLoader(x, y, 32, shuffle=True, seed=3), None)
+    by_hand = torch.optim.Adam(plain.parameters(), lr=0.01)
+    for epoch in range(3):
+        order = torch.randperm(230, generator=torch.Generator().manual_seed(3 * 1_000_003 + epoch))
+        for idx in order.split(32):
+            nn.functional.cross_entropy(plain(x[idx]), y[idx]).backward()
+            by_hand.step()
+            by_hand.zero_grad()
+    assert trainer.update == 3 * 8
+    for a, b in zip(model.parameters(), plain.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
 def test_accumulation_counts_optimizer_updates():
     x, y = problem(n=230)
     t = fit(mlp(), x, y, batch_size=10, accumulate=4, max_epochs=2)

@@ -107,6 +107,8 @@ class Trainer:
         # Every parameter, frozen ones too: clipping skips those without gradients, and a
         # parameter unfrozen later (trainer.unfreeze_at_epoch) is clipped from then on.
         self.params = list(model.parameters())
+        # An optimizer with its own zero_grad (state tied to the gradients) keeps it.
+        self._own_zero_grad = type(optimizer).zero_grad is not torch.optim.Optimizer.zero_grad
 
         # Progress: what the next update is. Together with the RNG state this is
         # everything a resumed run needs to continue exactly.
@@ -379,7 +381,7 @@ class Trainer:
         if self.settings.nonfinite == "skip" and self.dist.enabled:
             self._window_finite = not self.dist.any(not self._window_finite, self.device)
         if not self._window_finite:  # nonfinite=skip: drop the whole window's gradients
-            self.optimizer.zero_grad(set_to_none=True)
+            self._zero_grad()
             self._window_finite = True
             self.skipped += 1
             self.consecutive_skips += 1
@@ -413,9 +415,18 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             stepped = self.scaler.get_scale() >= before
-        self.optimizer.zero_grad(set_to_none=True)
+        self._zero_grad()
         if stepped and self.scheduler is not None and self.scheduler_interval == "step":
             self._step_scheduler({})
+
+    def _zero_grad(self) -> None:
+        if self._own_zero_grad:
+            self.optimizer.zero_grad(set_to_none=True)
+            return
+        # What Optimizer.zero_grad(set_to_none=True) does, without the profiler record and
+        # dispatch around it: about 18 us an update on a CPU, 1-2% of a small model's step.
+        for p in self.params:
+            p.grad = None
 
     def _step_scheduler(self, metrics: dict) -> None:
         if self.plateau:
