@@ -102,7 +102,9 @@ def test_the_loss_follows_the_dataset(dataset, bprun):
     assert "_target_: bprun.losses.for_task" in (r.run_dir / ".hydra" / "config.yaml").read_text()
 
 
-def test_a_finished_run_resumes_to_nothing_and_trains_on_when_asked(tmp_path, data_dir):
+def test_a_finished_run_resumes_to_nothing_evaluates_beside_itself_and_trains_on(
+    tmp_path, data_dir
+):
     r = bprun_in(tmp_path, data_dir, "model=logreg", "trainer.max_epochs=1")
     assert r.returncode == 0, r.stderr
     (run,) = run_folders(tmp_path)
@@ -116,20 +118,12 @@ def test_a_finished_run_resumes_to_nothing_and_trains_on_when_asked(tmp_path, da
     after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != "bprun.log"}
     assert after == before  # metrics.json, checkpoints and event files untouched
 
-    longer = bprun_in(tmp_path, data_dir, f"trainer.resume={run}", "trainer.max_epochs=2")
-    assert longer.returncode == 0, longer.stderr
-    m = json.loads((run / "metrics.json").read_text())
-    assert m["epochs"] == 2 and m["status"] == "completed" and m["resumed_from"]
-
-
-def test_eval_writes_beside_the_checkpoint_and_takes_another_dataset(tmp_path, data_dir):
-    assert bprun_in(tmp_path, data_dir, "model=logreg", "trainer.max_epochs=1").returncode == 0
-    (run,) = run_folders(tmp_path)
+    # Eval writes beside the checkpoint, in no new run folder, and takes another dataset.
     r = bprun_in(tmp_path, data_dir, "task=eval", f"ckpt={run}")
     assert r.returncode == 0, r.stderr
     (written,) = run.glob("checkpoints/eval.json")
     own = json.loads(written.read_text())
-    assert run_folders(tmp_path) == [run]  # no new run folder
+    assert run_folders(tmp_path) == [run]
 
     other = bprun_in(tmp_path, data_dir, "task=eval", f"ckpt={run}", "+dataset.seed=7")
     assert other.returncode == 0, other.stderr
@@ -139,6 +133,11 @@ def test_eval_writes_beside_the_checkpoint_and_takes_another_dataset(tmp_path, d
     wrong = bprun_in(tmp_path, data_dir, "task=eval", f"ckpt={run}", "dataset=digits")
     assert wrong.returncode == 1 and "does not fit this dataset" in wrong.stderr + wrong.stdout
     assert run_folders(tmp_path) == [run]
+
+    longer = bprun_in(tmp_path, data_dir, f"trainer.resume={run}", "trainer.max_epochs=2")
+    assert longer.returncode == 0, longer.stderr
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["epochs"] == 2 and m["status"] == "completed" and m["resumed_from"]
 
 
 def test_own_files_in_the_data_dir_are_named_and_left_alone(tmp_path):
