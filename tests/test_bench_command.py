@@ -30,10 +30,10 @@ def test_command_bench_runs_bprun_and_the_plain_script_and_prints_ratios():
 
 def test_loop_bench_prints_each_ratio_with_its_quartiles():
     """`python -m bprun.bench` (tiny settings): one row per model and variant, each ratio the
-    median of the per-round ratios with the quartiles around it."""
+    median of the ratios of chunks of interleaved updates, with the quartiles around it."""
     proc = subprocess.run(
-        [sys.executable, "-m", "bprun.bench", "--models=mlp,paper_cnn", "--updates=3"]
-        + ["--rounds=4", "--variants=features off,grad clip"],
+        [sys.executable, "-m", "bprun.bench", "--models=mlp,paper_cnn", "--updates=51"]
+        + ["--rounds=2", "--variants=features off,grad clip"],
         capture_output=True,
         text=True,
         timeout=300,

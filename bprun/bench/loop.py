@@ -1,6 +1,6 @@
 """Benchmark: bprun's engine against a hand-written PyTorch loop on the same batches.
 
-    python -m bprun.bench [--updates 100] [--rounds 12] [--threads 1] [--full]
+    python -m bprun.bench [--updates 300] [--rounds 3] [--threads 1] [--full]
     python -m bprun.bench --techniques     # activation checkpointing and EMA (bench/techniques.py)
     python -m bprun.bench --ddp [--devices 2] [--device cpu]   (see ddp.py)
     python -m bprun.bench --data      the data paths (bprun/bench/data.py)
@@ -8,24 +8,31 @@
 For each model on MNIST-1D (the shipped `mlp` and `cnn` configs, and
 `paper_cnn`, the 5,210-parameter CNN of `+experiment=mnist1d_paper_cnn`, where
 the optimizer step is a large share of the update) the engine and the plain
-loop train a fresh copy of the same initial weights for the same number of
-updates over the same batches, in many short rounds that rotate which loop
-goes first. Each round gives a ratio of throughputs measured within a second
-of each other, so a slow spell of a shared machine hits both sides of it; the
-median over rounds is reported with its interquartile range. The plain loop
-runs twice: with the optimizer as a user constructs it (`torch.optim.Adam(params,
-lr=...)`, torch's default kernel), and with the kernel bprun picks
-(`optim.impl=auto`: fused Adam on the CPU), the engine's own. The engine runs with
-its defaults (features off), then with gradient clipping, each against the
-plain loop doing the same work; `--full` adds bf16-mixed autocast and more
-rounds (bf16 convolutions on a CPU are slow: the full run takes about 15
-minutes on 2 cores, the default about two).
+loop train fresh copies of the same initial weights over the same batches.
+The plain loop runs twice: with the optimizer as a user constructs it
+(`torch.optim.Adam(params, lr=...)`, torch's default kernel), and with the
+kernel bprun picks (`optim.impl=auto`: fused Adam on the CPU), the engine's own.
+
+On the CPU the three are interleaved update by update: after each engine update
+(its whole loop: batch, forward, backward, step, bookkeeping) each plain loop
+makes one update, in an order that rotates, and every update is timed alone.
+A slow spell of a shared machine then hits all three alike: the ratio of each
+chunk of 25 paired updates is one sample, and the median over chunks is
+reported with its quartiles. On CUDA, where per-update timing would need a
+synchronisation the engine avoids, each loop runs whole in turn per round.
+
+The engine runs with its defaults (features off), then with gradient clipping,
+each against the plain loop doing the same work; `--full` adds bf16-mixed
+autocast (bf16 convolutions on a CPU are slow: about 15 minutes on 2 cores,
+the default about two).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
+import itertools
 import statistics
 import time
 
@@ -42,12 +49,13 @@ from bprun.engine.settings import GradClip
 from bprun.optim import impl_of
 
 
-def plain_loop(model, loss_fn, optimizer, x, y, batch_size, updates, seed, clip=None, dtype=None):
-    """What a user writes by hand: permutation, slices, forward, backward, step."""
+def plain_steps(model, loss_fn, optimizer, x, y, batch_size, seed, clip=None, dtype=None):
+    """What a user writes by hand: permutation, slices, forward, backward, step. One update
+    per `next()`, for as long as it is asked."""
     model.train()
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    n, done, epoch = len(x), 0, 0
-    while done < updates:
+    n, epoch = len(x), 0
+    while True:
         g = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % (2**63))
         perm = torch.randperm(n, generator=g).to(x.device)
         for i in range(0, n, batch_size):
@@ -67,27 +75,37 @@ def plain_loop(model, loss_fn, optimizer, x, y, batch_size, updates, seed, clip=
                 scaler.step(optimizer)
                 scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            done += 1
-            if done == updates:
-                break
+            yield loss
         epoch += 1
-    return loss.detach().item()  # one sync at the end, as the engine does
 
 
-def engine_loop(settings, model, loss_fn, optimizer, data, device):
-    trainer = Trainer(
-        settings,
-        model,
-        loss_fn,
-        optimizer,
-        device=device,
-        task=data.dataset.task,
-        num_classes=data.dataset.num_classes,
-    )
-    trainer.fit(data.train, None)
+class Interleave:
+    """A trainer callback: after each engine update, one update of each plain loop, in an
+    order that rotates; each update timed alone. The engine's time is what passes between
+    two calls, its whole loop included, less the plain loops' updates."""
+
+    def __init__(self, plains: dict):
+        self.plains = plains
+        self.seconds: dict[str, list[float]] = {"engine": [], **{k: [] for k in plains}}
+        self.mark: float | None = None
+
+    def on_update_end(self, trainer) -> None:
+        now = time.perf_counter()
+        if self.mark is not None:
+            self.seconds["engine"].append(now - self.mark)
+        names = list(self.plains)
+        k = trainer.update % len(names)
+        for name in names[k:] + names[:k]:
+            t = time.perf_counter()
+            next(self.plains[name])
+            self.seconds[name].append(time.perf_counter() - t)
+        self.mark = time.perf_counter()
 
 
 def measure(cfg, variant: dict, updates: int, rounds: int, device: torch.device):
+    """name -> throughputs (updates/s) of the engine ("engine"), the plain loop with the
+    user's optimizer ("plain") and with bprun's kernel ("plain_impl"), paired by index:
+    per chunk of CHUNK interleaved updates on the CPU, per round elsewhere."""
     data = build_data(cfg.dataset, device, seed=0)
     torch.manual_seed(0)
     initial = build_model(cfg.model, data.dataset).to(device)
@@ -102,52 +120,56 @@ def measure(cfg, variant: dict, updates: int, rounds: int, device: torch.device)
     )
     clip = settings.grad_clip.max
     dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(settings.precision)
+    train = data.train
 
-    def fresh(default_optimizer: bool = False):
+    def plain(default_optimizer: bool):
+        """A fresh copy of the initial weights trained by hand, one update per next()."""
         model = copy.deepcopy(initial)
-        if default_optimizer:
-            return model, user_optimizer(cfg.optim, model)
-        return model, build_optimizer(cfg.optim, model)
-
-    def timed(run, default_optimizer: bool = False) -> float:
-        model, opt = fresh(default_optimizer)
-        sync(device)
-        t = time.perf_counter()
-        run(model, opt)
-        sync(device)
-        return updates / (time.perf_counter() - t)
-
-    def engine(model, opt):
-        engine_loop(settings, model, loss_fn, opt, data, device)
-
-    def plain(model, opt):
-        train = data.train
-        plain_loop(
-            model,
-            loss_fn,
-            opt,
-            train.x,
-            train.y,
-            train.batch_size,
-            updates,
-            train.seed,
-            clip,
-            dtype,
+        opt = (
+            user_optimizer(cfg.optim, model)
+            if default_optimizer
+            else build_optimizer(cfg.optim, model)
+        )
+        return plain_steps(
+            model, loss_fn, opt, train.x, train.y, train.batch_size, train.seed, clip, dtype
         )
 
-    runs = {
-        "engine": lambda: timed(engine),
-        "plain": lambda: timed(plain, default_optimizer=True),
-        "plain_impl": lambda: timed(plain),
-    }
-    rates: dict[str, list[float]] = {name: [] for name in runs}
+    def engine(callbacks=()):
+        model = copy.deepcopy(initial)
+        trainer = Trainer(
+            settings, model, loss_fn, build_optimizer(cfg.optim, model), device=device,
+            task=data.dataset.task, num_classes=data.dataset.num_classes, callbacks=callbacks,
+        )  # fmt: skip
+        trainer.fit(train, None)
+
+    rates: dict[str, list[float]] = {"engine": [], "plain": [], "plain_impl": []}
     for r in range(rounds + 1):  # round 0 warms up caches and allocators
-        # Rotate which loop goes first, so none gains from its place in the round.
-        order = list(runs)[r % 3 :] + list(runs)[: r % 3]
-        got = {name: runs[name]() for name in order}
+        if device.type == "cpu":  # nothing asynchronous to wait for: time update by update
+            interleave = Interleave({"plain": plain(True), "plain_impl": plain(False)})
+            engine([interleave])
+            seconds = interleave.seconds
+            seconds["plain"] = seconds["plain"][1:]  # the engine's first update is not timed
+            seconds["plain_impl"] = seconds["plain_impl"][1:]
+            got = {
+                name: [CHUNK / sum(t[i : i + CHUNK]) for i in range(0, len(t) - CHUNK + 1, CHUNK)]
+                for name, t in seconds.items()
+            }
+        else:  # whole runs, each loop in turn, rotating which goes first
+            runs = {
+                "engine": engine,
+                "plain": lambda: collections.deque(itertools.islice(plain(True), updates), 0),
+                "plain_impl": lambda: collections.deque(itertools.islice(plain(False), updates), 0),
+            }
+            got = {}
+            for name in list(runs)[r % 3 :] + list(runs)[: r % 3]:
+                sync(device)
+                t = time.perf_counter()
+                runs[name]()
+                sync(device)
+                got[name] = [updates / (time.perf_counter() - t)]
         if r > 0:
-            for name, rate in got.items():
-                rates[name].append(rate)
+            for name, values in got.items():
+                rates[name] += values
     return rates
 
 
@@ -164,6 +186,8 @@ def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
+
+CHUNK = 25  # paired updates per ratio on the CPU
 
 # bench model name -> the overrides that compose it
 MODELS = {
@@ -182,12 +206,12 @@ VARIANTS = {
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--updates", type=int, default=None, help="default 100 (200: --techniques)")
-    parser.add_argument("--rounds", type=int, default=None, help="default 12, 20 with --full")
+    parser.add_argument("--updates", type=int, default=None, help="per round; default 300")
+    parser.add_argument("--rounds", type=int, default=None, help="default 3, 5 with --full")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated")
     parser.add_argument("--variants", default=None, help=f"comma-separated: {', '.join(VARIANTS)}")
-    parser.add_argument("--full", action="store_true", help="bf16-mixed too, 20 rounds")
+    parser.add_argument("--full", action="store_true", help="bf16-mixed too, 5 rounds")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument(
         "--techniques",
@@ -229,7 +253,7 @@ def main(argv=None) -> None:
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.updates is None:  # the default run takes about two minutes on 2 cores
-        args.updates = 200 if args.techniques or args.full else 100
+        args.updates = 200 if args.techniques else 300
     if args.techniques:
         from bprun.bench import techniques
 
@@ -238,7 +262,9 @@ def main(argv=None) -> None:
         techniques.run(args.updates, args.rounds or 5, models, torch.device(args.device))
         return
     if args.rounds is None:
-        args.rounds = 20 if args.full else 12
+        args.rounds = 5 if args.full else 3
+    if args.device == "cpu" and args.updates <= CHUNK:
+        parser.error(f"--updates: at least {CHUNK + 1} on the CPU (chunks of {CHUNK} are timed)")
     if args.variants is None:
         args.variants = "features off,grad clip" + (",bf16-mixed" if args.full else "")
     torch.set_num_threads(args.threads)
@@ -246,7 +272,9 @@ def main(argv=None) -> None:
     device = torch.device(args.device)
     print(
         f"torch {torch.__version__}, {args.threads} thread(s), {args.updates} updates x "
-        f"{args.rounds} rounds, MNIST-1D, {device}; ratio: median over rounds [quartiles]"
+        f"{args.rounds} rounds, MNIST-1D, {device}; ratio: median over "
+        + (f"chunks of {CHUNK} interleaved updates" if device.type == "cpu" else "rounds")
+        + " [quartiles]"
     )
     with initialize_config_module("bprun.conf", version_base="1.3"):
         for name in args.models.split(","):
