@@ -50,6 +50,11 @@ MISTAKES = [
     (["trainer.max_epochs=0"], "trainer.max_epochs must be at least 1"),
     (["trainer.precision=fp16"], "trainer.precision='fp16' is not known"),
     (["trainer.precision=16-mixed"], "needs a CUDA device"),
+    # refused before the data loads: the missing folder is never read
+    (
+        ["trainer.precision=16-mixed", "dataset=image_folder", "dataset.root=nowhere"],
+        "needs a CUDA",
+    ),
     (["trainer.device=cuda"], "CUDA is not available"),
     (["trainer.accumulate=0"], "trainer.accumulate must be at least 1"),
     (["trainer.mode=maximum"], "trainer.mode='maximum' is not known"),

@@ -25,16 +25,19 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def check_precision(precision: str, device: torch.device) -> None:
+    """Refuse a precision the device cannot run (before any data or model is built)."""
+    if str(precision) == "16-mixed" and device.type != "cuda":
+        raise BprunError(
+            f"trainer.precision=16-mixed needs a CUDA device (this run is on {device.type}); "
+            "use trainer.precision=bf16-mixed on the CPU"
+        )
+
+
 class Precision:
     def __init__(self, precision: str, device: torch.device):
-        precision = str(
-            precision
-        )  # one of settings.PRECISIONS, checked when the settings are built
-        if precision == "16-mixed" and device.type != "cuda":
-            raise BprunError(
-                f"trainer.precision=16-mixed needs a CUDA device (this run is on {device.type}); "
-                "use trainer.precision=bf16-mixed on the CPU"
-            )
+        precision = str(precision)  # one of settings.PRECISIONS, checked with the settings
+        check_precision(precision, device)
         self.name = precision
         self.device_type = device.type
         self.dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)

@@ -18,7 +18,7 @@ from bprun.engine.adversarial import adversarial_callbacks
 from bprun.engine.averaging import averaging_callbacks
 from bprun.engine.distributed import SINGLE, DistContext, current
 from bprun.engine.freeze import finetune_callbacks
-from bprun.engine.precision import resolve_device
+from bprun.engine.precision import check_precision, resolve_device
 from bprun.engine.settings import TrainerSettings
 from bprun.engine.trainer import Trainer
 from bprun.errors import BprunError
@@ -71,6 +71,12 @@ def build_trainer(
     `extra_state["data"]` for the next checkpoint."""
     dist = dist or current()
     device = setup_device(s, dist)
+    check_precision(s.precision, device)  # what the device cannot run fails before the data loads
+    if s.sync_batchnorm and dist.enabled and device.type != "cuda":
+        raise BprunError(
+            "trainer.sync_batchnorm=true needs CUDA (SyncBatchNorm runs on GPUs only): "
+            "drop it on the CPU, where each rank keeps its own BatchNorm statistics"
+        )
     warn_own_data_ignored(cfg)
     data = build_data(
         cfg.dataset,
@@ -90,11 +96,6 @@ def build_trainer(
     seed_everything(cfg.seed)  # after the data, whose generators may reseed global RNGs
     model = build_model(cfg.model, data.dataset)
     if s.sync_batchnorm and dist.enabled:
-        if device.type != "cuda":
-            raise BprunError(
-                "trainer.sync_batchnorm=true needs CUDA (SyncBatchNorm runs on GPUs only): "
-                "drop it on the CPU, where each rank keeps its own BatchNorm statistics"
-            )
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)
     warn_slow_precision(s, model, device)
