@@ -345,8 +345,8 @@ def test_bad_resume_inputs_give_one_line_errors_and_change_nothing(bprun, tmp_pa
         run = tmp_path / sched
         bprun("trainer.max_epochs=1", f"sched={sched}", f"hydra.run.dir={run}")
         last = run / "checkpoints" / "last.pt"
+        before = sorted(p.name for p in run.rglob("*"))
         if sched == "cosine":
-            before = sorted(p.name for p in run.rglob("*"))
             data = last.read_bytes()
             last.write_bytes(data[: len(data) // 2])  # truncated
             r = bprun(f"trainer.resume={run}", check=False)
@@ -358,11 +358,12 @@ def test_bad_resume_inputs_give_one_line_errors_and_change_nothing(bprun, tmp_pa
             r = bprun(f"trainer.resume={run}", "model.hidden=[32]", more, check=False)
             assert r.returncode != 0 and "does not match" in r.output
             assert "blocks.0.0.weight" in r.output and "Traceback" not in r.output
+            assert sorted(p.name for p in run.rglob("*")) == before
         # a schedule built for one epoch cannot stretch over two
         r = bprun(f"trainer.resume={run}", "trainer.max_epochs=2", check=False)
         assert r.returncode != 0 and "scheduler steps" in r.output
         assert "max_epochs" in r.output and "Traceback" not in r.output
-        assert (run / "metrics.json").is_file() and last.is_file()
+        assert sorted(p.name for p in run.rglob("*")) == before  # no event file added either
         assert "trainer.max_epochs=2" not in (run / ".hydra" / "overrides.yaml").read_text()
     # the failed attempts changed nothing: resuming as the run was configured still works
     assert bprun(f"trainer.resume={tmp_path}/onecycle").metrics["status"] == "completed"

@@ -14,9 +14,18 @@ class Tracker:
     """Scalars to TensorBoard. `purge_step` drops events a crashed run logged after its checkpoint."""
 
     def __init__(self, run_dir: str | Path, purge_step: int | None = None):
-        self.writer = SummaryWriter(log_dir=str(run_dir), purge_step=purge_step)
+        self.run_dir, self.purge_step = str(run_dir), purge_step
+        self._writer: SummaryWriter | None = None
         self.param_groups: list[dict] | None = None
         self._lr_step: int | None = None
+
+    @property
+    def writer(self) -> SummaryWriter:
+        """The event file, opened at the first event: a run refused before it logs anything
+        (a resume that does not fit, say) adds no file to its folder."""
+        if self._writer is None:
+            self._writer = SummaryWriter(log_dir=self.run_dir, purge_step=self.purge_step)
+        return self._writer
 
     def watch_param_groups(self, param_groups: list[dict]) -> None:
         """Log `lr/group<i>` of these groups wherever `lr` is logged."""
@@ -40,8 +49,9 @@ class Tracker:
         self.writer.add_text(tag, text, step)
 
     def close(self) -> None:
-        self.writer.flush()
-        self.writer.close()
+        if self._writer is not None:
+            self._writer.flush()
+            self._writer.close()
 
 
 # Config parts that say where things are or belong to other tasks, not how a run trains.
