@@ -81,3 +81,21 @@ def test_python_dash_m_entry_point(tmp_path, data_dir):
     )
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "r" / "metrics.json").is_file()
+
+
+def test_seed_everything_seeds_python_numpy_and_torch():
+    """What a run's `seed` decides beyond the data split: initial weights, dropout, shuffles."""
+    import random
+
+    import numpy as np
+    import torch
+
+    from bprun.tasks.setup import seed_everything
+
+    def draws(seed):
+        seed_everything(seed)
+        return random.random(), float(np.random.rand()), float(torch.rand(1))
+
+    first, again, other = draws(7), draws(7), draws(8)
+    assert first == again
+    assert all(a != b for a, b in zip(first, other, strict=True))
