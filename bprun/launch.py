@@ -25,7 +25,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from bprun.errors import BprunError, Interrupted, fast_exit
+from bprun.errors import BprunError, Interrupted
 
 log = logging.getLogger("bprun")
 
@@ -255,7 +255,13 @@ def _as_rank(body) -> None:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    sys.exit(code)
+    # The rank's work is done and its files are closed: leave without the interpreter's and
+    # C++'s teardown, where a gloo thread still joinable once a peer has closed the store
+    # can abort the process (std::terminate, SIGABRT) and fail a finished job.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def main() -> None:
@@ -263,10 +269,7 @@ def main() -> None:
     _die_with_parent()
     frozen_text = Path(sys.argv[1]).read_text()
     init_process_group()
-    try:
-        _as_rank(lambda: run_rank(frozen_text))
-    finally:
-        fast_exit()
+    _as_rank(lambda: run_rank(frozen_text))
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ def test_loop_bench_prints_each_ratio_with_its_quartiles():
     ], proc.stdout
     for row in rows:
         _, _, engine, plain, ratio, q1, q3, impl, ratio_impl, q1i, q3i = row
-        assert float(q1) <= float(ratio) <= float(q3) and float(q1i) <= float(ratio_impl) <= float(
-            q3i
-        )
+        # the median has three decimals, the quartiles two
+        assert float(q1) - 0.005 <= float(ratio) <= float(q3) + 0.005
+        assert float(q1i) - 0.005 <= float(ratio_impl) <= float(q3i) + 0.005
         assert float(engine) > 0 and float(plain) > 0 and float(impl) > 0
