@@ -42,8 +42,8 @@ def fast_exit() -> None:
 
     Called as a command ends. With torch (and torch._dynamo, which the optimizers load)
     imported, the collections at interpreter shutdown traverse about a million objects
-    that are freed on exit anyway: 0.6-0.9 s on a CPU, a share of every command and every
-    rank. Frozen objects are still released and atexit handlers still run (logging
+    that are freed on exit anyway: 0.6-0.9 s on a CPU, a share of every command. (A
+    finished rank leaves with os._exit instead: see bprun.launch.) Frozen objects are still released and atexit handlers still run (logging
     flushes, TensorBoard closes); only cycles among them are left to the operating system.
     """
     import gc

@@ -50,9 +50,10 @@ class InMemoryLoader:
         statistics, reads."""
         if self.sampler.world_size == 1:
             return self
-        whole = InMemoryLoader(self.x, self.y, 1, transform=self.transform)
-        whole.sampler = self.sampler.unsharded()
-        return whole
+        s = self.sampler
+        return InMemoryLoader(
+            self.x, self.y, s.batch_size, s.shuffle, s.seed, self.transform, s.max_batches
+        )
 
     batch_size = property(lambda self: self.sampler.batch_size)  # the global batch
     num_batches = property(lambda self: self.sampler.num_batches)

@@ -331,60 +331,40 @@ class Search:
         # monotonic clock when we first saw it, its owner's beat, whether it had moved);
         # released by a later ask once the stamp has stood still for two beats.
         self._suspects: dict[int, tuple[float, float, float, bool]] = {}
-        self.released = self._release_orphans()  # and, as trials are asked, those released then
+        self.released: list = []  # trials released from stopped searches, at the start or later
+        self._release_orphans()
 
     def close(self) -> None:
         """Stop the heartbeat (the trials it stamped have ended, or are left to be released)."""
         self.heartbeat.close()
 
-    def _release_orphans(self) -> list:
-        """Mark failed and release the trials left RUNNING by a search that is gone: on this
-        host, its process is; on another, its heartbeat is grace_s old and stays still."""
-        from optuna.trial import TrialState
-
-        released, suspects = [], {}
-        now = time.time()
+    def _release_orphans(self) -> None:
+        """At the start: release the trials left RUNNING by a search that is gone. On this
+        host, its process is; on another, its heartbeat is grace_s old and stays still while
+        this search waits two of its owner's beats (a clock that runs behind ours cannot
+        make a live search's trial look stopped)."""
         with self.lock.held():
-            for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-                owner = t.user_attrs.get(OWNER)
-                alive = _alive(owner)
-                if alive is False:
-                    if self._release_running(t.number, "the search running it stopped"):
-                        released.append(t)
-                    continue
-                beat, every = t.user_attrs.get(HEARTBEAT), t.user_attrs.get(HEARTBEAT_S)
-                stamped = isinstance(beat, (int, float)) and isinstance(every, (int, float))
-                if alive is None and owner and stamped and now - beat > self.settings.grace_s:
-                    suspects[t.number] = (beat, every, owner.rsplit(":", 1)[0])
-        if not suspects:
-            return released
-        # The stamps are in their owners' clocks: wait two of their beats (at most grace_s)
-        # and release only the trials whose stamp did not move, so a clock that runs behind
-        # ours cannot make a live search's trial look stopped.
-        wait = min(self.settings.grace_s, 2 * max(e for _, e, _ in suspects.values()) + 1)
-        hosts = ", ".join(sorted({h for _, _, h in suspects.values()}))
-        print(
-            f"search: {len(suspects)} trial(s) of {hosts} have not beaten for "
-            f"{self.settings.grace_s:g} s; checking for {wait:g} s that their search stopped",
-            flush=True,
-        )
-        time.sleep(wait)
-        with self.lock.held():
-            for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-                if t.number in suspects and t.user_attrs.get(HEARTBEAT) == suspects[t.number][0]:
-                    silent = time.time() - t.user_attrs[HEARTBEAT]
-                    why = f"its search on {suspects[t.number][2]} stopped (silent {silent:.0f} s)"
-                    if self._release_running(t.number, why):
-                        released.append(t)
-        return released
+            self._release_stopped_now()
+        due = self._due()
+        if due:
+            wait = max(due) - time.monotonic()
+            print(
+                f"search: {len(due)} trial(s) of other hosts have not beaten for "
+                f"{self.settings.grace_s:g} s; checking for {wait:.0f} s that their search "
+                "stopped",
+                flush=True,
+            )
+            time.sleep(max(0.0, wait))
+            with self.lock.held():
+                self._release_stopped_now()
 
     def _release_stopped_now(self) -> None:
-        """As a trial is asked (the lock held): release the trials of searches that stopped
-        since this one began, by the start's rule but without waiting: a process of this host
-        that is gone, or another host's stamp that is grace_s old and did not move in two of
-        its owner's beats between asks. So a search on shared storage re-runs the slots of a
-        search that died on another machine while it still has work, as Optuna's heartbeat
-        fails stale trials whenever a worker starts one."""
+        """Under the lock, at the start and as each trial is asked: release the trials of
+        searches that stopped, without waiting. A process of this host that is gone is
+        released at once; another host's stamp grace_s old is watched, and released by a
+        later call once it stood still for two of its owner's beats. So a search on shared
+        storage also re-runs the slots of a search that died on another machine while it
+        still has work, as Optuna's heartbeat fails stale trials whenever a worker starts one."""
         from optuna.trial import TrialState
 
         now, clock = time.time(), time.monotonic()
@@ -416,15 +396,15 @@ class Search:
                     watched[t.number] = seen
         self._suspects = watched
 
+    def _due(self) -> list[float]:
+        """When (monotonic clock) each trial that looks stopped, its stamp still, can go."""
+        return [t + 2 * every + 1 for _, t, every, moved in self._suspects.values() if not moved]
+
     def stale_wait(self) -> float | None:
         """Seconds until a trial that looks stopped can be released by another ask; None when
         no trial looks stopped (a search with nothing to ask can end)."""
-        due = [
-            first + 2 * every + 1 for _, first, every, moved in self._suspects.values() if not moved
-        ]
-        if not due:
-            return None
-        return max(0.1, min(due) - time.monotonic())
+        due = self._due()
+        return None if not due else max(0.1, min(due) - time.monotonic())
 
     def _release_running(self, number: int, why: str) -> bool:
         """Release a trial found RUNNING, unless another search released it meanwhile."""
