@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test lint bench tensorboard clean
+.PHONY: install run test test-fast lint bench tensorboard clean
 
 install: $(STAMP)
 
@@ -19,6 +19,10 @@ run: install
 
 test: install
 	$(BIN)/pytest -n auto --durations=15 $(ARGS)
+
+# The quick signal while working: everything but the tests marked slow.
+test-fast: install
+	$(BIN)/pytest -n auto -m "not slow" $(ARGS)
 
 lint: install
 	$(BIN)/ruff check bprun tests hydra_plugins

@@ -31,7 +31,6 @@ from bprun.data.sampler import SeededSampler
 from bprun.data.stream import StreamLoader, TensorRows
 from bprun.engine.checkpoint import load_checkpoint, resolve_checkpoint
 from bprun.errors import BprunError
-from bprun.losses import check_fits
 from bprun.models import init_weights
 from bprun.models.checkpointing import enable_activation_checkpointing
 from bprun.models.weights import KeyReport, load_matching, read_state_dict
@@ -240,8 +239,84 @@ def build_tasks(node: DictConfig):
     return _instantiate(args, "dataset")
 
 
-def build_model(node: DictConfig, dataset: Dataset) -> nn.Module:
-    """The model for `dataset`, then `model.init` or `model.init_from` (another run's weights).
+def problem_hint(data_node: DictConfig, problem_node: DictConfig | None) -> DictConfig:
+    """The dataset node, told the problem the command line names: a source that reads its
+    targets either way (`dataset.task` of table and arrays) reads them as that problem needs,
+    unless the dataset node says otherwise."""
+    kind = (problem_node or {}).get("kind", "auto")
+    if kind not in ("classification", "regression") or data_node.get("task", "absent") is not None:
+        return data_node
+    node = copy.deepcopy(data_node)
+    node.task = kind
+    return node
+
+
+def build_problem(node: DictConfig | None, dataset: Dataset, metrics=None):
+    """The problem of the run: `problem=<kind>` (a `_target_`), or with `problem=auto` the kind
+    the data source names (`Dataset.problem`). `metrics`: the subset to compute (None: the
+    problem's default set). The problem checks the data's targets once, here."""
+    from bprun.problems import KINDS, problem_class
+
+    args, own = _split(node, {"kind": "auto"})
+    target = args.pop("_target_", None)
+    if target is not None:  # a problem of the user's own
+        from hydra.utils import get_object
+
+        cls = get_object(target)
+        kind = getattr(cls, "kind", None) or target
+    else:
+        kind = dataset.problem if own["kind"] == "auto" else own["kind"]
+        if kind not in KINDS:
+            raise BprunError(
+                f"problem={kind} is not a problem bprun knows: choose one of {', '.join(KINDS)}"
+            )
+        cls = problem_class(kind)
+    if dataset.problem != kind and (dataset.problem, kind) not in CONVERTIBLE:
+        raise BprunError(
+            f"problem={kind} cannot score this data, whose source poses a {dataset.problem} "
+            f"problem: use problem=auto or problem={dataset.problem}"
+        )
+    settings = {k: v for k, v in args.items() if v is not None}
+    takes = _parameters(cls.__init__) - {"self", "num_classes", "metrics", "classes"}
+    for key, value in list(settings.items()):
+        if key in takes:
+            continue
+        if value == SHARED_PROBLEM_KEYS.get(key):  # a shipped default that this kind ignores
+            settings.pop(key)
+            continue
+        raise BprunError(
+            f"problem.{key}={value} does not apply to a {kind} problem: drop it ({kind} takes "
+            f"{', '.join(f'problem.{k}' for k in sorted(takes)) or 'no settings'})"
+        )
+    try:
+        problem = cls.from_data(dataset, metrics=metrics, **settings)
+    except BprunError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise BprunError(f"problem={kind} could not be built: {e}") from None
+    problem.check_data(dataset)
+    return problem
+
+
+# (what the source poses, the problem asked for) pairs whose targets the problem checks itself:
+# 0/1 columns read as numbers are labels of a multilabel problem, and multilabel on class
+# labels is refused by Multilabel.check_data with the fix.
+CONVERTIBLE = {("regression", "multilabel"), ("classification", "multilabel")}
+
+
+def _parameters(fn) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(fn).parameters)
+
+
+# Keys that `problem=auto` carries for whichever kind the data picks, with their defaults.
+SHARED_PROBLEM_KEYS = {"threshold": 0.5}
+
+
+def build_model(node: DictConfig, dataset: Dataset, problem=None) -> nn.Module:
+    """The model for `dataset` and `problem` (whose `output_size` is the model's output width),
+    then `model.init` or `model.init_from` (another run's weights).
 
     Pretrained builders (`bprun.models.pretrained`) leave `weights_reports` (what their
     weights file filled in) and `preprocess_spec` (the weights' input pipeline) on the model.
@@ -249,9 +324,8 @@ def build_model(node: DictConfig, dataset: Dataset) -> nn.Module:
     args, own = _split(
         node, {"init": "default", "init_from": None, "activation_checkpointing": False}
     )
-    model = _instantiate(
-        args, "model", input_shape=dataset.input_shape, num_classes=dataset.num_classes
-    )
+    outputs = problem.output_size if problem is not None else dataset.num_classes
+    model = _instantiate(args, "model", input_shape=dataset.input_shape, num_classes=outputs)
     reports = list(getattr(model, "weights_reports", []))
     if reports and own["init"] != "default":
         raise BprunError(
@@ -275,13 +349,16 @@ def build_model(node: DictConfig, dataset: Dataset) -> nn.Module:
     return model
 
 
-def build_loss(node: DictConfig, task: str = "classification") -> nn.Module:
-    """The loss node; `loss=auto` picks the one the dataset's task calls for. A loss made
-    for the other kind of task is an error naming the ones that fit."""
+def build_loss(node: DictConfig, problem) -> nn.Module:
+    """The loss node; `loss=auto` is the problem's own loss. A loss made for other targets
+    (a classification loss on a regression problem, say) is an error naming the ones that fit."""
     args, _ = _split(node, {})
-    extra = {"task": task} if args.get("_target_") == "bprun.losses.for_task" else {}
-    loss = _instantiate(args, "loss", **extra)
-    check_fits(loss, task)
+    if args.get("_target_") in ("bprun.losses.auto", "bprun.losses.for_task"):
+        args["_target_"] = "bprun.losses.auto"
+        loss = _instantiate(args, "loss", problem=problem)
+    else:
+        loss = _instantiate(args, "loss")
+    problem.check_loss(loss)
     return loss
 
 

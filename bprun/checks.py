@@ -92,6 +92,7 @@ def check_command_line(argv: list[str], multirun: bool = False) -> None:
         where = getattr(e, "full_key", None)
         raise BprunError(f"{where or 'the config'}: {_first_line(e)}") from None
     check_typed_keys(cfg)
+    check_metric_names(cfg)
     if cfg.get("task") == "meta":
         OmegaConf.to_object(cfg.meta)  # its values, checked by MetaSettings before torch loads
     attack = [o for o in overrides if key_of(o).split(".")[0] == "attack"]
@@ -109,6 +110,63 @@ def check_command_line(argv: list[str], multirun: bool = False) -> None:
             + (hint + " " if hint else "")
             + f"(choose one of {', '.join(TASKS)})"
         )
+
+
+def check_metric_names(cfg: DictConfig) -> None:
+    """Monitored metrics and `metrics=[...]` that no problem the run can pose reports, before
+    any data loads (the trainer checks the exact names once the data has picked the problem)."""
+    from bprun.problems import metric_vocabulary
+
+    problem = cfg.get("problem") or {}
+    kind = problem.get("kind", "auto") if not problem.get("_target_") else None
+    if kind is None:
+        return  # a problem of the user's own: its names are known once it is built
+    known = metric_vocabulary(kind)
+
+    def lacks(metric) -> str:
+        if kind == "auto":
+            return f"no problem has a metric '{metric}'"
+        return f"the {kind} problem has no metric '{metric}'"
+
+    chosen = cfg.get("metrics")
+    if chosen is not None:
+        if isinstance(chosen, str) or not OmegaConf.is_list(chosen):
+            raise BprunError(
+                f"metrics takes a list of names, got {chosen!r}: write metrics=[{chosen}]"
+            )
+        for name in chosen:
+            if str(name) not in known:
+                hint = did_you_mean_metric(str(name), known)
+                raise BprunError(
+                    f"metrics=[...]: {lacks(name)}: "
+                    + (hint + " " if hint else "")
+                    + f"(choose from {', '.join(n for n in known if n != 'loss')})"
+                )
+    trainer = cfg.get("trainer") or {}
+    watched = [
+        ("trainer.monitor", trainer.get("monitor")),
+        ("trainer.early_stopping.monitor", (trainer.get("early_stopping") or {}).get("monitor")),
+        ("trainer.checkpoint.monitor", (trainer.get("checkpoint") or {}).get("monitor")),
+    ]
+    for key, name in watched:
+        if not name or "/" not in str(name):
+            continue
+        prefix, metric = str(name).split("/", 1)
+        if not prefix.startswith("val") or metric in known:
+            continue  # train/loss and the like: the trainer checks those
+        hint = did_you_mean_metric(metric, known, f"{key}={prefix}/")
+        raise BprunError(
+            f"{key}={name}: {lacks(metric)}: "
+            + (hint + " " if hint else "")
+            + f"(choose from {', '.join(known)})"
+        )
+
+
+def did_you_mean_metric(word: str, known, prefix: str = "") -> str:
+    """As `did_you_mean`, with the short name of a long one first (`accuracy` -> `acc`)."""
+    short = [k for k in known if len(k) > 2 and word.startswith(k)]
+    near = list(dict.fromkeys([*sorted(short, key=len, reverse=True), *closest(word, known)]))[:3]
+    return f"did you mean {' or '.join(prefix + c for c in near)}?" if near else ""
 
 
 def check_typed_keys(cfg: DictConfig) -> None:

@@ -109,13 +109,16 @@ class HuberLoss(nn.HuberLoss):
         return super().forward(out, target)
 
 
-def for_task(task: str) -> nn.Module:
-    """`loss=auto`: cross-entropy for a classification dataset, mean squared error for regression."""
-    return CrossEntropyLoss() if task == "classification" else MSELoss()
+def auto(problem) -> nn.Module:
+    """`loss=auto`: the problem's own loss (cross-entropy for classification, mean squared error
+    for regression, ...: `Problem.default_loss`)."""
+    return problem.default_loss()
 
 
-# torch's own losses, by the task they fit (bprun's wrappers say it in their `task`).
-_TORCH_TASKS = {
+for_task = auto  # the target name that configs saved by earlier versions hold
+
+# torch's own losses, by the targets they take (bprun's wrappers say it in their `task`).
+_TORCH_KINDS = {
     nn.CrossEntropyLoss: "classification",
     nn.NLLLoss: "classification",
     nn.MSELoss: "regression",
@@ -125,15 +128,10 @@ _TORCH_TASKS = {
 }
 
 
-def check_fits(loss: nn.Module, task: str) -> None:
-    """A classification loss on a regression dataset (or the reverse) fails before training."""
+def loss_kind(loss: nn.Module) -> str | None:
+    """classification (takes class labels), regression (float targets shaped like the output),
+    or None (either: bce_with_logits, a user's own loss that does not say)."""
     kind = getattr(loss, "task", None)
     if kind is None:
-        kind = next((t for cls, t in _TORCH_TASKS.items() if isinstance(loss, cls)), None)
-    if kind is None or kind == task:
-        return
-    fits = "loss=mse, l1 or huber" if task == "regression" else "loss=cross_entropy or nll"
-    raise BprunError(
-        f"the loss {type(loss).__name__} is for {kind}, but the dataset poses a {task} task: "
-        f"use {fits} (or loss=auto, which follows the dataset)"
-    )
+        kind = next((k for cls, k in _TORCH_KINDS.items() if isinstance(loss, cls)), None)
+    return kind

@@ -30,7 +30,7 @@ def make_trainer(kind="ema", lr=0.1, model=None, **settings):
     torch.manual_seed(0)
     model = model or nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 2))
     s = TrainerSettings(progress=False, **settings)
-    callbacks = averaging_callbacks(s, model, num_classes=2)
+    callbacks = averaging_callbacks(s, model)
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     trainer = Trainer(s, model, nn.CrossEntropyLoss(), opt, num_classes=2, callbacks=callbacks)
     return trainer, (callbacks[0] if callbacks else None)

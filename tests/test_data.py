@@ -19,6 +19,8 @@ from bprun.data.augment import make_transforms, random_hflip
 from bprun.data.synthetic import load_regression, load_timeseries
 from bprun.data.vision import load_vision
 from bprun.errors import BprunError
+from bprun.problems.classification import Classification
+from bprun.problems.regression import Regression
 
 ROOT = Path(__file__).resolve().parents[1]
 MNIST_FOLDERS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "kmnist": "KMNIST"}
@@ -128,7 +130,9 @@ def test_mnist_family_reads_idx_files_raw_and_gzipped(tmp_path, name, gz):
     assert ds.x_test.shape == (50, 1, 28, 28) and ds.input_shape == (1, 28, 28)
     assert torch.equal(ds.x_train[:, 0], torch.from_numpy(arrays["train"][0]))
     assert torch.equal(ds.y_test, torch.from_numpy(arrays["t10k"][1]).long())
-    assert ds.y_train.dtype == torch.int64 and ds.num_classes == 10 and ds.task == "classification"
+    assert (
+        ds.y_train.dtype == torch.int64 and ds.num_classes == 10 and ds.problem == "classification"
+    )
     if gz:  # unpacked once, next to the .gz, where torchvision itself would look
         assert (tmp_path / MNIST_FOLDERS[name] / "raw" / "train-images-idx3-ubyte").is_file()
 
@@ -328,7 +332,7 @@ def test_augment_errors_are_clear():
 
 def test_regression_dataset_shapes_and_targets():
     ds = load_regression(num_samples=500, num_features=7, seed=1)
-    assert ds.task == "regression" and ds.num_classes == 1 and ds.input_shape == (7,)
+    assert ds.problem == "regression" and ds.num_classes == 1 and ds.input_shape == (7,)
     assert ds.y_train.shape == (400, 1) and ds.y_test.shape == (100, 1)
     assert ds.y_train.dtype == torch.float32
     assert abs(float(ds.y_train.mean())) < 1e-4 and abs(float(ds.y_train.std()) - 1) < 0.01
@@ -342,7 +346,7 @@ def test_regression_dataset_shapes_and_targets():
 def test_timeseries_windows_are_chronological_without_leakage(signal):
     window, horizon = 16, 4
     ds = load_timeseries(signal=signal, length=1000, window=window, horizon=horizon)
-    assert ds.task == "regression" and ds.num_classes == horizon
+    assert ds.problem == "regression" and ds.num_classes == horizon
     assert ds.input_shape == (1, window) and ds.y_train.shape[1:] == (horizon,)
     # consecutive windows shift by one sample, targets continue the inputs
     assert torch.equal(ds.x_train[1, 0, :-1], ds.x_train[0, 0, 1:])
@@ -359,7 +363,7 @@ def test_timeseries_windows_are_chronological_without_leakage(signal):
 
 @pytest.mark.parametrize("loss", ["mse", "l1", "huber"])
 def test_regression_losses_check_the_target_kind(loss):
-    fn = build_loss(OmegaConf.load(ROOT / "conf" / "loss" / f"{loss}.yaml"), "regression")
+    fn = build_loss(OmegaConf.load(ROOT / "conf" / "loss" / f"{loss}.yaml"), Regression(3))
     out = torch.randn(8, 3)
     assert fn(out, out.clone()).item() == 0
     with pytest.raises(BprunError, match=f"loss={loss} needs float targets"):
@@ -370,9 +374,11 @@ def test_regression_losses_check_the_target_kind(loss):
 
 def test_classification_losses_on_logits():
     out, y = torch.randn(16, 5), torch.randint(0, 5, (16,))
-    nll = build_loss(OmegaConf.load(ROOT / "conf" / "loss" / "nll.yaml"))
+    nll = build_loss(OmegaConf.load(ROOT / "conf" / "loss" / "nll.yaml"), Classification(5))
     torch.testing.assert_close(nll(out, y), torch.nn.functional.cross_entropy(out, y))
-    bce = build_loss(OmegaConf.load(ROOT / "conf" / "loss" / "bce_with_logits.yaml"))
+    bce = build_loss(
+        OmegaConf.load(ROOT / "conf" / "loss" / "bce_with_logits.yaml"), Classification(5)
+    )
     onehot = torch.nn.functional.one_hot(y, 5).float()
     torch.testing.assert_close(
         bce(out, y), torch.nn.functional.binary_cross_entropy_with_logits(out, onehot)
@@ -394,7 +400,8 @@ def test_mnist_end_to_end_from_gzipped_files(bprun, tmp_path):
         "dataset.batch_size=32",
     )
     m = r.metrics
-    assert m["status"] == "completed" and set(m["test"]) == {"test/loss", "test/acc", "test/top5"}
+    assert m["status"] == "completed"
+    assert set(m["test"]) == set(Classification(10).metric_names("test"))
     assert m["test"]["test/acc"] > 0.5  # the bar patterns are learnable
 
 
@@ -436,7 +443,7 @@ def test_regression_tasks_end_to_end_with_mse_and_huber(bprun, tmp_path, dataset
         m = json.loads(path.read_text())
         assert m["status"] == "completed"
         assert {"val/loss", "val/mae", "val/rmse"} <= set(m["best"])
-        assert set(m["test"]) == {"test/loss", "test/mae", "test/rmse"}
+        assert set(m["test"]) == {"test/loss", "test/mae", "test/rmse", "test/r2", "test/mape"}
         first, last = m["history"][0], m["history"][-1]
         assert last["val/rmse"] < 1.0  # better than predicting the (standardised) mean
         assert last["val/rmse"] < first["val/rmse"]
@@ -445,7 +452,6 @@ def test_regression_tasks_end_to_end_with_mse_and_huber(bprun, tmp_path, dataset
 def test_wrong_loss_for_the_task_end_to_end(bprun):
     r = bprun("dataset=timeseries", "loss=nll", "trainer.fast_dev_run=true", check=False)
     assert r.returncode != 0 and "Traceback" not in r.output
-    assert "the loss NLLLoss is for classification, but the dataset poses a regression task" in (
-        r.output
-    )
+    assert "the loss NLLLoss is for classification, but this is a regression" in r.output
+    assert "use loss=mse, l1 or huber" in r.output
     assert "use loss=mse, l1 or huber" in r.output

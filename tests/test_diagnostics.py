@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_module
 from matplotlib import image as mpimg
 from torch import nn
 
-from bprun.build import build_data, build_loss, build_model
+from bprun.build import build_data, build_loss, build_model, build_problem
 from bprun.config import register_configs
 from bprun.data import InMemoryLoader
 from bprun.diagnostics import diagnostic_callbacks
@@ -297,7 +297,8 @@ def test_gradcheck_passes_on_every_model_in_the_zoo(model, dataset, compose_cfg,
     x, y = next(data.train.batches(0))
     big = model in IMAGE_ONLY  # resnet18: 11M parameters, 62 tensors
     s = GradcheckSettings(batch_size=2 if big else 4, max_coords=2 if big else 8)
-    results = check_gradients(net, build_loss(cfg.loss), x[: s.batch_size], y[: s.batch_size], s)
+    loss = build_loss(cfg.loss, build_problem(None, data.dataset))
+    results = check_gradients(net, loss, x[: s.batch_size], y[: s.batch_size], s)
     assert {r.name for r in results} == {n for n, p in net.named_parameters() if p.requires_grad}
     worst = max(results, key=lambda r: r.max_rel_error)
     assert all(r.passed for r in results), worst

@@ -75,7 +75,7 @@ MISTAKES = [
     (["model=cnn", "model.channels=16"], "write model.channels=[16]"),
     (["model.init=kaiming"], "unknown model.init 'kaiming'"),
     (["loss=cross_entropy", "dataset=regression"], "use loss=mse, l1 or huber"),
-    (["loss=mse"], "use loss=cross_entropy or nll"),
+    (["loss=mse"], "use loss=cross_entropy, nll or focal"),
     (["optim=lbfgs", "trainer.accumulate=2"], "cannot accumulate gradients"),
     (["sched=plateau", "sched.interval=step"], "set sched.interval=epoch"),
     (["task=eval"], "task=eval needs ckpt="),
@@ -104,7 +104,7 @@ def test_the_loss_follows_the_dataset(dataset, bprun):
     m = r.metrics
     assert m["status"] == "completed"
     assert m["best"]["val/loss"] > 0 and "val/mae" in m["best"]  # mse, not cross-entropy
-    assert "_target_: bprun.losses.for_task" in (r.run_dir / ".hydra" / "config.yaml").read_text()
+    assert "_target_: bprun.losses.auto" in (r.run_dir / ".hydra" / "config.yaml").read_text()
 
 
 def test_a_finished_run_resumes_to_nothing_evaluates_beside_itself_and_trains_on(

@@ -14,9 +14,9 @@ from torch import nn
 from bprun.data.augment import parse_augment
 from bprun.data.mixing import MixBatches, mixing_callbacks
 from bprun.engine import checkpoint as ckpt_io
-from bprun.engine.metrics import Metrics
 from bprun.errors import BprunError
 from bprun.losses import CrossEntropyLoss, NLLLoss
+from bprun.problems.classification import Classification
 
 
 def batch(n=32, classes=10):
@@ -76,7 +76,7 @@ def test_soft_target_cross_entropy_is_finite_and_accuracy_counts_the_argmax():
     torch.testing.assert_close(loss, -(soft * out.log_softmax(1)).sum(1).mean())
     with pytest.raises(BprunError, match="loss=cross_entropy needs class labels"):
         CrossEntropyLoss()(out, torch.rand(8, 3))  # float targets of another shape
-    m = Metrics("classification", 10)
+    m = Classification(10).evaluation("cpu")
     m.update(loss, out, soft)
     hits = (out.argmax(1) == soft.argmax(1)).float().mean()
     assert m.compute("train")["train/acc"] == pytest.approx(float(hits))
@@ -112,8 +112,8 @@ def test_training_batches_get_soft_targets_and_evaluation_batches_do_not(tmp_pat
     assert all(y.dtype == torch.int64 and y.dim() == 1 for y in trainer.loss_fn.targets)
 
 
-def dataset(task="classification", shape=(1, 8, 8)):
-    return SimpleNamespace(task=task, input_shape=shape, num_classes=10)
+def dataset(problem="classification", shape=(1, 8, 8)):
+    return SimpleNamespace(problem=problem, input_shape=shape, num_classes=10)
 
 
 @pytest.mark.parametrize(

@@ -280,7 +280,7 @@ def test_table_encodes_with_the_stored_state_and_infers_regression(tmp_path):
     path = tmp_path / "t.csv"
     frame.to_csv(path, index=False)
     fitted = load_table(str(path), "y")
-    assert fitted.task == "regression" and fitted.y_train.shape[1:] == (1,)
+    assert fitted.problem == "regression" and fitted.y_train.shape[1:] == (1,)
     col = [f["name"] for f in fitted.state["features"]].index("a")
     assert abs(float(fitted.x_train[:, col].mean())) < 1e-5  # standardised on the train split
     shifted = json.loads(json.dumps(fitted.state))

@@ -22,7 +22,7 @@ import time
 import torch
 from hydra import compose, initialize_config_module
 
-from bprun.build import build_data, build_loss, build_model, build_optimizer
+from bprun.build import build_data, build_loss, build_model, build_optimizer, build_problem
 from bprun.config import register_configs
 from bprun.diagnostics import diagnostic_callbacks
 from bprun.engine import Trainer, TrainerSettings
@@ -49,10 +49,9 @@ def rate(cfg, data, initial, settings: TrainerSettings, run_dir: str, device) ->
     trainer = Trainer(
         settings,
         model,
-        build_loss(cfg.loss, data.dataset.task),
+        build_loss(cfg.loss, build_problem(None, data.dataset)),
         build_optimizer(cfg.optim, model),
         device=device,
-        task=data.dataset.task,
         num_classes=data.dataset.num_classes,
         callbacks=diagnostic_callbacks(settings, run_dir),
         tracker=Tracker(run_dir),

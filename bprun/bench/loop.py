@@ -42,7 +42,14 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
-from bprun.build import OPTIM_KEYS, build_data, build_loss, build_model, build_optimizer
+from bprun.build import (
+    OPTIM_KEYS,
+    build_data,
+    build_loss,
+    build_model,
+    build_optimizer,
+    build_problem,
+)
 from bprun.config import register_configs
 from bprun.engine import Trainer, TrainerSettings
 from bprun.engine.settings import GradClip
@@ -109,7 +116,7 @@ def measure(cfg, variant: dict, updates: int, rounds: int, device: torch.device)
     data = build_data(cfg.dataset, device, seed=0)
     torch.manual_seed(0)
     initial = build_model(cfg.model, data.dataset).to(device)
-    loss_fn = build_loss(cfg.loss, data.dataset.task)
+    loss_fn = build_loss(cfg.loss, build_problem(None, data.dataset))
     settings = TrainerSettings(
         max_epochs=10**6,
         max_updates=updates,
@@ -138,7 +145,7 @@ def measure(cfg, variant: dict, updates: int, rounds: int, device: torch.device)
         model = copy.deepcopy(initial)
         trainer = Trainer(
             settings, model, loss_fn, build_optimizer(cfg.optim, model), device=device,
-            task=data.dataset.task, num_classes=data.dataset.num_classes, callbacks=callbacks,
+            num_classes=data.dataset.num_classes, callbacks=callbacks,
         )  # fmt: skip
         trainer.fit(train, None)
 

@@ -23,7 +23,7 @@ import time
 import torch
 from hydra import compose, initialize_config_module
 
-from bprun.build import build_data, build_loss, build_model, build_optimizer
+from bprun.build import build_data, build_loss, build_model, build_optimizer, build_problem
 from bprun.config import register_configs
 from bprun.engine import Trainer, TrainerSettings
 from bprun.engine.averaging import averaging_callbacks
@@ -59,7 +59,7 @@ def measure(cfg, updates: int, rounds: int, device: torch.device) -> dict:
     data = build_data(cfg.dataset, device, seed=0)
     torch.manual_seed(0)
     initial = build_model(cfg.model, data.dataset).to(device)
-    loss_fn = build_loss(cfg.loss)
+    loss_fn = build_loss(cfg.loss, build_problem(None, data.dataset))
     models = {}
     for name, (_, ckpt) in VARIANTS.items():
         models[name] = copy.deepcopy(initial)
@@ -78,9 +78,8 @@ def measure(cfg, updates: int, rounds: int, device: torch.device) -> dict:
             loss_fn,
             build_optimizer(cfg.optim, model),
             device=device,
-            task=data.dataset.task,
             num_classes=data.dataset.num_classes,
-            callbacks=averaging_callbacks(s, model, data.dataset.task, data.dataset.num_classes),
+            callbacks=averaging_callbacks(s, model),
         )
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)

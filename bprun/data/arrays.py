@@ -107,7 +107,7 @@ def load_arrays(
         x_test=x_te,
         y_test=y_te,
         num_classes=classes,
-        task=task,
+        problem=task,
         mean=tuple(mean) if mean is not None else None,
         std=tuple(std) if std is not None else None,
     )

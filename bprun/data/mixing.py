@@ -56,9 +56,9 @@ def mixing_callbacks(augment: dict, dataset, loss: nn.Module) -> list[MixBatches
         return []
     keys = " and ".join(f"dataset.augment.{k}" for k in on)
     off = " and ".join(f"dataset.augment.{k}=0" for k in on)
-    if dataset.task != "classification":
+    if dataset.problem != "classification":
         raise BprunError(
-            f"{keys} mix class labels, but this dataset poses a {dataset.task} task: set {off}"
+            f"{keys} mix class labels, but this dataset poses a {dataset.problem} problem: set {off}"
         )
     if len(dataset.input_shape) != 3:
         raise BprunError(

@@ -24,8 +24,9 @@ class Dataset:
     y_train: torch.Tensor
     x_test: torch.Tensor
     y_test: torch.Tensor
-    num_classes: int  # classes for classification, output width for regression
-    task: str = "classification"  # classification | regression
+    num_classes: int  # classes for classification, labels for multilabel, outputs for regression
+    # The problem the data poses (a kind of bprun.problems.KINDS): what `problem=auto` picks.
+    problem: str = "classification"
     # uint8 images are kept as they are and made float per batch on the device:
     # x / 255, then (x - mean) / std per channel. None: mean 0, std 1.
     mean: tuple[float, ...] | None = None

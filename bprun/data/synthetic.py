@@ -48,7 +48,7 @@ def load_regression(
         x_test=x[n_train:],
         y_test=y[n_train:],
         num_classes=1,
-        task="regression",
+        problem="regression",
     )
 
 
@@ -102,7 +102,7 @@ def load_timeseries(
         x_test=test[:, :window].unsqueeze(1).contiguous(),
         y_test=test[:, window:].contiguous(),
         num_classes=horizon,
-        task="regression",
+        problem="regression",
         split_gap=horizon - 1,
     )
 

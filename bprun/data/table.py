@@ -157,7 +157,7 @@ def load_table(
         x_val=x_va if len(x_va) else None,
         y_val=y_va if len(y_va) else None,
         num_classes=len(classes) if state["task"] == "classification" else 1,
-        task=state["task"],
+        problem=state["task"],
         classes=classes or None,
         state=state,
     )

@@ -149,8 +149,7 @@ def find_lr(trainer: Trainer, train_loader, settings: LrFindSettings | None = No
         loss_fn,
         trainer.optimizer,
         device=trainer.device,
-        task=trainer.task,
-        num_classes=trainer.num_classes,
+        problem=trainer.problem,
         # The batches are the training's: mixed (Mixup, CutMix) or attacked as it would be.
         callbacks=[*(h.__self__ for h in implemented(trainer.callbacks, "on_train_batch")), sweep],
     )

@@ -27,7 +27,6 @@ import torch
 from torch import nn
 
 from bprun.engine.callbacks import Callback
-from bprun.engine.metrics import Metrics
 from bprun.engine.settings import Adversarial, Attack
 from bprun.errors import BprunError
 
@@ -100,19 +99,12 @@ class AdversarialTraining(Callback):
     """Replaces the first `share` of each training batch (already shuffled) by adversarial
     examples of the current weights; the labels stay."""
 
-    def __init__(
-        self,
-        settings: Adversarial,
-        bounds: Bounds | None = None,
-        task: str = "classification",
-        num_classes: int = 0,
-    ):
+    def __init__(self, settings: Adversarial, bounds: Bounds | None = None):
         self.attack, self.bounds = settings, bounds
         self.prefix = f"val_{settings.method}"
-        # what each epoch adds, so that trainer.monitor=val_pgd/acc is checked before training
-        self.metric_names = (
-            Metrics.names(task, num_classes, self.prefix) if settings.validate_under_attack else []
-        )
+        # The problem's metrics under this prefix, each epoch: the trainer names them before
+        # training, so that trainer.monitor=val_pgd/acc is checked then.
+        self.validates_as = self.prefix if settings.validate_under_attack else None
 
     def on_fit_start(self, trainer, train_loader) -> None:
         a = describe(self.attack)
@@ -144,16 +136,11 @@ class AdversarialTraining(Callback):
         summary["adversarial"] = {**describe(self.attack), "share": self.attack.share}
 
 
-def adversarial_callbacks(
-    settings: Adversarial,
-    bounds: Bounds | None,
-    task: str = "classification",
-    num_classes: int = 0,
-) -> list:
+def adversarial_callbacks(settings: Adversarial, bounds: Bounds | None) -> list:
     """The adversarial-training callback the settings switch on (none for method=none)."""
     if settings.method == "none":
         return []
-    return [AdversarialTraining(settings, bounds, task, num_classes)]
+    return [AdversarialTraining(settings, bounds)]
 
 
 def attacked(trainer, attack: Attack, bounds: Bounds | None) -> Callable:

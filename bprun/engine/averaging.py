@@ -24,7 +24,6 @@ import torch
 from torch import nn
 
 from bprun.engine.callbacks import Callback
-from bprun.engine.metrics import Metrics
 from bprun.engine.settings import TrainerSettings
 from bprun.errors import BprunError
 
@@ -43,14 +42,13 @@ class WeightAveraging(Callback):
         kind: str,
         model: nn.Module,
         settings: TrainerSettings,
-        task: str = "classification",
-        num_classes: int = 0,
     ):
         self.kind, self.module = kind, model
         self.ema, self.swa = settings.ema, settings.swa
         self.prefix = f"val_{kind}"
-        # what each epoch adds, so trainer.monitor=val_ema/loss is checked before training
-        self.metric_names = Metrics.names(task, num_classes, self.prefix)
+        # The problem's metrics under this prefix, each epoch: the trainer names them before
+        # training, so that trainer.monitor=val_ema/loss is checked then.
+        self.validates_as = self.prefix
         device = "cpu" if kind == "ema" and self.ema.device == "cpu" else None
         self.average = {
             k: v.detach().to(device or v.device, copy=True) for k, v in model.state_dict().items()
@@ -206,13 +204,11 @@ def recompute_batch_norm(module: nn.Module, loader) -> None:
         torch.optim.swa_utils.update_bn(loader.unsharded().batches(0), module)
 
 
-def averaging_callbacks(
-    settings: TrainerSettings, model: nn.Module, task: str = "classification", num_classes: int = 0
-) -> list[WeightAveraging]:
+def averaging_callbacks(settings: TrainerSettings, model: nn.Module) -> list[WeightAveraging]:
     """The averaging callback the settings switch on (none when both are off)."""
     for kind, on in (("ema", settings.ema.decay), ("swa", settings.swa.start_epoch)):
         if on is not None:
-            return [WeightAveraging(kind, model, settings, task, num_classes)]
+            return [WeightAveraging(kind, model, settings)]
     return []
 
 

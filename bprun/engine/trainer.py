@@ -29,7 +29,6 @@ from bprun.engine import checkpoint as ckpt_io
 from bprun.engine.callbacks import implemented
 from bprun.engine.distributed import SINGLE, DistContext
 from bprun.engine.early_stopping import EarlyStopper
-from bprun.engine.metrics import Metrics
 from bprun.engine.precision import Precision
 from bprun.engine.settings import TrainerSettings
 from bprun.engine.signals import StopSignals
@@ -46,6 +45,10 @@ class NonFiniteLoss(BprunError):
 class Trainer:
     """Fits `model` with `optimizer` on loaders of (x, y) batches.
 
+    `loss_fn(model(x), y)` is each batch's loss (a problem's `criterion`); `problem`
+    (`bprun.problems`) gives the evaluation metrics and their names (None: classification
+    into `num_classes` classes).
+
     `extra_state` is saved in every checkpoint as it is (plain values only) and
     given back by `load_state_dict`: the caller's record of how the run was made
     (the train task keeps the config and the command line there for resume).
@@ -61,7 +64,7 @@ class Trainer:
         *,
         scheduler_interval: str = "epoch",
         device: torch.device | str = "cpu",
-        task: str = "classification",
+        problem=None,
         num_classes: int = 0,
         run_dir: str | Path | None = None,
         tracker=None,
@@ -86,7 +89,13 @@ class Trainer:
         self.loss_fn, self.optimizer = loss_fn, optimizer
         self.scheduler, self.scheduler_interval = scheduler, scheduler_interval
         self.plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
-        self.task, self.num_classes = task, num_classes
+        if problem is None:  # a notebook's Trainer(..., num_classes=10): classification
+            from bprun.problems.base import Problem
+            from bprun.problems.classification import Classification
+
+            problem = Classification(num_classes) if num_classes >= 2 else Problem()
+        self.problem = problem
+        self.last_evaluation = None  # the Evaluation of the latest `evaluate`, for reports
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.tracker = tracker
         self.extra_state = dict(extra_state or {})
@@ -168,9 +177,11 @@ class Trainer:
         """Every metric an epoch reports: train loss, validation metrics, callbacks' own."""
         names = ["train/loss"]
         if validates:
-            names += Metrics.names(self.task, self.num_classes, "val")
+            names += self.problem.metric_names("val")
         for cb in self.callbacks:
             names += list(getattr(cb, "metric_names", ()))
+            if validates and getattr(cb, "validates_as", None):  # EMA, SWA, attacks: val_<x>/*
+                names += self.problem.metric_names(cb.validates_as)
         return names
 
     def check_monitors(self, validates: bool = True) -> None:
@@ -250,7 +261,7 @@ class Trainer:
                 {k: v for k, v in metrics.items() if k not in ("epoch", "update", "train/loss")},
                 self.update,
             )
-        log.info(_epoch_line(metrics, s.max_epochs))
+        log.info(_epoch_line(metrics, s.max_epochs, s.monitor))
         self._agree_on_signals()
         if self.signals.received is not None:
             self._interrupt()
@@ -485,7 +496,7 @@ class Trainer:
         model = self.module if self.dist.enabled else self.model
         was_training = model.training
         model.eval()
-        metrics = Metrics(self.task, self.num_classes)
+        metrics = self.problem.evaluation(self.device)
         for i, (x, y) in enumerate(loader.batches()):
             if loader.local_len(i) == 0:
                 continue
@@ -498,9 +509,9 @@ class Trainer:
                 loss = self.loss_fn(out, y)
             metrics.update(loss, out, y)
         model.train(was_training)
-        if self.dist.enabled:
-            metrics.reduce(self.dist, self.device)
-        return metrics.compute(prefix)
+        results = metrics.compute(prefix)  # one host read; under DDP, over every rank's part
+        self.last_evaluation = metrics
+        return results
 
     def test(self, loader: InMemoryLoader) -> dict[str, float]:
         """Evaluate on the test split with the best-validation weights."""
@@ -711,11 +722,20 @@ def _unknown_metric(key: str, name: str, metrics: dict) -> str:
     return f"{key}={name} is not a metric of this run: {hint}(choose one of {', '.join(known)})"
 
 
-def _epoch_line(m: dict, max_epochs: int) -> str:
+EPOCH_LINE_METRICS = 4  # per prefix (val/, val_ema/, ...), the monitored one besides
+
+
+def _epoch_line(m: dict, max_epochs: int, monitor: str = "") -> str:
+    """One line per epoch: each prefix's first metrics and the monitored one (all of them go
+    to the trackers and metrics.json)."""
     parts = [f"epoch {m['epoch']:>3}/{max_epochs}"]
+    shown: dict[str, int] = {}
     for k, v in m.items():
         if k in ("epoch", "update", "lr") or k.startswith(("time/", "throughput/")):
             continue
-        parts.append(f"{k} {v:.4f}")
+        prefix = k.split("/", 1)[0]
+        shown[prefix] = shown.get(prefix, 0) + 1
+        if shown[prefix] <= EPOCH_LINE_METRICS or k == monitor:
+            parts.append(f"{k} {v:.4f}")
     parts.append(f"{m['time/epoch_s']:.1f}s")
     return "  ".join(parts)

@@ -42,7 +42,7 @@ class SineTasks:
     generator whose state a checkpoint holds.
     """
 
-    task = "regression"  # what model builders and loss=auto read from a dataset
+    problem = "regression"  # what model builders and loss=auto read from a dataset
     input_shape = (1,)
     num_classes = 1  # one output: y
 

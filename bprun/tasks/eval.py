@@ -45,6 +45,9 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> float | No
             f"{cfg.dataset.get('_target_')}, as the command line asks"
         )
         saved.dataset = cfg.dataset
+    for key in ("problem", "metrics"):  # how to score it: the command line may say otherwise
+        if any(key_of(o).split(".")[0] == key for o in overrides):
+            saved[key] = cfg.get(key)
     if saved.model.get("init_from"):  # the checkpoint's weights replace them anyway
         saved.model.init_from = None
     s = TrainerSettings(
@@ -72,13 +75,26 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> float | No
     weights = use_averaged_weights(trainer.module, state, data.train)
     if weights != "raw":
         log.info(f"evaluating the {weights.upper()} weights the checkpoint holds")
+    problem = trainer.problem
+    if getattr(problem, "auto_threshold", False):
+        threshold = (state.get("best") or {}).get("val/best_threshold")
+        if threshold is None:
+            raise BprunError(
+                f"problem.threshold=auto: {path} records no val/best_threshold (it was trained "
+                "without a validation split): give problem.threshold=<a number in (0, 1)>"
+            )
+        problem.set_threshold(threshold)
     metrics = trainer.evaluate(data.test, "test")
-    record = {"checkpoint": str(path), "weights": weights}
+    report = trainer.last_evaluation
+    record = {"checkpoint": str(path), "weights": weights, "problem": problem.kind}
+    if getattr(problem, "binary", False):
+        record["threshold"] = problem.threshold
     if attack is not None and attack.method != "none":
         perturb = attacked(trainer, attack, input_bounds(data, trainer.device))
         metrics.update(trainer.evaluate(data.test, f"test_{attack.method}", perturb))
         record["attack"] = describe(attack)
     out = write_json({**record, **metrics}, path.parent / "eval.json")
+    problem.report(report, path.parent, "test")
     for k, v in metrics.items():
         log.info(f"{k:<15} {v:.4f}")
     log.info(f"wrote {out}")

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from bprun.build import build_data, build_loss, build_model
+from bprun.build import build_data, build_loss, build_model, build_problem
 from bprun.diagnostics.gradcheck import check_gradients, table
 from bprun.diagnostics.settings import GradcheckSettings
 from bprun.errors import BprunError
@@ -29,8 +29,9 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> float:
         device = torch.device("cpu")  # no float64 on MPS
     data = build_data(cfg.dataset, device, cfg.seed)
     seed_everything(cfg.seed)
-    model = build_model(cfg.model, data.dataset).to(device)
-    loss_fn = build_loss(cfg.loss, data.dataset.task)
+    problem = build_problem(cfg.get("problem"), data.dataset, cfg.get("metrics"))
+    model = build_model(cfg.model, data.dataset, problem).to(device)
+    loss_fn = problem.criterion(build_loss(cfg.loss, problem))
     x, y = next(data.train.batches(0))
     x, y = x[: s.batch_size], y[: s.batch_size]
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -22,6 +22,7 @@ from bprun.io import write_json
 from bprun.meta.settings import MetaSettings
 from bprun.meta.trainer import Learner, MetaTrainer
 from bprun.overrides import key_of
+from bprun.problems.regression import Regression
 from bprun.tasks.setup import seed_everything, setup_device, trainer_settings
 from bprun.tasks.train import group_choices
 from bprun.tracking.tensorboard import Tracker, log_hparams
@@ -50,7 +51,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> float:
     check_resume(state, s, cfg, resumed)
     device = setup_device(ts)
     tasks = build_tasks(cfg.dataset)
-    loss_fn = build_loss(cfg.loss, tasks.task)
+    loss_fn = build_loss(cfg.loss, Regression(num_classes=1))  # each task: y = f(x), one output
     learner = build_learner(cfg, tasks, s, device)
     # The baseline starts from the same initial weights: the run's seed is set again first.
     baseline = build_learner(cfg, tasks, s, device) if s.baseline else None

@@ -10,7 +10,15 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from bprun.build import build_data, build_loss, build_model, build_optimizer, build_scheduler
+from bprun.build import (
+    build_data,
+    build_loss,
+    build_model,
+    build_optimizer,
+    build_problem,
+    build_scheduler,
+    problem_hint,
+)
 from bprun.data.augment import pixel_bounds
 from bprun.data.mixing import mixing_callbacks
 from bprun.diagnostics import diagnostic_callbacks
@@ -79,7 +87,7 @@ def build_trainer(
         )
     warn_own_data_ignored(cfg)
     data = build_data(
-        cfg.dataset,
+        problem_hint(cfg.dataset, cfg.get("problem")),
         device,
         cfg.seed,
         s.limit_train_batches,
@@ -93,8 +101,9 @@ def build_trainer(
             loader.shard(dist.rank, dist.world_size)
     if data.dataset.state:
         extra_state = {**(extra_state or {}), "data": data.dataset.state}
+    problem = build_problem(cfg.get("problem"), data.dataset, cfg.get("metrics"))
     seed_everything(cfg.seed)  # after the data, whose generators may reseed global RNGs
-    model = build_model(cfg.model, data.dataset)
+    model = build_model(cfg.model, data.dataset, problem)
     if s.sync_batchnorm and dist.enabled:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)
@@ -105,33 +114,27 @@ def build_trainer(
     scheduler, interval = build_scheduler(
         cfg.sched, optimizer, updates_per_epoch, s.max_epochs, s.max_updates
     )
-    loss = build_loss(cfg.loss, data.dataset.task)
+    loss = build_loss(cfg.loss, problem)
     trainer = Trainer(
         s,
         model,
-        loss,
+        problem.criterion(loss),
         optimizer,
         scheduler,
         scheduler_interval=interval,
         device=device,
-        task=data.dataset.task,
-        num_classes=data.dataset.num_classes,
+        problem=problem,
         run_dir=run_dir,
         tracker=tracker,
         extra_state=extra_state,
         callbacks=[
             *(tensorboard_callbacks(s, run_dir) if dist.is_main else ()),
             *(diagnostic_callbacks(s, run_dir) if dist.is_main else ()),
-            *averaging_callbacks(s, model, data.dataset.task, data.dataset.num_classes),
+            *averaging_callbacks(s, model),
             *finetune,
             # batch hooks, in this order: mix the batch, then attack the mixed batch
             *mixing_callbacks(data.augment or {}, data.dataset, loss),
-            *adversarial_callbacks(
-                s.adversarial,
-                input_bounds(data, device),
-                data.dataset.task,
-                data.dataset.num_classes,
-            ),
+            *adversarial_callbacks(s.adversarial, input_bounds(data, device)),
             *callbacks,
         ],
         dist=dist,

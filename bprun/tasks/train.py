@@ -59,6 +59,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> float | No
     if data.dataset.classes:  # so that predictions can be named
         write_json(list(data.dataset.classes), run_dir / "classes.json")
     trainer.check_monitors(validates=data.val is not None)
+    problem = trainer.problem
+    log.info(f"{problem.describe()}; monitoring {s.monitor} ({s.mode})")
     if state is not None:
         kept = trainer.extra_state
         trainer.load_state_dict(state, resumed)
@@ -82,12 +84,17 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> float | No
     )
 
     summary = {"status": "running", "monitor": s.monitor, "mode": s.mode, "run_dir": str(run_dir)}
+    summary["problem"] = problem.kind
     summary["optimizer"] = {"name": type(trainer.optimizer).__name__, "impl": impl}
     try:
         trainer.fit(data.train, data.val)
+        threshold = decision_threshold(problem, trainer.best)
+        if threshold is not None:
+            summary["threshold"] = threshold
         summary["test"] = trainer.test(data.test)
         if writes:
             tracker.log(summary["test"], trainer.update)
+            problem.report(trainer.last_evaluation, run_dir, "test", tracker)
         summary["status"] = "completed"
     except BaseException as e:
         summary["status"] = (
@@ -117,6 +124,23 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> float | No
     log.info(result_table(summary))
     best = trainer.best.get(s.monitor)
     return float(best) if best is not None and math.isfinite(best) else None
+
+
+def decision_threshold(problem, best: dict) -> float | None:
+    """`problem.threshold=auto`: the best validation F1's threshold of the best epoch, set on the
+    problem for the test split (and recorded in metrics.json for task=eval); None otherwise."""
+    if not getattr(problem, "auto_threshold", False):
+        return None
+    value = best.get("val/best_threshold")
+    if value is None:
+        log.warning(
+            "problem.threshold=auto found no val/best_threshold (no validation split, or one "
+            "class in it): the test split uses 0.5"
+        )
+        return None
+    problem.set_threshold(value)
+    log.info(f"problem.threshold=auto: {value:.4f}, the best F1 on the validation split")
+    return float(value)
 
 
 def finished(state: dict, s) -> str | None:

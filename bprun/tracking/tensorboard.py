@@ -48,6 +48,10 @@ class Tracker:
     def text(self, tag: str, text: str, step: int = 0) -> None:
         self.writer.add_text(tag, text, step)
 
+    def figure(self, tag: str, figure, step: int = 0) -> None:
+        """A matplotlib figure as an image (IMAGES tab); the figure stays open."""
+        self.writer.add_figure(tag, figure, step, close=False)
+
     def close(self) -> None:
         if self._writer is not None:
             self._writer.flush()
