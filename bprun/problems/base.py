@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar
@@ -179,8 +180,10 @@ class Evaluation:
         if self._global_count() == 0:
             return {}
         self.prefix = prefix
-        values = {"loss": self.loss.compute()}
-        values.update({name: metric.compute() for name, (metric, _) in self.metrics.items()})
+        with warnings.catch_warnings():  # an undefined metric is the problem's to say, once
+            warnings.simplefilter("ignore", UserWarning)
+            values = {"loss": self.loss.compute()}
+            values.update({name: metric.compute() for name, (metric, _) in self.metrics.items()})
         self.values = values
         return {f"{prefix}/{k}": v for k, v in self.problem.finish(values, self).items()}
 
