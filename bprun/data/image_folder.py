@@ -216,6 +216,7 @@ def load_image_folder(
     val_fraction: float = 0.1,
     val_seed: int = 0,
     state: dict | None = None,
+    fold: dict | None = None,
 ) -> Dataset:
     """Images and class names from `root`; see the module docstring for the layouts.
 
@@ -252,6 +253,18 @@ def load_image_folder(
         train, test = train[keep], train[held]
     if (base / "val").is_dir():
         _, val = split(base / "val", classes)
+    elif fold is not None:  # task=cv: fold k of the training pool, stratified by class
+        from bprun.data.folds import fold_split
+
+        if fold.get("group"):
+            raise BprunError(
+                "cv.group names a column of a table; an image folder's folds are stratified by "
+                "class: drop cv.group"
+            )
+        keep, held = fold_split(len(train), fold, train.labels.numpy())
+        pool = train
+        train, val = train[keep], train[held]
+        val_rows = held.tolist()
     else:
         keep, held = carve(len(train), val_fraction, val_seed)
         train, val = train[keep], train[held]
@@ -279,4 +292,5 @@ def load_image_folder(
         std=tuple(std),
         classes=classes,
         state={"mean": list(mean), "std": list(std)},
+        val_rows=[str(pool.paths[i]) for i in val_rows] if fold is not None else None,
     )

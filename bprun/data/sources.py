@@ -47,6 +47,9 @@ class Dataset:
     # Float inputs that are pixel intensities in this range, e.g. (0, 1): adversarial attacks
     # keep to it (uint8 images need none: x / 255 lies in [0, 1]). None: no known range.
     value_range: tuple[float, float] | None = None
+    # Under cross-validation (`task=cv`): which examples of the source validate in this fold
+    # (table row numbers, image files), written to the fold's folder as val_rows.json.
+    val_rows: list | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:

@@ -86,8 +86,13 @@ def load_table(
     val_fraction: float = 0.1,
     val_seed: int = 0,
     state: dict | None = None,
+    fold: dict | None = None,
 ) -> Dataset:
     """Features and target from a table file; see the module docstring.
+
+    `fold` (from `task=cv`): the training pool's fold `fold["k"]` validates instead of a random
+    `val_fraction`, stratified by a classification target, keeping each value of the column
+    `fold["group"]` (which is then not a feature) in one fold.
 
     `task` (classification | regression) is inferred from the target when null: text,
     booleans and integers classify, floats regress. `fill_missing` (mean | median | zero |
@@ -136,7 +141,11 @@ def load_table(
     else:
         keep, held = carve(len(frame), test_fraction, split_seed)
         train_frame, test_frame = frame.iloc[keep.tolist()], frame.iloc[held.tolist()]
-    keep, held = carve(len(train_frame), val_fraction, val_seed)
+    if fold is not None:
+        keep, held = table_fold(train_frame, target, task, fold, columns)
+        drop = [*(drop or []), *([fold["group"]] if fold.get("group") else [])]
+    else:
+        keep, held = carve(len(train_frame), val_fraction, val_seed)
     train_frame, val_frame = train_frame.iloc[keep.tolist()], train_frame.iloc[held.tolist()]
     if len(train_frame) == 0:
         raise BprunError(
@@ -160,7 +169,27 @@ def load_table(
         problem=state["task"],
         classes=classes or None,
         state=state,
+        val_rows=[int(i) for i in val_frame.index] if fold is not None else None,
     )
+
+
+def table_fold(frame, target: str, task: str | None, fold: dict, columns: list[str]):
+    """(kept, held) positions of `frame` for fold `fold["k"]`: stratified when the target is
+    class labels, grouped by the column `fold["group"]` when given."""
+    import pandas as pd
+
+    from bprun.data.folds import fold_split
+
+    group = fold.get("group")
+    if group and group not in columns:
+        raise BprunError(
+            f"cv.group={group} is not a column of the table; the columns are {', '.join(columns)}"
+        )
+    y = frame[target]
+    classify = task == "classification" or (task is None and not pd.api.types.is_float_dtype(y))
+    labels = y.astype(str).to_numpy() if classify else None
+    groups = frame[group].astype(str).to_numpy() if group else None
+    return fold_split(len(frame), fold, labels, groups)
 
 
 def fit(frame, target, task, categorical, drop, fill_missing, path) -> dict:

@@ -23,6 +23,10 @@ TASKS = {
     "eval": ("bprun.tasks.eval", "test a saved run (ckpt=<run folder or .pt>), write eval.json"),
     "gradcheck": ("bprun.tasks.gradcheck", "check autograd against finite differences"),
     "lr_find": ("bprun.tasks.lr_find", "learning-rate range test, plot and suggestion"),
+    "cv": (
+        "bprun.tasks.cv",
+        "k-fold cross-validation (cv.folds, cv.group): one run per fold, mean and std",
+    ),
     "meta": (
         "bprun.tasks.meta",
         "MAML on a task distribution (dataset=sine_tasks), write metrics.json",

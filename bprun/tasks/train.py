@@ -58,6 +58,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> float | No
     )
     if data.dataset.classes:  # so that predictions can be named
         write_json(list(data.dataset.classes), run_dir / "classes.json")
+    if data.dataset.val_rows is not None and writes:  # a fold of task=cv: what it validated on
+        write_json(data.dataset.val_rows, run_dir / "val_rows.json")
     trainer.check_monitors(validates=data.val is not None)
     problem = trainer.problem
     log.info(f"{problem.describe()}; monitoring {s.monitor} ({s.mode})")
