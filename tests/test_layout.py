@@ -69,6 +69,7 @@ def test_only_the_command_line_tasks_and_plugins_read_hydra_config():
         ("models", ("bprun.tasks", "bprun.cli", "bprun.build", "bprun.engine")),
         ("tracking", ("bprun.tasks", "bprun.cli", "bprun.build")),
         ("meta", ("bprun.tasks", "bprun.cli", "bprun.build")),
+        ("problems", ("bprun.tasks", "bprun.cli", "bprun.build", "bprun.engine")),
     ],
 )
 def test_imports_run_one_way(package, forbidden):

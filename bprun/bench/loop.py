@@ -4,6 +4,7 @@
     python -m bprun.bench --techniques     # activation checkpointing and EMA (bench/techniques.py)
     python -m bprun.bench --ddp [--devices 2] [--device cpu]   (see ddp.py)
     python -m bprun.bench --data      the data paths (bprun/bench/data.py)
+    python -m bprun.bench --metrics   the problem's metrics against a training epoch (metrics.py)
 
 For each model on MNIST-1D (the shipped `mlp` and `cnn` configs, and
 `paper_cnn`, the 5,210-parameter CNN of `+experiment=mnist1d_paper_cnn`, where
@@ -225,6 +226,9 @@ def main(argv=None) -> None:
         action="store_true",
         help="instead: step-time ratios and memory of activation checkpointing and EMA",
     )
+    parser.add_argument(
+        "--metrics", action="store_true", help="instead: the problem's metrics against an epoch"
+    )
     parser.add_argument("--ddp", action="store_true", help="N ranks against one process")
     parser.add_argument("--devices", type=int, default=2, help="ranks for --ddp")
     parser.add_argument("--epochs", type=int, default=4, help="epochs for --ddp")
@@ -253,6 +257,11 @@ def main(argv=None) -> None:
         if args.updates is not None:
             rest = [f"--updates={args.updates}", *rest]
         return command_main(rest, device=args.device, threads=args.threads, rounds=args.rounds)
+    if args.metrics:
+        from bprun.bench.metrics import run as metrics_bench
+
+        model = "cnn" if args.models == ",".join(MODELS) else args.models
+        return metrics_bench(model, args.rounds or 7, args.threads)
     if args.ddp:
         from bprun.bench.ddp import main as ddp
 
