@@ -322,7 +322,13 @@ def build_model(node: DictConfig, dataset: Dataset, problem=None) -> nn.Module:
     weights file filled in) and `preprocess_spec` (the weights' input pipeline) on the model.
     """
     args, own = _split(
-        node, {"init": "default", "init_from": None, "activation_checkpointing": False}
+        node,
+        {
+            "init": "default",
+            "init_from": None,
+            "activation_checkpointing": False,
+            "shard_units": None,
+        },
     )
     outputs = problem.output_size if problem is not None else dataset.num_classes
     model = _instantiate(args, "model", input_shape=dataset.input_shape, num_classes=outputs)
@@ -343,6 +349,8 @@ def build_model(node: DictConfig, dataset: Dataset, problem=None) -> nn.Module:
     for report in reports:
         report.log()
     model.weights_reports = reports
+    if own["shard_units"]:  # trainer.strategy=fsdp: the modules sharded as units (patterns)
+        model.shard_units = list(own["shard_units"])
     spec = getattr(model, "preprocess_spec", None)
     if spec is not None:
         spec.attach(model, dataset)

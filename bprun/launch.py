@@ -64,6 +64,7 @@ def check(cfg: DictConfig) -> None:
             f"trainer.devices={cfg.trainer.devices} runs task=train only; "
             f"run task={cfg.task} with trainer.devices=1"
         )
+    OmegaConf.to_object(cfg.trainer)  # TrainerSettings.validate(): its refusals, once, here
     if str(OmegaConf.select(cfg, "optim._target_")).endswith("LBFGS"):
         raise BprunError(
             "optim=lbfgs re-evaluates each rank's own loss to decide its steps, so "

@@ -185,8 +185,10 @@ def choose_impl(make, params: list[torch.Tensor], impl: str) -> str:
         raise BprunError(f"optim.impl='{impl}' is not known: choose one of {', '.join(IMPLS)}")
     has_fused, has_foreach = _accepts(make, "fused"), _accepts(make, "foreach")
     devices = {p.device.type for p in params}
+    sharded = any(hasattr(p, "device_mesh") for p in params)  # FSDP's DTensor parameters
     fused_ok = (
         has_fused
+        and not sharded  # DTensor has sharding rules for the foreach kernels, not all fused ones
         and devices <= set(_get_fused_kernels_supported_devices())
         and all(torch.is_floating_point(p) for p in params)
     )
@@ -195,6 +197,8 @@ def choose_impl(make, params: list[torch.Tensor], impl: str) -> str:
         return "fused" if fused_ok else "foreach" if foreach_ok else "single"
     if impl == "fused" and not fused_ok:
         where = "has no fused kernel" if not has_fused else f"has no fused kernel on {devices}"
+        if has_fused and sharded:
+            where = "has no fused kernel for sharded (trainer.strategy=fsdp) parameters"
         other = "foreach" if has_foreach else "single"
         raise BprunError(
             f"optim.impl=fused: {_name(make)} {where}: use optim.impl=auto or optim.impl={other}"

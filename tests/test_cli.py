@@ -6,13 +6,16 @@ import subprocess
 
 from conftest import BPRUN
 
+from bprun.problems.classification import Classification
+
 
 def test_default_run_writes_run_folder_and_seed_zero_is_honoured(bprun, tmp_path):
     r = bprun("trainer.max_epochs=2", f"hydra.run.dir={tmp_path}/b")
     m = r.metrics
     assert m["status"] == "completed"
     assert m["epochs"] == 2 and m["updates"] == 2 * 36  # 3600 train samples / batch 100
-    assert set(m["test"]) == {"test/loss", "test/acc", "test/top5"}
+    assert set(m["test"]) == {f"test/{n}" for n in ["loss", *Classification(10).selected]}
+    assert m["problem"] == "classification" and (r.run_dir / "test_per_class.json").is_file()
     assert m["best"]["epoch"] in (1, 2) and "val/acc" in m["best"]
     assert m["wall_time_s"] > 0
     assert (r.run_dir / ".hydra" / "config.yaml").is_file()

@@ -54,7 +54,8 @@ def run(model: str = "cnn", rounds: int = 7, threads: int = 1) -> dict:
             samples["default"].append(times["default"])
             samples["loss"].append(times["loss"])
     shares = sorted(
-        (d - lo) / e for d, lo, e in zip(samples["default"], samples["loss"], samples["epoch"])
+        (d - lo) / e
+        for d, lo, e in zip(samples["default"], samples["loss"], samples["epoch"], strict=True)
     )
     q = statistics.quantiles(shares, n=4) if len(shares) > 1 else shares * 3
     result = {

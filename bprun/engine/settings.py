@@ -49,6 +49,16 @@ class Checkpointing:
 
 
 @dataclass
+class FSDP:
+    """`trainer.strategy=fsdp`: how FSDP2 (`fully_shard`) shards the model over the ranks."""
+
+    # Free each unit's gathered parameters after its forward (less memory, one more all-gather
+    # in the backward); false keeps them until the backward.
+    reshard_after_forward: bool = True
+    cpu_offload: bool = False  # parameters, gradients and optimizer state live on the CPU
+
+
+@dataclass
 class GradWatch:
     """Warn when per-layer gradient norms stay below/above a threshold for `patience` updates."""
 
@@ -184,9 +194,31 @@ class TrainerSettings:
     # CPU, NCCL with one GPU per rank). dataset.batch_size is per rank.
     devices: int = 1
     sync_batchnorm: bool = False  # BatchNorm statistics over all ranks (CUDA only)
+    # How the ranks share the model: ddp (each holds all of it) or fsdp (FSDP2: parameters,
+    # gradients and optimizer state sharded, each repeated block its own unit; see fsdp).
+    strategy: str = "ddp"
+    fsdp: FSDP = field(default_factory=FSDP)
 
     def __post_init__(self) -> None:
         self.validate()
+
+    def _check_fsdp(self) -> None:
+        """What FSDP2 cannot combine with, said before anything runs."""
+        if self.devices < 2:
+            raise BprunError(
+                "trainer.strategy=fsdp shards the model over ranks: set trainer.devices=2 or more"
+            )
+        for on, key, fix in (
+            (self.ema.decay is not None, "trainer.ema.decay", "null"),
+            (self.swa.start_epoch is not None, "trainer.swa.start_epoch", "null"),
+            (self.sync_batchnorm, "trainer.sync_batchnorm", "false"),
+            (self.precision == "16-mixed", "trainer.precision=16-mixed", "bf16-mixed"),
+        ):
+            if on:
+                raise BprunError(
+                    f"{key} is not supported with trainer.strategy=fsdp: set it to {fix}, or "
+                    "use trainer.strategy=ddp"
+                )
 
     def validate(self) -> None:
         """Raise BprunError naming the first setting whose value cannot work, and its fix."""
@@ -204,6 +236,9 @@ class TrainerSettings:
         _at_least("trainer.checkpoint.save_top_k", self.checkpoint.save_top_k, -1)
         _at_least("trainer.grad_watch.patience", self.grad_watch.patience, 1)
         _at_least("trainer.devices", self.devices, 1)
+        _one_of("trainer.strategy", self.strategy, ("ddp", "fsdp"))
+        if self.strategy == "fsdp":
+            self._check_fsdp()
         for key, value in (
             ("trainer.max_updates", self.max_updates),
             ("trainer.threads", self.threads),

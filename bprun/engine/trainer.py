@@ -29,6 +29,7 @@ from bprun.engine import checkpoint as ckpt_io
 from bprun.engine.callbacks import implemented
 from bprun.engine.distributed import SINGLE, DistContext
 from bprun.engine.early_stopping import EarlyStopper
+from bprun.engine.fsdp import full_state, is_sharded, load_full_state, no_gradient_sync, plain
 from bprun.engine.precision import Precision
 from bprun.engine.settings import TrainerSettings
 from bprun.engine.signals import StopSignals
@@ -80,7 +81,8 @@ class Trainer:
         self.module = model  # the plain module: what checkpoints hold
         if s.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        if dist.enabled:
+        self.sharded = is_sharded(model)  # trainer.strategy=fsdp: FSDP2 did the sharding
+        if dist.enabled and not self.sharded:
             from torch.nn.parallel import DistributedDataParallel
 
             cuda = self.device.type == "cuda"
@@ -312,8 +314,8 @@ class Trainer:
                 final = (b + 1) % k == 0 or b + 1 == n
                 if final or not self.dist.enabled:
                     self._backward(x, y, scale)
-                else:
-                    with self.model.no_sync():  # all-reduce once per update, not per micro-batch
+                else:  # all-reduce (or reduce-scatter) once per update, not per micro-batch
+                    with no_gradient_sync(self.module) if self.sharded else self.model.no_sync():
                         self._backward(x, y, scale)
                 if not final:
                     continue
@@ -386,7 +388,7 @@ class Trainer:
         else:
             norm = nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
             nn.utils.clip_grad_value_(self.params, clip.max)
-        self._grad_norms.append(norm.detach())
+        self._grad_norms.append(plain(norm.detach()))  # sharded: the norm over all shards
 
     def _optimizer_step(self) -> None:
         if self.settings.nonfinite == "skip" and self.dist.enabled:
@@ -498,7 +500,8 @@ class Trainer:
         model.eval()
         metrics = self.problem.evaluation(self.device)
         for i, (x, y) in enumerate(loader.batches()):
-            if loader.local_len(i) == 0:
+            empty = loader.local_len(i) == 0
+            if empty and not self.sharded:  # sharded units gather in every rank's forward
                 continue
             if perturb is not None:
                 x = perturb(model, x, y)
@@ -506,8 +509,9 @@ class Trainer:
                 x = x.contiguous(memory_format=torch.channels_last)
             with self.precision.autocast():
                 out = model(x)
-                loss = self.loss_fn(out, y)
-            metrics.update(loss, out, y)
+                loss = self.loss_fn(out, y) if not empty else None
+            if not empty:
+                metrics.update(loss, out, y)
         model.train(was_training)
         results = metrics.compute(prefix)  # one host read; under DDP, over every rank's part
         self.last_evaluation = metrics
@@ -518,12 +522,12 @@ class Trainer:
         best = self.topk.best if self.topk is not None else None
         if best is not None and best.exists():
             state = ckpt_io.load_checkpoint(best)
-            ckpt_io.load_model_state(self.module, state["model"], best)
+            self._load_model(state["model"], best)
             self._load_callbacks(state, best)
         elif self._best_state is not None:
             self.module.load_state_dict(self._best_state["model"])
             self._load_callbacks(self._best_state, "the best epoch")
-        if self.dist.enabled:  # rank 0's weights everywhere, whichever files a node can read
+        if self.dist.enabled and not self.sharded:  # rank 0's weights everywhere, whichever
             for t in self.module.state_dict().values():
                 self.dist.broadcast_(t)
         for fn in self._on_test_start:
@@ -545,11 +549,23 @@ class Trainer:
                 )
 
     # ------------------------------------------------------------------ checkpoints
+    def _load_model(self, state: dict, path) -> None:
+        if self.sharded:
+            load_full_state(self.module, self.optimizer, state)
+        else:
+            ckpt_io.load_model_state(self.module, state, path)
+
     def state_dict(self) -> dict:
+        """Everything a resume needs. Sharded (FSDP), the model and optimizer state are
+        gathered in full, so the checkpoint loads on any number of ranks: every rank calls it."""
+        if self.sharded:
+            model_state, optim_state = full_state(self.module, self.optimizer)
+        else:
+            model_state, optim_state = self.module.state_dict(), self.optimizer.state_dict()
         return {
             "format": ckpt_io.FORMAT_VERSION,
-            "model": self.module.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": model_state,
+            "optimizer": optim_state,
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "rng": ckpt_io.rng_state(),
@@ -578,9 +594,12 @@ class Trainer:
             cb.load_state_dict(saved.get(cb.state_key), path)
 
     def load_state_dict(self, state: dict, path: str | Path = "checkpoint") -> None:
-        ckpt_io.load_model_state(self.module, state["model"], path)
         self._check_optimizer_impl(state["optimizer"], path)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.sharded:
+            load_full_state(self.module, self.optimizer, state["model"], state["optimizer"])
+        else:
+            ckpt_io.load_model_state(self.module, state["model"], path)
+            self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state.get("scheduler") is not None:
             self._load_scheduler(state["scheduler"])
         if self.scaler is not None and state.get("scaler") is not None:
@@ -649,17 +668,23 @@ class Trainer:
         return path
 
     def _check_finite(self, state: dict) -> None:
-        tensors = [
-            t
-            for part in (state["model"], *state["optimizer"]["state"].values())
-            for t in part.values()
-            if torch.is_tensor(t) and t.is_floating_point()
-        ]
-        if not tensors or bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+        if self.sharded:  # the gathered state is rank 0's alone: each rank checks its shards
+            parts = (self.module.state_dict(), *self.optimizer.state.values())
+            local = [getattr(t, "_local_tensor", t) for part in parts for t in part.values()]
+            finite = all(bool(t.isfinite().all()) for t in local if _is_float(t))
+            bad, ok = [], not self.dist.any(not finite, self.device)
+        else:
+            model = state["model"]
+            tensors = [
+                t
+                for part in (model, *state["optimizer"]["state"].values())
+                for t in part.values()
+                if _is_float(t)
+            ]
+            ok = not tensors or bool(torch.stack([t.isfinite().all() for t in tensors]).all())
+            bad = [k for k, v in model.items() if _is_float(v) and not v.isfinite().all()]
+        if ok:
             return
-        bad = [
-            k for k, v in state["model"].items() if v.is_floating_point() and not v.isfinite().all()
-        ]
         last = self._last_saved or "no checkpoint was written before it"
         raise NonFiniteLoss(
             f"weights became non-finite at update {self.update} (epoch {self.epoch + 1}"
@@ -702,6 +727,10 @@ class Trainer:
         raise Interrupted(
             f"stopped by {signal.Signals(signum).name} after update {self.update}{where}", signum
         )
+
+
+def _is_float(t) -> bool:
+    return torch.is_tensor(t) and t.is_floating_point()
 
 
 def _cloned(tree):

@@ -22,6 +22,7 @@ from bprun.build import (
 from bprun.data.augment import pixel_bounds
 from bprun.data.mixing import mixing_callbacks
 from bprun.diagnostics import diagnostic_callbacks
+from bprun.engine import fsdp
 from bprun.engine.adversarial import adversarial_callbacks
 from bprun.engine.averaging import averaging_callbacks
 from bprun.engine.distributed import SINGLE, DistContext, current
@@ -108,6 +109,8 @@ def build_trainer(
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)
     warn_slow_precision(s, model, device)
+    if s.strategy == "fsdp" and dist.enabled:  # before the optimizer: it steps on the shards
+        model = fsdp.shard(model, s.fsdp, s.precision, device)
     optimizer = build_optimizer(cfg.optim, model)
     finetune = finetune_callbacks(model, s)  # after the optimizer: see finetune_callbacks
     updates_per_epoch = -(-len(data.train) // s.accumulate)

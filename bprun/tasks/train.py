@@ -78,7 +78,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> float | No
     )
     trainable = sum(p.numel() for p in trainer.module.parameters() if p.requires_grad)
     log.info(
-        f"{type(trainer.module).__name__} with {n_params:,} parameters ({trainable:,} trainable) "
+        f"{model_name(trainer.module)} with {n_params:,} parameters ({trainable:,} trainable) "
         f"on {trainer.device}; "
         f"{data.train.num_samples} train / {data.val.num_samples if data.val else 0} val / "
         f"{data.test.num_samples} test samples; run folder {run_dir}"
@@ -126,6 +126,13 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> float | No
     log.info(result_table(summary))
     best = trainer.best.get(s.monitor)
     return float(best) if best is not None and math.isfinite(best) else None
+
+
+def model_name(module) -> str:
+    """The model's class name (FSDP2 wraps a sharded model's class in `FSDP<name>`)."""
+    name = type(module).__name__
+    wrapped = [c.__name__ for c in type(module).__mro__[1:] if c.__name__ == name[4:]]
+    return wrapped[0] if name.startswith("FSDP") and wrapped else name
 
 
 def decision_threshold(problem, best: dict) -> float | None:

@@ -1,0 +1,162 @@
+"""`trainer.strategy=fsdp`: FSDP2 sharding applied to the model as a plain function, before the
+optimizer is built on its (now sharded, DTensor) parameters, as torchtitan does.
+
+Each repeated block is its own unit (`fully_shard`), then the root: a unit's parameters are
+all-gathered just before its forward and backward and freed after, so a rank holds one unit
+in full at a time besides its shards of the rest. Gradients are reduce-scattered (averaged over
+the ranks, as DDP's all-reduce), and the optimizer steps on each rank's shards only.
+
+Checkpoints hold the full (gathered) state, written by rank 0 like any other, so a run saved on
+N ranks resumes on any number of ranks, and `task=eval` reads it in one process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import logging
+from collections import Counter
+
+import torch
+from torch import nn
+
+from bprun.errors import BprunError
+
+log = logging.getLogger("bprun")
+
+
+def repeated_blocks(model: nn.Module) -> list[str]:
+    """Names of the modules that are a model's repeated blocks: the children of every
+    `nn.ModuleList` or `nn.Sequential` with at least two containers of one class (a
+    transformer's layers, a ResNet's stages, a GPT's blocks); the outermost where they nest."""
+    found = []
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.ModuleList, nn.Sequential)):
+            continue
+        children = [(n, c) for n, c in module.named_children() if next(c.children(), None)]
+        counts = Counter(type(c) for _, c in children)
+        found += [f"{name}.{n}" if name else n for n, c in children if counts[type(c)] >= 2]
+    return [n for n in found if not any(n.startswith(f"{o}.") for o in found)]
+
+
+def shard_units(model: nn.Module, patterns: list[str] | None) -> list[str]:
+    """The module names sharded as units: those `model.shard_units` patterns (fnmatch on
+    names, e.g. `encoder.layers.*`) match, else the repeated blocks."""
+    if not patterns:
+        return repeated_blocks(model)
+    names = [n for n, _ in model.named_modules() if n]
+    units = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    if not units:
+        raise BprunError(
+            f"model.shard_units={list(patterns)} names no module of {type(model).__name__}: "
+            f"give patterns of its module names, e.g. {', '.join(names[:4])}"
+        )
+    return [n for n in units if not any(n.startswith(f"{o}.") for o in units if o != n)]
+
+
+def shard(model: nn.Module, settings, precision: str, device: torch.device) -> nn.Module:
+    """Apply `fully_shard` to each unit, then the root; returns the model (sharded in place).
+    `settings` is `TrainerSettings.fsdp`; bf16-mixed gives bf16 parameters in the forward and
+    backward with float32 gradient reductions."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    kwargs = {"reshard_after_forward": settings.reshard_after_forward}
+    if precision == "bf16-mixed":
+        kwargs["mp_policy"] = MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16, reduce_dtype=torch.float32
+        )
+    if settings.cpu_offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=device.type == "cuda")
+    units = shard_units(model, getattr(model, "shard_units", None))
+    modules = dict(model.named_modules())
+    for name in units:
+        fully_shard(modules[name], **kwargs)
+    fully_shard(model, **kwargs)
+    shown = ", ".join(units[:4]) + (f", ... ({len(units)} in all)" if len(units) > 4 else "")
+    log.info(f"fsdp: {len(units)} unit(s) and the root sharded ({shown or 'root only'})")
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+@contextlib.contextmanager
+def no_gradient_sync(model: nn.Module):
+    """Micro-batches before an update's last: gradients accumulate unreduced."""
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+def _options(**kwargs):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kwargs)
+
+
+def full_state(model: nn.Module, optimizer) -> tuple[dict, dict]:
+    """(model, optimizer) state dicts gathered in full, on the CPU (a collective: every rank
+    calls it), keyed like the unsharded model's."""
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = _options(cpu_offload=True)
+    model_state = get_model_state_dict(model, options=options)
+    optim_state = get_optimizer_state_dict(model, optimizer, options=options)
+    if optim_state:  # rank 0's: in torch's own layout, so any process loads it
+        optim_state = _indexed(optim_state, _param_names(model, optimizer))
+    return model_state, optim_state
+
+
+def load_full_state(model: nn.Module, optimizer, model_state: dict, optim_state=None) -> None:
+    """Shard full state dicts (every rank read the same checkpoint) into the model and the
+    optimizer, whatever world size wrote them."""
+    from torch.distributed.checkpoint.state_dict import (
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    set_model_state_dict(model, model_state, options=_options())
+    if optim_state is not None:
+        named = _named(optim_state, _param_names(model, optimizer))
+        set_optimizer_state_dict(model, optimizer, named, options=_options())
+
+
+def _param_names(model: nn.Module, optimizer) -> list[str]:
+    """The optimizer's parameters by name, in its own order (group by group)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def _indexed(state: dict, names: list[str]) -> dict:
+    """An optimizer state keyed by parameter names -> keyed by position, as
+    `Optimizer.state_dict()` gives it."""
+    index = {n: i for i, n in enumerate(names)}
+    return {
+        "state": {index[n]: v for n, v in state["state"].items()},
+        "param_groups": [
+            {**g, "params": [index[n] for n in g["params"]]} for g in state["param_groups"]
+        ],
+    }
+
+
+def _named(state: dict, names: list[str]) -> dict:
+    """The reverse of `_indexed`."""
+    return {
+        "state": {names[int(i)]: v for i, v in state["state"].items()},
+        "param_groups": [
+            {**g, "params": [names[int(i)] for i in g["params"]]} for g in state["param_groups"]
+        ],
+    }
+
+
+def plain(t):
+    """A DTensor's full value (a clipping norm, say); other tensors as they are."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t

@@ -1,0 +1,116 @@
+"""`trainer.strategy=fsdp`: FSDP2 over 2 CPU processes (gloo). Its updates equal the one-process
+run's over the same global batches (accumulation and clipping included), its checkpoints hold
+the full state and resume on another number of ranks, and task=eval reads them in one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import BPRUN
+from torch import nn
+
+from bprun.engine.fsdp import repeated_blocks, shard_units
+from bprun.errors import BprunError
+
+COMMON = [
+    "dataset=digits", "model.hidden=[32,32]", "optim=adamw", "trainer.max_epochs=2",
+    "trainer.device=cpu", "trainer.threads=1", "trainer.progress=false",
+    "trainer.accumulate=2", "trainer.grad_clip.max=0.5", "trainer.log_every_n_updates=10",
+]  # fmt: skip
+FSDP = ["trainer.devices=2", "trainer.strategy=fsdp", "dataset.batch_size=8"]
+ONE = ["dataset.batch_size=16"]
+
+
+def bprun(run_dir: Path, *args: str, data_dir: Path, check: bool = True):
+    proc = subprocess.run(
+        [BPRUN, f"paths.data_dir={data_dir}", f"hydra.run.dir={run_dir}", *COMMON, *args],
+        capture_output=True, text=True, timeout=300, cwd=run_dir.parent,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    if check and proc.returncode != 0:
+        raise AssertionError((proc.stdout + proc.stderr)[-4000:])
+    return proc
+
+
+def state(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, data_dir) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("fsdp")
+    found = {"fsdp": root / "fsdp", "one": root / "one"}
+    bprun(found["fsdp"], *FSDP, data_dir=data_dir)
+    bprun(found["one"], *ONE, data_dir=data_dir)
+    return found
+
+
+@pytest.mark.slow
+def test_sharded_training_equals_one_process_over_the_same_global_batches(runs):
+    sharded, one = state(runs["fsdp"]), state(runs["one"])
+    assert sharded["model"].keys() == one["model"].keys()  # the plain model's names
+    for name, value in one["model"].items():
+        assert torch.allclose(sharded["model"][name], value, atol=1e-5), name
+    for key, moments in one["optimizer"]["state"].items():  # Adam's moments, gathered in full
+        for k, v in moments.items():
+            assert torch.allclose(sharded["optimizer"]["state"][key][k], v, atol=1e-5), (key, k)
+    m = json.loads((runs["fsdp"] / "metrics.json").read_text())
+    m1 = json.loads((runs["one"] / "metrics.json").read_text())
+    assert m["world_size"] == 2 and m["updates"] == m1["updates"]
+    assert m["test"]["test/acc"] == pytest.approx(m1["test"]["test/acc"], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_a_sharded_checkpoint_resumes_on_one_process_and_evaluates(runs, tmp_path, data_dir):
+    run = tmp_path / "more"
+    # a third epoch, on one process, from the 2-rank sharded run's checkpoint
+    import shutil
+
+    shutil.copytree(runs["fsdp"], run)
+    bprun(
+        tmp_path / "x", f"trainer.resume={run}", "trainer.max_epochs=3", *ONE,
+        "trainer.devices=1", "trainer.strategy=ddp", "optim.impl=single", data_dir=data_dir,
+    )  # fmt: skip
+    after = state(run)
+    assert after["progress"]["epoch"] == 3 and after["world_size"] == 1
+    proc = bprun(tmp_path / "y", "task=eval", f"ckpt={runs['fsdp']}", data_dir=data_dir)
+    ev = json.loads(next((runs["fsdp"] / "checkpoints").glob("eval.json")).read_text())
+    m = json.loads((runs["fsdp"] / "metrics.json").read_text())
+    assert ev["test/acc"] == pytest.approx(m["test"]["test/acc"], abs=1e-6), proc.stdout
+
+
+def test_repeated_blocks_are_the_shard_units():
+    from bprun.models.mlp import MLP
+    from bprun.models.transformer import Transformer
+
+    mlp = MLP(input_shape=(8,), num_classes=3, hidden=[16, 16, 16])
+    assert repeated_blocks(mlp) == ["blocks.0", "blocks.1", "blocks.2"]
+    vit = Transformer(input_shape=(1, 40), num_classes=3, depth=2)
+    assert repeated_blocks(vit) == ["encoder.layers.0", "encoder.layers.1"]
+    assert shard_units(vit, ["encoder.layers.*"]) == ["encoder.layers.0", "encoder.layers.1"]
+    nested = nn.Sequential(nn.Sequential(nn.Linear(2, 2)), nn.Sequential(nn.Linear(2, 2)))
+    assert repeated_blocks(nested) == ["0", "1"]
+    with pytest.raises(BprunError, match=r"model.shard_units=\['nope\.\*'\] names no module"):
+        shard_units(vit, ["nope.*"])
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["trainer.strategy=fsdp"], "trainer.strategy=fsdp shards the model over ranks"),
+        (["trainer.strategy=fsdp", "trainer.devices=2", "trainer.ema.decay=0.9"], "not supported"),
+        (["trainer.strategy=fdsp"], "trainer.strategy='fdsp' is not known"),
+    ],
+)
+def test_bad_strategy_settings_are_one_line(args, says, tmp_path, data_dir):
+    proc = bprun(tmp_path / "run", *args, data_dir=data_dir, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1 and "Traceback" not in out, out
+    errors = [line for line in out.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and says in errors[0], out
+    assert not (tmp_path / "run" / "metrics.json").exists()
