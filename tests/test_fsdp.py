@@ -114,3 +114,16 @@ def test_bad_strategy_settings_are_one_line(args, says, tmp_path, data_dir):
     errors = [line for line in out.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and says in errors[0], out
     assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+@pytest.mark.slow
+def test_a_rank_holds_half_of_the_state_under_fsdp_at_two_ranks():
+    from types import SimpleNamespace
+
+    from bprun.bench.fsdp import main
+
+    table = main(SimpleNamespace(ranks="2", model="transformer model.dim=64 model.depth=2"))
+    ddp, fsdp = table[("ddp", 2)], table[("fsdp", 2)]
+    assert ddp["optimizer"] == 2 * ddp["parameters"]  # AdamW's two moments, whole on each rank
+    assert fsdp["total"] <= 1.1 / 2 * ddp["total"]
+    assert fsdp["gradients"] == fsdp["parameters"]  # gradients sharded like the parameters

@@ -5,6 +5,7 @@
     python -m bprun.bench --ddp [--devices 2] [--device cpu]   (see ddp.py)
     python -m bprun.bench --data      the data paths (bprun/bench/data.py)
     python -m bprun.bench --metrics   the problem's metrics against a training epoch (metrics.py)
+    python -m bprun.bench --fsdp      bytes per rank under DDP and FSDP at 1, 2, 4 ranks (fsdp.py)
 
 For each model on MNIST-1D (the shipped `mlp` and `cnn` configs, and
 `paper_cnn`, the 5,210-parameter CNN of `+experiment=mnist1d_paper_cnn`, where
@@ -230,6 +231,11 @@ def main(argv=None) -> None:
         "--metrics", action="store_true", help="instead: the problem's metrics against an epoch"
     )
     parser.add_argument("--ddp", action="store_true", help="N ranks against one process")
+    parser.add_argument(
+        "--fsdp", action="store_true", help="instead: bytes per rank, DDP against FSDP"
+    )
+    parser.add_argument("--ranks", default="1,2,4", help="rank counts for --fsdp")
+    parser.add_argument("--model", default="transformer", help="model for --fsdp")
     parser.add_argument("--devices", type=int, default=2, help="ranks for --ddp")
     parser.add_argument("--epochs", type=int, default=4, help="epochs for --ddp")
     parser.add_argument("--batch", type=int, default=64, help="per-rank batch for --ddp")
@@ -262,6 +268,10 @@ def main(argv=None) -> None:
 
         model = "cnn" if args.models == ",".join(MODELS) else args.models
         return metrics_bench(model, args.rounds or 7, args.threads)
+    if args.fsdp:
+        from bprun.bench.fsdp import main as fsdp_bench
+
+        return fsdp_bench(args)
     if args.ddp:
         from bprun.bench.ddp import main as ddp
 

@@ -73,8 +73,46 @@ def shard(model: nn.Module, settings, precision: str, device: torch.device) -> n
         fully_shard(modules[name], **kwargs)
     fully_shard(model, **kwargs)
     shown = ", ".join(units[:4]) + (f", ... ({len(units)} in all)" if len(units) > 4 else "")
-    log.info(f"fsdp: {len(units)} unit(s) and the root sharded ({shown or 'root only'})")
+    local, full = parameter_bytes(model)
+    log.info(
+        f"fsdp: {len(units)} unit(s) and the root sharded ({shown or 'root only'}); this rank "
+        f"holds {_size(local)} of the {_size(full)} of parameters, and as much again of "
+        "gradients (optimizer state likewise sharded)"
+    )
     return model
+
+
+def parameter_bytes(model: nn.Module) -> tuple[int, int]:
+    """(bytes of parameters this rank holds, bytes of the whole model's parameters)."""
+    local = full = 0
+    for p in model.parameters():
+        part = getattr(p, "_local_tensor", p)
+        local += part.numel() * part.element_size()
+        full += p.numel() * p.element_size()
+    return local, full
+
+
+def state_bytes(model: nn.Module, optimizer) -> dict[str, int]:
+    """Bytes this rank holds of parameters, gradients and optimizer state."""
+
+    def size(t) -> int:
+        t = getattr(t, "_local_tensor", t)
+        return t.numel() * t.element_size() if torch.is_tensor(t) else 0
+
+    params = list(model.parameters())
+    return {
+        "parameters": sum(size(p) for p in params),
+        "gradients": sum(size(p.grad) for p in params if p.grad is not None),
+        "optimizer": sum(size(v) for s in optimizer.state.values() for v in s.values()),
+    }
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
 
 
 def is_sharded(model: nn.Module) -> bool:

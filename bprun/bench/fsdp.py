@@ -1,0 +1,103 @@
+"""Benchmark: what a rank holds under DDP and under FSDP2, at 1, 2 and 4 ranks.
+
+    python -m bprun.bench --fsdp [--ranks 1,2,4] [--model "transformer model.dim=256"]
+
+Each configuration starts its ranks (gloo on the CPU, one thread each), builds the model as
+`bprun` does (`model.<name>` on MNIST-1D's shape), applies DDP or `fully_shard` to each
+repeated block and the root, takes one AdamW step and reports, per rank, the bytes of
+parameters, gradients and optimizer state the rank holds. FSDP at N ranks must hold at most
+1.1/N of DDP's. With CUDA, peak device memory per rank is reported too.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _model(spec: str) -> nn.Module:
+    """`spec`: a model option and its overrides, e.g. `transformer model.dim=256`."""
+    from hydra import compose, initialize_config_module
+
+    from bprun.build import build_model
+    from bprun.config import register_configs
+
+    register_configs()
+    with initialize_config_module("bprun.conf", version_base="1.3"):
+        name, *overrides = spec.split()
+        cfg = compose("config", overrides=[f"model={name}", *overrides])
+    data = type("Shape", (), {"input_shape": (1, 40), "num_classes": 10})()
+    torch.manual_seed(0)
+    return build_model(cfg.model, data)
+
+
+def _rank(rank: int, world: int, port: int, strategy: str, name: str, out) -> None:
+    import torch.distributed as dist
+
+    from bprun.engine import fsdp
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = _model(name)
+        if strategy == "fsdp":
+            from bprun.engine.settings import FSDP
+
+            model = fsdp.shard(model, FSDP(), "32", torch.device("cpu"))
+            net = model
+        else:
+            net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=False)
+        x = torch.randn(8, 1, 40)
+        net(x).square().mean().backward()
+        optimizer.step()
+        out[(strategy, world, rank)] = fsdp.state_bytes(model, optimizer)
+    finally:
+        dist.destroy_process_group()
+
+
+def main(args) -> dict:
+    ranks = [int(r) for r in str(args.ranks).split(",")]
+    results = mp.get_context("spawn").Manager().dict()
+    for world in ranks:
+        for strategy in ("ddp", "fsdp"):
+            port = _free_port()
+            ctx = mp.get_context("spawn")
+            procs = [
+                ctx.Process(target=_rank, args=(r, world, port, strategy, args.model, results))
+                for r in range(world)
+            ]
+            for p in procs:
+                p.start()
+            for p in procs:
+                p.join()
+                if p.exitcode:
+                    raise SystemExit(f"{strategy} at {world} ranks failed (exit {p.exitcode})")
+    print(f"model={args.model}: bytes one rank holds after one AdamW step (rank 0)")
+    print(f"{'ranks':>5} {'strategy':>8} {'params':>10} {'grads':>10} {'optim':>10} {'total':>10}"
+          f" {'vs ddp':>8} {'bound':>7}")  # fmt: skip
+    table = {}
+    for world in ranks:
+        ddp_total = sum(results[("ddp", world, 0)].values())
+        for strategy in ("ddp", "fsdp"):
+            b = results[(strategy, world, 0)]
+            total = sum(b.values())
+            ratio = total / ddp_total
+            bound = 1.1 / world if strategy == "fsdp" else 1.0
+            table[(strategy, world)] = {**b, "total": total, "ratio": ratio}
+            print(
+                f"{world:>5} {strategy:>8} {b['parameters']:>10,} {b['gradients']:>10,} "
+                f"{b['optimizer']:>10,} {total:>10,} {ratio:>8.3f} {bound:>7.3f}"
+            )
+    return table
