@@ -76,16 +76,23 @@ def evaluate(problem, out, y, batches=3, prefix="val"):
     return ev.compute(prefix)
 
 
-def multiclass_reference(out, y):
-    p, yy = softmax(out.numpy().astype(np.float64)), y.numpy()
-    pred = p.argmax(1)
-    onehot = np.eye(p.shape[1])[yy]
+def label_metrics(yy, pred) -> dict:
+    """scikit-learn's scores of predicted labels that every single-label problem reports."""
     return {
         "acc": skm.accuracy_score(yy, pred),
         "balanced_acc": skm.balanced_accuracy_score(yy, pred),
         "f1_macro": skm.f1_score(yy, pred, average="macro"),
         "precision_macro": skm.precision_score(yy, pred, average="macro", zero_division=0),
         "recall_macro": skm.recall_score(yy, pred, average="macro"),
+    }
+
+
+def multiclass_reference(out, y):
+    p, yy = softmax(out.numpy().astype(np.float64)), y.numpy()
+    pred = p.argmax(1)
+    onehot = np.eye(p.shape[1])[yy]
+    return {
+        **label_metrics(yy, pred),
         "auroc": skm.roc_auc_score(yy, p, multi_class="ovr", average="macro"),
         "average_precision": skm.average_precision_score(onehot, p, average="macro"),
         "top5": skm.top_k_accuracy_score(yy, p, k=5),
@@ -100,11 +107,7 @@ def binary_reference(out, y, threshold):
     thresholds = np.unique(p1)
     f1s = [skm.f1_score(yy, (p1 >= t).astype(int)) for t in thresholds]
     return {
-        "acc": skm.accuracy_score(yy, pred),
-        "balanced_acc": skm.balanced_accuracy_score(yy, pred),
-        "f1_macro": skm.f1_score(yy, pred, average="macro"),
-        "precision_macro": skm.precision_score(yy, pred, average="macro", zero_division=0),
-        "recall_macro": skm.recall_score(yy, pred, average="macro"),
+        **label_metrics(yy, pred),
         "auroc": skm.roc_auc_score(yy, p1),
         "average_precision": skm.average_precision_score(yy, p1),
         "f1": skm.f1_score(yy, pred),

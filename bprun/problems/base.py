@@ -125,7 +125,18 @@ class Problem:
 
     def finish(self, values: dict[str, torch.Tensor], evaluation: Evaluation) -> dict[str, float]:
         """The computed metrics as floats, `loss` first: drop, derive or rename entries here."""
-        return {k: float(v) for k, v in values.items() if k in ("loss", *self.selected)}
+        return self.pick(values)
+
+    def pick(self, values: dict, derived: dict | None = None) -> dict[str, float]:
+        """`loss` and the selected metrics as floats, from the computed `values` or the
+        `derived` ones; a metric neither holds (left out for this split) is skipped."""
+        derived = derived or {}
+        out = {"loss": float(values["loss"])}
+        for name in self.selected:
+            value = values.get(name, derived.get(name))
+            if value is not None:
+                out[name] = float(value)
+        return out
 
     def evaluation(self, device: torch.device | str) -> Evaluation:
         return Evaluation(self, device)

@@ -186,12 +186,7 @@ class Classification(Problem):
                 p, r = precision_c[:-1].double(), recall_c[:-1].double()
                 scores = 2 * p * r / (p + r).clamp(min=1e-12)
                 derived["best_threshold"] = thresholds[int(scores.argmax())]
-        out = {"loss": float(values["loss"])}
-        for name in self.selected:
-            value = values.get(name, derived.get(name))
-            if value is not None:
-                out[name] = float(value)
-        return out
+        return self.pick(values, derived)
 
     # ------------------------------------------------------------------ reports
     def report(self, evaluation: Evaluation, folder: Path, prefix: str, tracker=None) -> None:

@@ -97,9 +97,7 @@ class Multilabel(Problem):
     def finish(self, values: dict, evaluation: Evaluation) -> dict[str, float]:
         positives, count = values["support"]
         both = (positives > 0) & (positives < count)  # labels whose AUROC and AP are defined
-        f1 = values["f1_labels"]
-        out = {"loss": float(values["loss"])}
-        derived = {"f1_macro": f1.mean()}
+        derived = {"f1_macro": values["f1_labels"].mean()}
         for name, key in (("auroc", "auroc_labels"), ("average_precision", "ap_labels")):
             if key not in values:
                 continue
@@ -111,11 +109,7 @@ class Multilabel(Problem):
                 )
                 continue
             derived[name] = values[key][both].mean()
-        for name in self.selected:
-            value = values.get(name, derived.get(name))
-            if value is not None:
-                out[name] = float(value)
-        return out
+        return self.pick(values, derived)
 
     def report(self, evaluation: Evaluation, folder: Path, prefix: str, tracker=None) -> None:
         import logging

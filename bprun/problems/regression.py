@@ -69,4 +69,4 @@ class Regression(Problem):
                 f"the {evaluation.prefix} split has a target equal to 0: mape is left out of "
                 "its metrics (a percentage of 0 is undefined)",
             )
-        return {k: float(v) for k, v in values.items() if k in ("loss", *self.selected)}
+        return self.pick(values)
