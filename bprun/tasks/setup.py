@@ -105,7 +105,7 @@ def build_trainer(
     scheduler, interval = build_scheduler(
         cfg.sched, optimizer, updates_per_epoch, s.max_epochs, s.max_updates
     )
-    loss = build_loss(cfg.loss, data.dataset.task)
+    loss = build_loss(cfg.loss, data.dataset.task, data).to(device)  # class weights: buffers
     trainer = Trainer(
         s,
         model,
