@@ -48,7 +48,7 @@ def test_image_size_auto_is_the_images_own_or_their_median(tmp_path, caplog):
         )
     assert data.train.x.shape[1:] == (3, 20, 30)
     assert "image_size=auto: 20x30, the size of all 10 images" in caplog.text
-    mixed = write_sizes(tmp_path / "mixed", [(10, 40), (20, 30), (30, 20), (50, 10), (90, 90)])
+    mixed = write_sizes(tmp_path / "mixed", [(10, 40), (20, 30), (30, 20), (50, 10), (90, 15)])
     caplog.clear()
     with caplog.at_level("INFO", logger="bprun"):
         data = build_data(
@@ -67,8 +67,9 @@ def test_image_size_auto_is_the_images_own_or_their_median(tmp_path, caplog):
 @pytest.mark.parametrize(
     "side, expected",
     [
-        (16, {"resized_crop": None, "crop_padding": 2, "hflip": True}),
-        (32, {"resized_crop": None, "crop_padding": 4, "hflip": True}),
+        (12, {"resized_crop": None, "crop_padding": 1, "hflip": True}),
+        (16, {"resized_crop": None, "crop_padding": 1, "hflip": True}),
+        (32, {"resized_crop": None, "crop_padding": 2, "hflip": True}),
         (64, {"resized_crop": (0.8, 1.0), "crop_padding": 0, "hflip": True}),
         (224, {"resized_crop": (0.8, 1.0), "crop_padding": 0, "hflip": True}),
     ],
