@@ -27,10 +27,11 @@ from bprun.data.choice import (
     source_params,
     worker_augment,
 )
-from bprun.data.sampler import SeededSampler
+from bprun.data.sampler import BalancedSampler, SeededSampler
 from bprun.data.stream import StreamLoader, TensorRows
 from bprun.engine.checkpoint import load_checkpoint, resolve_checkpoint
 from bprun.errors import BprunError
+from bprun.losses import class_weights
 from bprun.models import init_weights
 from bprun.models.checkpointing import enable_activation_checkpointing
 from bprun.models.weights import KeyReport, load_matching, read_state_dict
@@ -44,6 +45,9 @@ DATA_KEYS = {
     "val_fraction": 0.1,
     "val_seed": 0,
     "augment": None,
+    # The training order: random (a seeded permutation per epoch) | balanced (classes drawn
+    # equally often, with replacement; see bprun/data/sampler.py)
+    "sampler": "random",
     # How batches reach the model (see bprun/data/choice.py): auto | memory | stream
     "loader": "auto",
     "memory_budget": "8GiB",
@@ -115,6 +119,7 @@ class Data:
     test: Loader
     path: str = "memory"  # memory | stream: what dataset.loader chose
     augment: dict | None = None  # the checked dataset.augment node (parse_augment)
+    train_labels: torch.Tensor | None = None  # the training split's targets (CPU), for weights
 
 
 def build_data(
@@ -136,6 +141,8 @@ def build_data(
             raise BprunError(f"dataset.{key} must be a whole number of at least 1, got {own[key]}")
     if not 0 <= own["val_fraction"] < 1:
         raise BprunError(f"dataset.val_fraction must be in [0, 1), got {own['val_fraction']}")
+    if own["sampler"] not in ("random", "balanced"):
+        raise BprunError(f"dataset.sampler must be random or balanced, got '{own['sampler']}'")
     args.pop("defaults", None)  # a dataset file read without Hydra: its loading keys default
     dataset: Dataset = _instantiate(args, "dataset", **source_extras(args, own, state))
     if not isinstance(dataset, Dataset):
@@ -168,6 +175,13 @@ def build_data(
         raise BprunError(
             f"dataset.val_fraction={own['val_fraction']} leaves no training examples: lower it"
         )
+    balanced = own["sampler"] == "balanced"
+    if balanced and (y_tr.is_floating_point() or y_tr.dim() != 1):
+        raise BprunError(
+            "dataset.sampler=balanced draws classes equally often, but this dataset's targets "
+            f"are {y_tr.dtype} of shape {tuple(y_tr.shape[1:])}, not class labels: "
+            "use dataset.sampler=random"
+        )
     opts = LoaderOptions.from_settings(own, device)
     path = choose_path(opts, [x_tr, x_val, dataset.x_test])
     lazy = not isinstance(x_tr, torch.Tensor)
@@ -185,11 +199,14 @@ def build_data(
     augment = worker_augment(augment_settings) if augment_in_workers else None
 
     def loader(x, y, batch_size, shuffle, transform, max_batches, training=False):
+        if training and shuffle and balanced:
+            sampler = BalancedSampler.for_labels(y, batch_size, seed, max_batches=max_batches)
+        else:
+            sampler = SeededSampler(len(x), batch_size, shuffle, seed, max_batches=max_batches)
         if path == "memory":
             return InMemoryLoader(
-                x.to(device), y.to(device), batch_size, shuffle, seed, transform, max_batches
+                x.to(device), y.to(device), batch_size, transform=transform, sampler=sampler
             )
-        sampler = SeededSampler(len(x), batch_size, shuffle, seed, max_batches=max_batches)
         source = x if lazy else TensorRows(x, y)
         if training and augment is not None:  # the workers crop and flip training batches only
             source = copy.copy(source)
@@ -211,7 +228,7 @@ def build_data(
             n_val = -(-len(x_val) // ebs)
             val = loader(x_val, y_val, ebs, False, eval_tf, few or _count(limit_val, n_val))
     test = loader(x_test, dataset.y_test, ebs, False, eval_tf, few)
-    return Data(dataset, train, val, test, path, augment_settings)
+    return Data(dataset, train, val, test, path, augment_settings, y_tr)
 
 
 def _count(limit: float | None, total: int) -> int | None:
@@ -357,15 +374,31 @@ def build_model(node: DictConfig, dataset: Dataset, problem=None) -> nn.Module:
     return model
 
 
-def build_loss(node: DictConfig, problem) -> nn.Module:
+def build_loss(node: DictConfig, problem, data: Data | None = None) -> nn.Module:
     """The loss node; `loss=auto` is the problem's own loss. A loss made for other targets
-    (a classification loss on a regression problem, say) is an error naming the ones that fit."""
-    args, _ = _split(node, {})
-    if args.get("_target_") in ("bprun.losses.auto", "bprun.losses.for_task"):
+    (a classification loss on a regression problem, say) is an error naming the ones that fit.
+
+    `class_weights` (bprun's own key: balanced or a list) becomes the loss's per-class
+    `weight` buffer; `balanced` counts `data`'s training-split labels (see
+    `bprun.losses.class_weights`). Move the loss to the training device with `.to(device)`.
+    """
+    args, own = _split(node, {"class_weights": None})
+    auto = args.get("_target_") in ("bprun.losses.auto", "bprun.losses.for_task")
+    extra = {"problem": problem} if auto else {}
+    if auto:
         args["_target_"] = "bprun.losses.auto"
-        loss = _instantiate(args, "loss", problem=problem)
-    else:
-        loss = _instantiate(args, "loss")
+    if own["class_weights"] is not None:
+        if "weight" not in source_params(args):
+            raise BprunError(
+                f"loss.class_weights weights classes, and {args.get('_target_')} takes no "
+                "per-class weight: use loss=cross_entropy, nll, bce_with_logits or focal"
+            )
+        if data is None:
+            raise BprunError("loss.class_weights needs the training data to count its classes")
+        extra["weight"] = class_weights(
+            own["class_weights"], data.train_labels, data.dataset.num_classes
+        ).float()
+    loss = _instantiate(args, "loss", **extra)
     problem.check_loss(loss)
     return loss
 

@@ -26,8 +26,8 @@ Usage:
 FOOTER = """\
 Settings (override any value with key=value; `bprun --cfg job` prints them all):
   trainer.*    the training loop: max_epochs, precision, grad_clip, early_stopping, checkpoint, ...
-  dataset.*    batch_size, val_fraction, augment, loader (auto|memory|stream), memory_budget,
-               num_workers and the chosen source's own arguments
+  dataset.*    batch_size, val_fraction, augment, sampler (random|balanced), loader
+               (auto|memory|stream), memory_budget, num_workers and the source's own arguments
   optim.*      lr, weight_decay, ... of the chosen optimizer;  sched.* likewise
   meta.*       task=meta (MAML): iterations, tasks_per_batch, shots, inner_steps, inner_lr,
                first_order, eval_steps, ... (bprun experiment=maml_sine)

@@ -245,7 +245,8 @@ def test_image_folder_uses_train_val_test_folders(images, tmp_path):
         write_images(root / part, per_class=4 if part != "train" else 10, seed=seed)
     data = build_data(compose_cfg("dataset=image_folder", f"dataset.root={root}").dataset, CPU, 0)
     assert (data.train.num_samples, data.val.num_samples, data.test.num_samples) == (30, 12, 12)
-    assert data.train.x.dtype == torch.uint8 and data.train.x.shape[1:] == (3, 64, 64)
+    # image_size=auto: the images' own 12x12
+    assert data.train.x.dtype == torch.uint8 and data.train.x.shape[1:] == (3, 12, 12)
 
 
 @pytest.mark.parametrize("kind", ["csv", "parquet"])

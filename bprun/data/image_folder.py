@@ -13,6 +13,7 @@ to `image_size` with `torchvision.transforms.v2`.
 from __future__ import annotations
 
 import logging
+import statistics
 import warnings
 from pathlib import Path
 
@@ -116,14 +117,17 @@ class ImageFiles:
 
 
 def _size(image_size) -> tuple[int, int]:
+    bad = BprunError(
+        f"dataset.image_size must be auto, a positive int or [height, width], got {image_size}"
+    )
     if isinstance(image_size, int):
         size = (image_size, image_size)
+    elif isinstance(image_size, (list, tuple)) and all(isinstance(v, int) for v in image_size):
+        size = tuple(image_size)
     else:
-        size = tuple(int(v) for v in image_size)
+        raise bad
     if len(size) != 2 or min(size) < 1:
-        raise BprunError(
-            f"dataset.image_size must be a positive int or [height, width], got {image_size}"
-        )
+        raise bad
     return size
 
 
@@ -166,15 +170,38 @@ def scan(folder: Path, classes: list[str] | None = None) -> tuple[list[str], lis
     return names, files, labels
 
 
-def check_images(files: list[str], labels: list[int], skip_corrupt: bool) -> tuple[list, list]:
+def auto_size(sizes: list[tuple[int, int]]) -> tuple[int, int]:
+    """`image_size=auto`: the images' (height, width) when they all share it, else the median
+    height and the median width. Said in the run's first lines."""
+    if len(set(sizes)) == 1:
+        size = sizes[0]
+        log.info(f"data: image_size=auto: {size[0]}x{size[1]}, the size of all {len(sizes)} images")
+        return size
+    size = (
+        round(statistics.median(h for h, _ in sizes)),
+        round(statistics.median(w for _, w in sizes)),
+    )
+    lo, hi = min(sizes), max(sizes)
+    log.info(
+        f"data: image_size=auto: {size[0]}x{size[1]}, the median of {len(sizes)} images' sizes "
+        f"({lo[0]}x{lo[1]} to {hi[0]}x{hi[1]}); every image is resized to it"
+    )
+    return size
+
+
+def check_images(
+    files: list[str], labels: list[int], skip_corrupt: bool
+) -> tuple[list, list, list]:
     """Open every file before training starts (PIL reads its header and checks its structure),
-    so a bad file stops the run now, named, rather than mid-epoch in a worker."""
+    so a bad file stops the run now, named, rather than mid-epoch in a worker.
+    (files, labels, (height, width) sizes) of the readable ones."""
     from PIL import Image
 
-    good_files, good_labels, bad = [], [], []
+    good_files, good_labels, sizes, bad = [], [], [], []
     for path, label in zip(files, labels, strict=True):
         try:
             with Image.open(path) as im:
+                width, height = im.size
                 im.verify()
         except Exception:
             if not skip_corrupt:
@@ -186,11 +213,12 @@ def check_images(files: list[str], labels: list[int], skip_corrupt: bool) -> tup
             continue
         good_files.append(path)
         good_labels.append(label)
+        sizes.append((height, width))
     if bad:
         log.warning(
             f"skipped {len(bad)} corrupt image(s) (dataset.skip_corrupt=true), e.g. {bad[0]}"
         )
-    return good_files, good_labels
+    return good_files, good_labels, sizes
 
 
 def channel_stats(images: ImageFiles, samples: int, seed: int = 0) -> tuple[list, list]:
@@ -205,7 +233,7 @@ def channel_stats(images: ImageFiles, samples: int, seed: int = 0) -> tuple[list
 
 def load_image_folder(
     root: str,
-    image_size=64,
+    image_size="auto",
     channels: int = 3,
     mean: list[float] | None = None,
     std: list[float] | None = None,
@@ -223,12 +251,18 @@ def load_image_folder(
     Without `root/test` a seeded `test_fraction` of the images is the test split (seed
     `split_seed`); without `root/val` a `val_fraction` of the rest is validation (seed
     `val_seed`). Normalisation statistics are those given, or computed on the training split.
+    `image_size`: an int, [height, width], or auto (see `auto_size`; a checkpoint's `state`
+    keeps the size it chose, so eval and resume read images as training did).
     """
     if not root:
         raise BprunError("dataset=image_folder needs dataset.root=<folder of class folders>")
     if channels not in (1, 3):
         raise BprunError(f"dataset.channels must be 1 (grey) or 3 (RGB), got {channels}")
-    size = _size(image_size)
+    auto = image_size == "auto"
+    size = None if auto else _size(image_size)
+    if auto and state and state.get("image_size"):
+        size = tuple(state["image_size"])
+        log.info(f"data: image_size=auto: {size[0]}x{size[1]}, as the checkpoint's run chose")
     base = Path(root).expanduser()
     if not base.is_dir():
         raise BprunError(
@@ -237,10 +271,13 @@ def load_image_folder(
     train_dir = base / "train" if (base / "train").is_dir() else base
 
     def split(folder: Path, classes=None) -> tuple[list[str], ImageFiles]:
+        nonlocal size
         names, files, labels = scan(folder, classes)
-        files, labels = check_images(files, labels, skip_corrupt)
+        files, labels, sizes = check_images(files, labels, skip_corrupt)
         if not files:
             raise BprunError(f"{folder} has no readable images")
+        if size is None:  # auto, from the training folder (read first)
+            size = auto_size(sizes)
         return names, ImageFiles(files, torch.tensor(labels), size, channels)
 
     classes, train = split(train_dir)
@@ -291,6 +328,6 @@ def load_image_folder(
         mean=tuple(mean),
         std=tuple(std),
         classes=classes,
-        state={"mean": list(mean), "std": list(std)},
+        state={"mean": list(mean), "std": list(std), "image_size": list(size)},
         val_rows=[str(pool.paths[i]) for i in val_rows] if fold is not None else None,
     )

@@ -34,10 +34,15 @@ class InMemoryLoader:
         seed: int = 0,
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
         max_batches: int | None = None,
+        sampler: SeededSampler | None = None,
     ):
+        """`sampler`: the order to follow (e.g. a `BalancedSampler`); by default a
+        `SeededSampler` of (batch_size, shuffle, seed, max_batches)."""
         self.x, self.y = x, y
         self.transform = transform  # applied to each input batch (augmentation, dtype)
-        self.sampler = SeededSampler(len(x), batch_size, shuffle, seed, max_batches=max_batches)
+        if sampler is None:
+            sampler = SeededSampler(len(x), batch_size, shuffle, seed, max_batches=max_batches)
+        self.sampler = sampler
 
     def shard(self, rank: int, world_size: int) -> InMemoryLoader:
         """Make `batch_size` the global batch and yield this rank's share of each batch."""
@@ -52,7 +57,7 @@ class InMemoryLoader:
             return self
         s = self.sampler
         return InMemoryLoader(
-            self.x, self.y, s.batch_size, s.shuffle, s.seed, self.transform, s.max_batches
+            self.x, self.y, s.batch_size, transform=self.transform, sampler=s.unsharded()
         )
 
     batch_size = property(lambda self: self.sampler.batch_size)  # the global batch

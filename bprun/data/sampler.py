@@ -9,6 +9,10 @@ see exactly the batches, and the samples per epoch, of a one-process run.
 A last batch smaller than the world leaves some ranks no share; they get one
 stand-in example (the batch's first), which the trainer weights by zero, so
 every rank still joins each gradient all-reduce.
+
+`BalancedSampler` (`dataset.sampler=balanced`) replaces the permutation by a
+seeded weighted draw with replacement, each class drawn equally often in
+expectation; the rest (batches, shares, resume) is the same.
 """
 
 from __future__ import annotations
@@ -60,31 +64,34 @@ class SeededSampler:
     def __len__(self) -> int:
         return self.num_batches
 
+    def _with(self, **changes) -> SeededSampler:
+        """This sampler with some settings changed (its kind and class weights kept)."""
+        settings = {
+            "num_examples": self.num_examples,
+            "batch_size": self.batch_size,
+            "shuffle": self.shuffle,
+            "seed": self.seed,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "max_batches": self.max_batches,
+            **changes,
+        }
+        return type(self)(**settings, **self._own_settings())
+
+    def _own_settings(self) -> dict:
+        return {}
+
     def sharded(self, rank: int, world_size: int) -> SeededSampler:
         """This sampler's batch as the per-rank batch: the global batch is `world_size` times it."""
         if world_size == 1:
             return self
-        return SeededSampler(
-            self.num_examples,
-            self.batch_size * world_size,
-            self.shuffle,
-            self.seed,
-            rank,
-            world_size,
-            self.max_batches,
-        )
+        return self._with(batch_size=self.batch_size * world_size, rank=rank, world_size=world_size)
 
     def unsharded(self) -> SeededSampler:
         """The whole global batches, as one process reads them."""
         if self.world_size == 1:
             return self
-        return SeededSampler(
-            self.num_examples,
-            self.batch_size,
-            self.shuffle,
-            self.seed,
-            max_batches=self.max_batches,
-        )
+        return self._with(rank=0, world_size=1)
 
     @property
     def num_samples(self) -> int:
@@ -145,3 +152,39 @@ class SeededSampler:
         order = self.order(epoch)
         for b in range(start, self.num_batches):
             yield b, self.indices(epoch, b, order)
+
+
+class BalancedSampler(SeededSampler):
+    """`dataset.sampler=balanced`: each epoch draws as many examples as there are, with
+    replacement, each with probability inverse to its class's frequency, so every class is
+    drawn equally often in expectation (torch's WeightedRandomSampler with inverse-frequency
+    weights). The draw is seeded by (seed, epoch) alone and cut into global batches like the
+    permutation it replaces, so resume mid-epoch and sharding over ranks stay exact.
+    """
+
+    def __init__(self, num_examples: int, batch_size: int, *args, weights: torch.Tensor, **kw):
+        super().__init__(num_examples, batch_size, *args, **kw)
+        if len(weights) != num_examples:
+            raise ValueError(f"{len(weights)} sampling weights for {num_examples} examples")
+        # the cumulative weights: a draw is a uniform number looked up in them (inverse CDF),
+        # which, unlike torch.multinomial, has no 2**24 limit on the number of examples
+        self.weights = weights.double().cpu()
+        self._cdf = self.weights.cumsum(0)
+
+    @classmethod
+    def for_labels(cls, labels: torch.Tensor, batch_size: int, seed: int = 0, **kw):
+        """Inverse-frequency weights of int class `labels` (N,): 1 / (examples of its class)."""
+        labels = labels.cpu().long()
+        counts = torch.bincount(labels)
+        return cls(len(labels), batch_size, True, seed, weights=1.0 / counts[labels].double(), **kw)
+
+    def _own_settings(self) -> dict:
+        return {"weights": self.weights}
+
+    def order(self, epoch: int) -> torch.Tensor | None:
+        """The epoch's draw: `num_examples` example indices, repeats allowed (CPU)."""
+        if not self.shuffle:
+            return None
+        g = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
+        u = torch.rand(self.num_examples, generator=g, dtype=torch.float64) * self._cdf[-1]
+        return torch.searchsorted(self._cdf, u, right=True).clamp_(max=self.num_examples - 1)

@@ -31,7 +31,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> float:
     seed_everything(cfg.seed)
     problem = build_problem(cfg.get("problem"), data.dataset, cfg.get("metrics"))
     model = build_model(cfg.model, data.dataset, problem).to(device)
-    loss_fn = problem.criterion(build_loss(cfg.loss, problem))
+    loss_fn = problem.criterion(build_loss(cfg.loss, problem, data))
     x, y = next(data.train.batches(0))
     x, y = x[: s.batch_size], y[: s.batch_size]
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)

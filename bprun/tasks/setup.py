@@ -117,7 +117,7 @@ def build_trainer(
     scheduler, interval = build_scheduler(
         cfg.sched, optimizer, updates_per_epoch, s.max_epochs, s.max_updates
     )
-    loss = build_loss(cfg.loss, problem)
+    loss = build_loss(cfg.loss, problem, data).to(device)  # class weights are buffers
     trainer = Trainer(
         s,
         model,
