@@ -47,6 +47,9 @@ class Dataset:
     # Float inputs that are pixel intensities in this range, e.g. (0, 1): adversarial attacks
     # keep to it (uint8 images need none: x / 255 lies in [0, 1]). None: no known range.
     value_range: tuple[float, float] | None = None
+    # Token streams of a language model (`bprun.data.text.TokenStreams`): the loaders draw
+    # windows from them (`bprun.data.windows`) and the x/y tensors only carry the shape.
+    streams: object | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
