@@ -23,6 +23,10 @@ TASKS = {
     "eval": ("bprun.tasks.eval", "test a saved run (ckpt=<run folder or .pt>), write eval.json"),
     "gradcheck": ("bprun.tasks.gradcheck", "check autograd against finite differences"),
     "lr_find": ("bprun.tasks.lr_find", "learning-rate range test, plot and suggestion"),
+    "generate": (
+        "bprun.tasks.generate",
+        "sample text from a language model (ckpt=<run>), write samples.txt",
+    ),
     "meta": (
         "bprun.tasks.meta",
         "MAML on a task distribution (dataset=sine_tasks), write metrics.json",
