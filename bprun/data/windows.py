@@ -48,25 +48,31 @@ class WindowLoader:
         self.tokens_per_sample = block_size
         self._offsets = np.arange(block_size + 1, dtype=np.int64)
         self.positions = max(0, len(tokens) - block_size)  # window starts that fit
-        if mode == "sequential":
-            windows = (len(tokens) - 1) // block_size if len(tokens) > block_size else 0
-            total = -(-windows // batch_size)
+        self._init_args = (tokens, block_size, batch_size, device, mode, seed, num_batches)
+        self._layout(batch_size, num_batches, rank, world_size)
+
+    def _layout(self, batch_size: int, num_batches: int | None, rank: int, world: int) -> None:
+        """`batch_size` per rank; the global batch is `world` times it."""
+        block, glob = self.block_size, batch_size * world
+        if self.mode == "sequential":
+            windows = (len(self.tokens) - 1) // block if len(self.tokens) > block else 0
+            total = -(-windows // glob)
             if num_batches is not None:
                 total = min(total, num_batches)
-            windows = min(windows, total * batch_size)
+            windows = min(windows, total * glob)
         else:
             total = num_batches if num_batches is not None else 1
-            windows = total * batch_size
+            windows = total * glob
         self.num_windows = windows
-        self.sampler = SeededSampler(max(windows, 1), batch_size, False, seed, rank, world_size)
+        self.sampler = SeededSampler(max(windows, 1), glob, False, self.seed, rank, world)
         self.num_batches = total if windows else 0
-        self._init_args = (tokens, block_size, batch_size, device, mode, seed, num_batches)
 
     batch_size = property(lambda self: self.sampler.batch_size)  # the global batch
 
     def shard(self, rank: int, world_size: int) -> WindowLoader:
         if world_size > 1:
-            self.sampler = self.sampler.sharded(rank, world_size)
+            _, _, batch_size, _, _, _, num_batches = self._init_args
+            self._layout(batch_size, num_batches, rank, world_size)
         return self
 
     def unsharded(self) -> WindowLoader:

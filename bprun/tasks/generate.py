@@ -68,9 +68,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> None:
     if g.max_new_tokens < 1 or g.num_samples < 1:
         raise BprunError("generate.max_new_tokens and generate.num_samples must be at least 1")
     if g.temperature < 0 or (g.top_p is not None and not 0 < g.top_p <= 1):
-        raise BprunError(
-            "generate.temperature must be >= 0 and generate.top_p in (0, 1] (or null)"
-        )
+        raise BprunError("generate.temperature must be >= 0 and generate.top_p in (0, 1] (or null)")
     if g.top_k is not None and g.top_k < 1:
         raise BprunError(f"generate.top_k must be at least 1 (or null), got {g.top_k}")
     if cfg.trainer.threads:
