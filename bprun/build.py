@@ -379,7 +379,20 @@ def build_model(node: DictConfig, dataset: Dataset, problem=None) -> nn.Module:
         node, {"init": "default", "init_from": None, "activation_checkpointing": False}
     )
     outputs = problem.output_size if problem is not None else dataset.num_classes
-    model = _instantiate(args, "model", input_shape=dataset.input_shape, num_classes=outputs)
+    extra = {}
+    if getattr(dataset, "vocab_size", None) is not None:  # token ids in, for models taking them
+        from bprun.data.choice import source_params
+
+        params = source_params(args)
+        extra = {k: getattr(dataset, k) for k in ("vocab_size", "pad_id") if k in params}
+        if not extra:
+            raise BprunError(
+                f"model={args.get('_target_')} does not read token ids: use model=gpt with "
+                "dataset=text_classification"
+            )
+    model = _instantiate(
+        args, "model", input_shape=dataset.input_shape, num_classes=outputs, **extra
+    )
     reports = list(getattr(model, "weights_reports", []))
     if reports and own["init"] != "default":
         raise BprunError(

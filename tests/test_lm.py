@@ -260,3 +260,58 @@ def test_two_ranks_sigkill_then_resume_gives_the_unbroken_weights(bprun, tmp_pat
     got = model_state(run_dir)
     for k in expected:
         assert torch.equal(got[k], expected[k]), f"{k} differs after the resume"
+
+
+def test_gpt_trains_with_checkpointing_ema_bf16_and_rope(bprun, tmp_path):
+    r = bprun(
+        *TINY,
+        f"dataset.path={corpus(tmp_path)}",
+        "trainer.max_updates=6",
+        "trainer.val_every_n_updates=3",
+        "model.activation_checkpointing=true",
+        "model.rope=true",
+        "trainer.ema.decay=0.9",
+        "trainer.precision=bf16-mixed",
+    )
+    last = r.metrics["history"][-1]
+    assert math.isfinite(last["val/loss"]) and math.isfinite(last["val_ema/loss"])
+    assert "wpe.weight" not in model_state(r.run_dir)  # rotary positions: no table
+
+
+def reviews(tmp_path: Path) -> Path:
+    import csv
+    import random
+
+    rng = random.Random(0)
+    good = ["a wonderful film", "great acting and a fine story", "I loved it", "superb"]
+    bad = ["a dull mess", "terrible acting, awful story", "I hated it", "boring and slow"]
+    path = tmp_path / "reviews.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["review", "sentiment"])
+        for _ in range(200):
+            positive = rng.random() < 0.5
+            w.writerow([rng.choice(good if positive else bad), "pos" if positive else "neg"])
+    return path
+
+
+def test_text_classification_with_a_gpt_encoder(bprun, tmp_path):
+    path = reviews(tmp_path)
+    data = [
+        "dataset=text_classification",
+        f"dataset.path={path}",
+        "dataset.text=review",
+        "dataset.target=sentiment",
+        "dataset.block_size=32",
+    ]
+    model = ["model=gpt", "model.n_layer=1", "model.n_head=2", "model.n_embd=32"]
+    r = bprun(*data, *model, "optim=adamw", "optim.lr=3e-3", "trainer.max_epochs=4")
+    assert r.metrics["test"]["test/acc"] >= 0.9
+    assert json.loads((r.run_dir / "classes.json").read_text()) == ["neg", "pos"]
+    assert json.loads((r.run_dir / "tokenizer.json").read_text())["kind"] == "char"
+    g = bprun("task=generate", f"ckpt={r.run_dir}", check=False)
+    assert g.returncode != 0 and "error: task=generate samples from a language model" in g.output
+    wrong = bprun(*data[:3], "dataset.target=stars", *model, check=False)
+    assert "error: dataset.target=stars is not a column" in wrong.output
+    mlp = bprun(*data, "model=mlp", check=False)
+    assert "error: model=bprun.models.MLP does not read token ids" in mlp.output

@@ -51,12 +51,7 @@ class Tokenizer:
         return []
 
     def save(self, path: Path) -> None:
-        """The tokenizer as a file a user can load again (`dataset.tokenizer=<path>` for the
-        Hugging Face ones; bprun's own JSON for the others)."""
-        from bprun.io import atomic_write
-
-        text = self.hf_json() if isinstance(self, HFTokenizer) else json.dumps(self.state())
-        atomic_write(path, lambda f: f.write(text.encode()))
+        save_state(self.state(), path)
 
 
 class CharTokenizer(Tokenizer):
@@ -219,6 +214,16 @@ def _tokenizers():
     except ImportError:
         raise BprunError(f"this tokenizer needs Hugging Face tokenizers: run {INSTALL}") from None
     return tokenizers
+
+
+def save_state(state: dict, path: Path) -> None:
+    """A tokenizer's state as a file a user can load again: Hugging Face's tokenizer.json
+    for the BPE and tokenizer.json kinds (`dataset.tokenizer=<path>` reads it), bprun's own
+    JSON for the others."""
+    from bprun.io import atomic_write
+
+    text = state["json"] if state.get("kind") == "hf" else json.dumps(state)
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def from_state(state: dict) -> Tokenizer:

@@ -51,7 +51,7 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(dropout)
         self.rotary = [rotary]  # shared by the blocks; a list keeps it out of the submodules
 
-    def forward(self, x: torch.Tensor, cache=None, pos: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache=None, pos: int = 0, mask=None) -> torch.Tensor:
         b, t, c = x.shape
         q, k, v = self.qkv(x).split(c, dim=2)
         q, k, v = (z.view(b, t, self.n_head, c // self.n_head).transpose(1, 2) for z in (q, k, v))
@@ -68,8 +68,9 @@ class CausalSelfAttention(nn.Module):
             q,
             k,
             v,
+            attn_mask=mask,  # an encoder's padding mask (then not causal)
             dropout_p=self.dropout if self.training else 0.0,
-            is_causal=t > 1,
+            is_causal=t > 1 and mask is None,
         )
         y = y.transpose(1, 2).contiguous().view(b, t, c)
         return self.resid_dropout(self.proj(y))
@@ -94,14 +95,19 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(n_embd, bias=bias)
         self.mlp = MLP(n_embd, dropout, bias)
 
-    def forward(self, x: torch.Tensor, cache=None, pos: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache, pos)
+    def forward(self, x: torch.Tensor, cache=None, pos: int = 0, mask=None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, pos, mask)
         return x + self.mlp(self.ln_2(x))
 
 
 class GPT(nn.Module):
     """`num_classes` is the vocabulary; `block_size` the positions (None: the data's
-    context, `input_shape[0]`)."""
+    context, `input_shape[0]`).
+
+    Given `vocab_size` (token-id inputs of a classification dataset) it is an encoder
+    instead: attention over every position but the padding (`pad_id`), the final states
+    averaged over the text's tokens (`pool=mean`) or the first token's taken (`pool=first`),
+    and a linear head to `num_classes` outputs."""
 
     def __init__(
         self,
@@ -114,8 +120,17 @@ class GPT(nn.Module):
         dropout: float = 0.0,
         bias: bool = False,
         rope: bool = False,
+        vocab_size: int | None = None,
+        pad_id: int | None = None,
+        pool: str = "mean",
     ):
         super().__init__()
+        self.encoder, self.pad_id, self.pool = vocab_size is not None, pad_id, pool
+        if pool not in ("mean", "first"):
+            raise BprunError(f"model.pool={pool} is not known: use mean or first")
+        classes = num_classes
+        if self.encoder:
+            num_classes = vocab_size
         context = int(input_shape[0]) if input_shape else 0
         block_size = int(block_size or context)
         if context > block_size:
@@ -142,8 +157,11 @@ class GPT(nn.Module):
             Block(n_embd, n_head, dropout, bias, rotary) for _ in range(n_layer)
         )
         self.ln_f = nn.LayerNorm(n_embd, bias=bias)
-        self.lm_head = nn.Linear(n_embd, num_classes, bias=False)
-        self.lm_head.weight = self.wte.weight  # tied input and output embeddings
+        if self.encoder:
+            self.head = nn.Linear(n_embd, classes)
+        else:
+            self.lm_head = nn.Linear(n_embd, num_classes, bias=False)
+            self.lm_head.weight = self.wte.weight  # tied input and output embeddings
         self.apply(self._init)
         for name, p in self.named_parameters():
             if name.endswith("proj.weight"):  # the residual projections
@@ -170,9 +188,23 @@ class GPT(nn.Module):
         if self.wpe is not None:
             x = x + self.wpe(torch.arange(pos, pos + t, device=idx.device))
         x = self.drop(x)
+        if self.encoder:
+            return self._encode(idx, x)
         for i, block in enumerate(self.blocks):
             x = block(x) if caches is None else block(x, caches[i], pos)
         return self.lm_head(self.ln_f(x))
+
+    def _encode(self, idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        keep = torch.ones_like(idx, dtype=torch.bool) if self.pad_id is None else idx != self.pad_id
+        keep[:, 0] = True  # an empty text still attends to something
+        mask = keep[:, None, None, :]  # (B, 1, 1, T): which keys each query may read
+        for block in self.blocks:
+            x = block(x, None, 0, mask)
+        x = self.ln_f(x)
+        if self.pool == "first":
+            return self.head(x[:, 0])
+        w = keep.unsqueeze(-1).to(x.dtype)
+        return self.head((x * w).sum(1) / w.sum(1))
 
     def new_cache(self, batch: int, device, dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
         shape = (batch, self.n_head, self.block_size, self.n_embd // self.n_head)

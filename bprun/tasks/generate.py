@@ -34,7 +34,9 @@ def load_language_model(ckpt: str, device: torch.device):
     path = ckpt_io.resolve_checkpoint(ckpt, "ckpt")
     state = ckpt_io.load_checkpoint(path)
     extra = state.get("extra") or {}
-    tok_state = (extra.get("data") or {}).get("tokenizer")
+    fitted = extra.get("data") or {}
+    # a classifier of texts keeps a tokenizer too, and its class names
+    tok_state = None if "classes" in fitted else fitted.get("tokenizer")
     config = extra.get("config")
     if not config:
         raise BprunError(f"{path} carries no config; it was not written by bprun train")
@@ -52,10 +54,11 @@ def load_language_model(ckpt: str, device: torch.device):
     model_node.init_from = None
     model_node.activation_checkpointing = False
     model = build_model(model_node, shape)
-    if not callable(getattr(model, "generate", None)):
+    if getattr(model, "encoder", False) or not callable(getattr(model, "generate", None)):
         raise BprunError(
-            f"task=generate needs a model that generates (model=gpt); {path} holds "
-            f"{type(model).__name__}"
+            f"task=generate samples from a language model, and {path} holds a "
+            f"{type(model).__name__} classifier: train one with dataset=text model=gpt, or use "
+            "task=eval for this run"
         )
     ckpt_io.load_model_state(model, state["model"], path)
     return model.to(device).eval(), tokenizer, path

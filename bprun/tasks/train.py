@@ -58,8 +58,11 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> float | No
     )
     if data.dataset.classes and writes:  # so that predictions can be named
         write_json(list(data.dataset.classes), run_dir / "classes.json")
-    if data.dataset.streams is not None and writes:  # how the run reads and writes text
-        data.dataset.streams.tokenizer.save(run_dir / "tokenizer.json")
+    tokenizer = (data.dataset.state or {}).get("tokenizer")
+    if tokenizer is not None and writes:  # how the run reads (and writes) text
+        from bprun.data.tokenizer import save_state
+
+        save_state(tokenizer, run_dir / "tokenizer.json")
     trainer.check_monitors(validates=data.val is not None)
     problem = trainer.problem
     log.info(f"{problem.describe()}; monitoring {s.monitor} ({s.mode})")
