@@ -2,6 +2,7 @@
 with the key/value cache against recomputing the context.
 
     python -m bprun.bench --lm [--updates 300] [--rounds 3] [--device cpu] [--full]
+        [--variants 32,bf16-mixed,generate]   (default 32,generate; --full adds bf16-mixed)
 
 Training: `experiment=char_gpt_cpu` (4 layers, 4 heads, width 128, context 64, batch 12) on
 the embedded corpus. The engine (`Trainer.fit` over the window loader) and a plain loop
@@ -159,8 +160,12 @@ def main(args) -> None:
     data_dir = f"paths.data_dir={args.data_dir}"
     with initialize_config_module("bprun.conf", version_base="1.3"):
         cfg = compose("config", overrides=["+experiment=char_gpt_cpu", data_dir])
+        parts = (args.variants or "32,generate" + (",bf16-mixed" if args.full else "")).split(",")
+        unknown = set(parts) - {"32", "bf16-mixed", "generate"}
+        if unknown:
+            raise SystemExit(f"--variants for --lm: 32, bf16-mixed, generate (not {unknown})")
         print(f"{'precision':<12} {'engine upd/s':>12} {'plain upd/s':>11} {'ratio':>19}")
-        for precision in ["32", *(["bf16-mixed"] if args.full else [])]:
+        for precision in [p for p in ("32", "bf16-mixed") if p in parts]:
             rates = measure_training(cfg, precision, updates, rounds, device)
             ratios = [e / p for e, p in zip(rates["engine"], rates["plain"], strict=True)]
             print(
@@ -168,6 +173,8 @@ def main(args) -> None:
                 f"{statistics.median(rates['plain']):>11.1f} {spread(ratios):>19}",
                 flush=True,
             )
+        if "generate" not in parts:
+            return
         gen = compose("config", overrides=["+experiment=char_gpt", data_dir])
         new = args.new_tokens
         times = measure_generation(gen, new, max(1, rounds // 2), device)
