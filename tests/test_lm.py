@@ -61,6 +61,12 @@ def test_kv_cache_generates_what_recomputing_does(rope):
     torch.manual_seed(0)
     model = GPT((32,), 50, n_layer=2, n_head=2, n_embd=16, rope=rope).eval()
     prompt = torch.randint(0, 50, (2, 5))
+    # the cache's logits, one position at a time, are those of the whole sequence at once
+    seq = torch.randint(0, 50, (2, 12))
+    caches = model.new_cache(2, "cpu", torch.float32)
+    steps = [model(seq[:, :5], caches, 0)]
+    steps += [model(seq[:, p : p + 1], caches, p) for p in range(5, 12)]
+    torch.testing.assert_close(torch.cat(steps, 1), model(seq), atol=1e-5, rtol=1e-4)
     cached = model.generate(prompt, 20, temperature=0)
     full = model.generate(prompt, 20, temperature=0, use_cache=False)
     assert torch.equal(cached, full)
