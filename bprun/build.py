@@ -131,10 +131,13 @@ def build_data(
     overfit: float | None = None,
     fast_dev_run: bool = False,
     state: dict | None = None,
+    val_batches: int | None = None,
 ) -> Data:
     """Loaders for the dataset node: over tensors on `device` (inputs in their stored dtype, uint8
     for images, made float by the loaders' transforms), or streaming through DataLoader workers
-    when `dataset.loader` says so. `state`: what the source fitted, from a checkpoint."""
+    when `dataset.loader` says so; for token streams (`dataset=text`), windows read from the
+    memory-mapped stream (`window_data`). `state`: what the source fitted, from a checkpoint.
+    `val_batches` (trainer.val_batches): validate on that many batches, the same every time."""
     args, own = _split(node, DATA_KEYS)
     for key in ("batch_size", "eval_batch_size"):
         if not isinstance(own[key], int) or own[key] < 1:
@@ -154,6 +157,10 @@ def build_data(
                 if callable(getattr(dataset, "sample", None))
                 else "its _target_ must return a bprun.data.Dataset"
             )
+        )
+    if dataset.streams is not None:
+        return window_data(
+            dataset, own, device, seed, limit_train, limit_val, overfit, fast_dev_run, val_batches
         )
     if dataset.x_val is not None or "val_fraction" in source_params(args):
         x_tr, y_tr = dataset.x_train, dataset.y_train  # the source carved validation itself
@@ -227,8 +234,55 @@ def build_data(
         if len(x_val):
             n_val = -(-len(x_val) // ebs)
             val = loader(x_val, y_val, ebs, False, eval_tf, few or _count(limit_val, n_val))
+    if val is not None and val_batches is not None:
+        val = loader(x_val, y_val, ebs, False, eval_tf, few or val_batches)
     test = loader(x_test, dataset.y_test, ebs, False, eval_tf, few)
     return Data(dataset, train, val, test, path, augment_settings, y_tr)
+
+
+def window_data(
+    dataset: Dataset,
+    own: dict,
+    device: torch.device,
+    seed: int,
+    limit_train: float | None,
+    limit_val: float | None,
+    overfit: float | None,
+    fast_dev_run: bool,
+    val_batches: int | None,
+) -> Data:
+    """Loaders of token windows (`bprun.data.windows`). An epoch is as many batches as hold
+    the training split's tokens once; runs are usually measured in trainer.max_updates.
+    Validation reads `val_batches` batches of fixed random windows, or (null) the whole split
+    in consecutive windows; the test split always the whole of it."""
+    from bprun.data.windows import WindowLoader
+
+    streams, block = dataset.streams, dataset.streams.block_size
+    train_tokens, val_tokens = streams.tokens["train"], streams.tokens["val"]
+    bs, ebs = own["batch_size"], own["eval_batch_size"]
+    n_train = max(1, len(train_tokens) // (bs * block))
+    few = 2 if fast_dev_run else None
+
+    def windows(tokens, batch_size, mode, seed, count):
+        return WindowLoader(tokens, block, batch_size, device, mode, seed, count)
+
+    if overfit is not None:  # the same first batches to train and to validate on
+        k = _count(overfit, n_train)
+        train = windows(train_tokens, bs, "fixed", seed, k)
+        val = windows(train_tokens, bs, "fixed", seed, k)
+    else:
+        train = windows(
+            train_tokens, bs, "random", seed, few or _count(limit_train, n_train) or n_train
+        )
+        val = None
+        if len(val_tokens) > block:
+            if val_batches is not None:
+                val = windows(val_tokens, ebs, "fixed", own["val_seed"], few or val_batches)
+            else:
+                n_val = -(-((len(val_tokens) - 1) // block) // ebs)
+                val = windows(val_tokens, ebs, "sequential", 0, few or _count(limit_val, n_val))
+    test = windows(streams.tokens["test"], ebs, "sequential", 0, few)
+    return Data(dataset, train, val, test, "stream")
 
 
 def _count(limit: float | None, total: int) -> int | None:
@@ -348,7 +402,20 @@ def build_model(node: DictConfig, dataset: Dataset, problem=None) -> nn.Module:
         },
     )
     outputs = problem.output_size if problem is not None else dataset.num_classes
-    model = _instantiate(args, "model", input_shape=dataset.input_shape, num_classes=outputs)
+    extra = {}
+    if getattr(dataset, "vocab_size", None) is not None:  # token ids in, for models taking them
+        from bprun.data.choice import source_params
+
+        params = source_params(args)
+        extra = {k: getattr(dataset, k) for k in ("vocab_size", "pad_id") if k in params}
+        if not extra:
+            raise BprunError(
+                f"model={args.get('_target_')} does not read token ids: use model=gpt with "
+                "dataset=text_classification"
+            )
+    model = _instantiate(
+        args, "model", input_shape=dataset.input_shape, num_classes=outputs, **extra
+    )
     reports = list(getattr(model, "weights_reports", []))
     if reports and own["init"] != "default":
         raise BprunError(

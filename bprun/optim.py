@@ -38,7 +38,7 @@ def param_groups(
     that matches it; the rest form the `default` group. With `split_decay`,
     each group is split again as timm's `param_groups_weight_decay` splits a
     model: every parameter with at most one dimension (biases, norm scales and
-    shifts) and every parameter of a normalisation layer gets weight_decay 0.
+    shifts) and every parameter of a normalisation layer or an embedding gets weight_decay 0.
     Shared parameters are listed once; parameters the model itself froze are left out; `trainer.freeze` freezes after the
     optimizer is built, so its parameters are in (an optimizer skips parameters
     without gradients) and unfreezing needs no new groups. Each group carries
@@ -57,7 +57,8 @@ def param_groups(
     groups: dict[tuple[str, bool], list] = {}
     seen = set()
     for module in model.modules():
-        is_norm = isinstance(module, NORM_LAYERS)
+        # Norm layers and embeddings (token and position tables) take no weight decay.
+        is_norm = isinstance(module, (*NORM_LAYERS, nn.Embedding))
         for p in module.parameters(recurse=False):
             if not p.requires_grad or id(p) in seen:
                 continue

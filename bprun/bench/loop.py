@@ -6,6 +6,7 @@
     python -m bprun.bench --data      the data paths (bprun/bench/data.py)
     python -m bprun.bench --metrics   the problem's metrics against a training epoch (metrics.py)
     python -m bprun.bench --fsdp      bytes per rank under DDP and FSDP at 1, 2, 4 ranks (fsdp.py)
+    python -m bprun.bench --lm        GPT training and KV-cache generation (bprun/bench/lm.py)
 
 For each model on MNIST-1D (the shipped `mlp` and `cnn` configs, and
 `paper_cnn`, the 5,210-parameter CNN of `+experiment=mnist1d_paper_cnn`, where
@@ -236,6 +237,10 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--ranks", default="1,2,4", help="rank counts for --fsdp")
     parser.add_argument("--model", default="transformer", help="model for --fsdp")
+    parser.add_argument(
+        "--lm", action="store_true", help="GPT training and KV-cache generation (bench/lm.py)"
+    )
+    parser.add_argument("--new-tokens", type=int, default=500, help="generated tokens for --lm")
     parser.add_argument("--devices", type=int, default=2, help="ranks for --ddp")
     parser.add_argument("--epochs", type=int, default=4, help="epochs for --ddp")
     parser.add_argument("--batch", type=int, default=64, help="per-rank batch for --ddp")
@@ -276,6 +281,11 @@ def main(argv=None) -> None:
         from bprun.bench.ddp import main as ddp
 
         return ddp(args)
+    if args.lm:
+        from bprun.bench.lm import main as lm
+
+        torch.set_num_threads(args.threads)
+        return lm(args)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.updates is None:  # the default run takes about two minutes on 2 cores

@@ -50,6 +50,13 @@ class Dataset:
     # Under cross-validation (`task=cv`): which examples of the source validate in this fold
     # (table row numbers, image files), written to the fold's folder as val_rows.json.
     val_rows: list | None = None
+    # Token streams of a language model (`bprun.data.text.TokenStreams`): the loaders draw
+    # windows from them (`bprun.data.windows`) and the x/y tensors only carry the shape.
+    streams: object | None = None
+    # Token-id inputs (text classification): the vocabulary, padding id included, and the id
+    # that pads a sequence (models mask it out). Handed to models that take them.
+    vocab_size: int | None = None
+    pad_id: int | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:

@@ -172,6 +172,12 @@ class TrainerSettings:
     fast_dev_run: bool = False  # a few batches of train, val and test; no checkpoints
     limit_train_batches: float | None = None  # <= 1.0: fraction of batches, > 1: count
     limit_val_batches: float | None = None
+    # Validate every N optimizer updates (and when training ends) instead of at epoch ends:
+    # for runs measured in updates (trainer.max_updates), such as language models.
+    val_every_n_updates: int | None = None
+    # Validate on this many batches, the same ones at every check (for token streams, a fixed
+    # seeded set of random windows); null: the whole validation split.
+    val_batches: int | None = None
     overfit_batches: float | None = None  # train and validate on the same few batches
     detect_anomaly: bool = False  # name the layer whose backward produced NaN/inf
     # Instruments: all off by default, and free when off.
@@ -243,6 +249,8 @@ class TrainerSettings:
             ("trainer.max_updates", self.max_updates),
             ("trainer.threads", self.threads),
             ("trainer.checkpoint.every_n_updates", self.checkpoint.every_n_updates),
+            ("trainer.val_every_n_updates", self.val_every_n_updates),
+            ("trainer.val_batches", self.val_batches),
             ("trainer.log_histograms_every_n_epochs", self.log_histograms_every_n_epochs),
             ("trainer.grad_flow_every_n_epochs", self.grad_flow_every_n_epochs),
         ):

@@ -218,35 +218,32 @@ class Trainer:
 
     def _run_epoch(self, train: InMemoryLoader, val: InMemoryLoader | None) -> None:
         s = self.settings
-        t0 = time.perf_counter()
-        samples_before = self.batch * train.batch_size
+        t0 = self._check_started = time.perf_counter()
+        samples_before = self._check_samples = self.batch * train.batch_size
         self.model.train()
-        self._train_epoch(train)
+        self._train_epoch(train, val)
         self._flush_train_log()
         seconds = time.perf_counter() - t0
         samples = min(train.num_samples, self.batch * train.batch_size) - samples_before
         loss_sum, loss_count = self.epoch_loss
         metrics = {"epoch": self.epoch + 1, "update": self.update}
         metrics["train/loss"] = loss_sum / max(loss_count, 1)
-        if val is not None:
+        # With trainer.val_every_n_updates the checks come by updates (`_check`), not here.
+        periodic = s.val_every_n_updates is not None
+        validated = val is not None and not periodic
+        if validated:
             metrics.update(self.evaluate(val, "val"))
-        for fn in self._on_validation:
-            fn(self, metrics, val)
+        if not periodic:
+            for fn in self._on_validation:
+                fn(self, metrics, val)
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
         metrics["time/epoch_s"] = seconds
-        metrics["throughput/samples_per_s"] = samples / max(seconds, 1e-9)
-        self.history.append(metrics)
-
-        if val is not None:
+        self._throughput(metrics, train, samples, seconds)
+        if not periodic:
+            self.history.append(metrics)
+        if validated:
             self._track_best(metrics)
-        if val is not None and self.stopper.enabled and not s.fast_dev_run:
-            monitored = metrics.get(self.stopper.monitor)
-            if monitored is None:
-                raise BprunError(
-                    _unknown_metric("trainer.early_stopping.monitor", self.stopper.monitor, metrics)
-                )
-            if self.stopper.step(monitored):
-                self.stop_reason = f"early stopping: {self.stopper.stopped_reason}"
+            self._early_stop(metrics)
         if self.scheduler is not None and self.scheduler_interval == "epoch":
             self._step_scheduler(metrics)
         for fn in self._on_epoch_end:
@@ -254,19 +251,74 @@ class Trainer:
 
         self.epoch, self.batch, self.epoch_loss = self.epoch + 1, 0, [0.0, 0]
         if self.checkpointing:
-            if val is not None:
+            if validated:
                 self._save_topk(metrics)
             if self._last_due():
                 self.save(self.ckpt_dir / "last.pt")
+        if self.tracker is not None and not periodic:
+            self.tracker.log(
+                {k: v for k, v in metrics.items() if k not in ("epoch", "update", "train/loss")},
+                self.update,
+            )
+        if not periodic:
+            log.info(_epoch_line(metrics, s.max_epochs, s.monitor))
+        self._agree_on_signals()
+        if self.signals.received is not None:
+            self._interrupt()
+
+    def _throughput(self, metrics: dict, train, samples: int, seconds: float) -> None:
+        metrics["throughput/samples_per_s"] = samples / max(seconds, 1e-9)
+        tokens = getattr(train, "tokens_per_sample", None)  # token windows: tokens per second
+        if tokens:
+            metrics["throughput/tokens_per_s"] = samples * tokens / max(seconds, 1e-9)
+
+    def _early_stop(self, metrics: dict) -> None:
+        if not self.stopper.enabled or self.settings.fast_dev_run:
+            return
+        monitored = metrics.get(self.stopper.monitor)
+        if monitored is None:
+            raise BprunError(
+                _unknown_metric("trainer.early_stopping.monitor", self.stopper.monitor, metrics)
+            )
+        if self.stopper.step(monitored):
+            self.stop_reason = f"early stopping: {self.stopper.stopped_reason}"
+
+    def _check(self, train, val) -> None:
+        """A validation check mid-epoch (trainer.val_every_n_updates): what an epoch's end does
+        with its metrics (history, best, early stopping, top-k, logs), at update granularity.
+        `train/loss` is the mean since the previous check."""
+        s = self.settings
+        self._flush_train_log()
+        now = time.perf_counter()
+        seconds = now - self._check_started
+        samples_now = min(train.num_samples, self.batch * train.batch_size)
+        samples = max(0, samples_now - self._check_samples)
+        loss_sum, loss_count = self.epoch_loss
+        done_sum, done_count = self._check_loss
+        metrics = {"epoch": self.epoch + 1, "update": self.update}
+        metrics["train/loss"] = (loss_sum - done_sum) / max(loss_count - done_count, 1)
+        self._check_loss = (loss_sum, loss_count)
+        if val is not None:
+            metrics.update(self.evaluate(val, "val"))
+        for fn in self._on_validation:
+            fn(self, metrics, val)
+        metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+        metrics["time/check_s"] = seconds
+        self._throughput(metrics, train, samples, seconds)
+        self.history.append(metrics)
+        if val is not None:
+            self._track_best(metrics)
+            self._early_stop(metrics)
+            if self.checkpointing:
+                self._save_topk(metrics)
         if self.tracker is not None:
             self.tracker.log(
                 {k: v for k, v in metrics.items() if k not in ("epoch", "update", "train/loss")},
                 self.update,
             )
-        log.info(_epoch_line(metrics, s.max_epochs, s.monitor))
-        self._agree_on_signals()
-        if self.signals.received is not None:
-            self._interrupt()
+        log.info(_check_line(metrics, s.max_updates, s.monitor))
+        self.model.train()
+        self._check_started, self._check_samples = time.perf_counter(), samples_now
 
     def _last_due(self) -> bool:
         """At an epoch's end (counters already advanced): is last.pt to be written now?
@@ -278,8 +330,9 @@ class Trainer:
         ends = self.stop_reason is not None or self.epoch >= self.settings.max_epochs
         return ends or not every or time.perf_counter() - self._last_written >= every
 
-    def _train_epoch(self, loader: InMemoryLoader) -> None:
+    def _train_epoch(self, loader: InMemoryLoader, val: InMemoryLoader | None = None) -> None:
         s = self.settings
+        self._check_loss = tuple(self.epoch_loss)  # (sum, count) at the previous check
         k = s.accumulate
         n = len(loader)
         bar = None
@@ -340,7 +393,13 @@ class Trainer:
                 not self.dist.enabled or self.update % s.log_every_n_updates == 0
             ):
                 self._interrupt()
-            if s.max_updates is not None and self.update >= s.max_updates:
+            last = s.max_updates is not None and self.update >= s.max_updates
+            every = s.val_every_n_updates
+            if every is not None and (self.update % every == 0 or last):
+                self._check(loader, val)
+                if self.stop_reason is not None:
+                    break
+            if last:
                 self.stop_reason = f"max_updates={s.max_updates} reached"
                 break
         if bar is not None:
@@ -754,10 +813,16 @@ def _unknown_metric(key: str, name: str, metrics: dict) -> str:
 EPOCH_LINE_METRICS = 4  # per prefix (val/, val_ema/, ...), the monitored one besides
 
 
-def _epoch_line(m: dict, max_epochs: int, monitor: str = "") -> str:
+def _check_line(m: dict, max_updates: int | None, monitor: str = "") -> str:
+    """One line per validation check of trainer.val_every_n_updates."""
+    of = f"/{max_updates}" if max_updates else ""
+    return _epoch_line(m, 0, monitor, head=f"update {m['update']:>5}{of}")
+
+
+def _epoch_line(m: dict, max_epochs: int, monitor: str = "", head: str | None = None) -> str:
     """One line per epoch: each prefix's first metrics and the monitored one (all of them go
     to the trackers and metrics.json)."""
-    parts = [f"epoch {m['epoch']:>3}/{max_epochs}"]
+    parts = [head or f"epoch {m['epoch']:>3}/{max_epochs}"]
     shown: dict[str, int] = {}
     for k, v in m.items():
         if k in ("epoch", "update", "lr") or k.startswith(("time/", "throughput/")):
@@ -766,5 +831,7 @@ def _epoch_line(m: dict, max_epochs: int, monitor: str = "") -> str:
         shown[prefix] = shown.get(prefix, 0) + 1
         if shown[prefix] <= EPOCH_LINE_METRICS or k == monitor:
             parts.append(f"{k} {v:.4f}")
-    parts.append(f"{m['time/epoch_s']:.1f}s")
+    if "throughput/tokens_per_s" in m:
+        parts.append(f"{m['throughput/tokens_per_s']:,.0f} tokens/s")
+    parts.append(f"{m.get('time/epoch_s', m.get('time/check_s', 0.0)):.1f}s")
     return "  ".join(parts)

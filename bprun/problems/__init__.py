@@ -47,6 +47,8 @@ KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
         "bprun.problems.regression:Regression",
         ("loss", "mae", "rmse", "r2", "mape"),
     ),
+    # next-token prediction on token streams: nats per token, perplexity, bits per byte
+    "lm": ("bprun.problems.lm:LanguageModel", ("loss", "ppl", "bpb")),
 }
 
 

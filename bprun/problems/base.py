@@ -152,6 +152,11 @@ class Problem:
         """Write what this problem adds beside the metrics of a finished evaluation (a confusion
         matrix, a per-class table); nothing by default."""
 
+    def callbacks(self, dataset, settings, run_dir) -> list:
+        """Trainer callbacks this problem adds on the writing rank (a language model's text
+        samples at each validation); none by default."""
+        return []
+
     def warn_once(self, key: str, message: str) -> None:
         """A warning said once per run, not at every evaluation."""
         warned = self.__dict__.setdefault("_warned", set())

@@ -27,6 +27,10 @@ TASKS = {
         "bprun.tasks.cv",
         "k-fold cross-validation (cv.folds, cv.group): one run per fold, mean and std",
     ),
+    "generate": (
+        "bprun.tasks.generate",
+        "sample text from a language model (ckpt=<run>), write samples.txt",
+    ),
     "meta": (
         "bprun.tasks.meta",
         "MAML on a task distribution (dataset=sine_tasks), write metrics.json",

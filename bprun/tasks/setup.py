@@ -96,6 +96,7 @@ def build_trainer(
         s.overfit_batches,
         s.fast_dev_run,
         data_state,
+        s.val_batches,
     )
     for loader in (data.train, data.val, data.test):
         if loader is not None:
@@ -133,6 +134,7 @@ def build_trainer(
         callbacks=[
             *(tensorboard_callbacks(s, run_dir) if dist.is_main else ()),
             *(diagnostic_callbacks(s, run_dir) if dist.is_main else ()),
+            *(problem.callbacks(data.dataset, s, run_dir) if dist.is_main else ()),
             *averaging_callbacks(s, model),
             *finetune,
             # batch hooks, in this order: mix the batch, then attack the mixed batch

@@ -56,10 +56,15 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> float | No
         data_state=data_state(state),
         callbacks=search_callbacks(cfg),
     )
-    if data.dataset.classes:  # so that predictions can be named
+    if data.dataset.classes and writes:  # so that predictions can be named
         write_json(list(data.dataset.classes), run_dir / "classes.json")
     if data.dataset.val_rows is not None and writes:  # a fold of task=cv: what it validated on
         write_json(data.dataset.val_rows, run_dir / "val_rows.json")
+    tokenizer = (data.dataset.state or {}).get("tokenizer")
+    if tokenizer is not None and writes:  # how the run reads (and writes) text
+        from bprun.data.tokenizer import save_state
+
+        save_state(tokenizer, run_dir / "tokenizer.json")
     trainer.check_monitors(validates=data.val is not None)
     problem = trainer.problem
     log.info(f"{problem.describe()}; monitoring {s.monitor} ({s.mode})")
