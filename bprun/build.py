@@ -325,7 +325,15 @@ def build_model(node: DictConfig, dataset: Dataset, problem=None) -> nn.Module:
         node, {"init": "default", "init_from": None, "activation_checkpointing": False}
     )
     outputs = problem.output_size if problem is not None else dataset.num_classes
-    model = _instantiate(args, "model", input_shape=dataset.input_shape, num_classes=outputs)
+    extras = problem.model_arguments() if problem is not None else {}
+    if extras:
+        from bprun.data.choice import source_params
+
+        takes = source_params(args)
+        extras = {k: v for k, v in extras.items() if k in takes and k not in args}
+    model = _instantiate(
+        args, "model", input_shape=dataset.input_shape, num_classes=outputs, **extras
+    )
     reports = list(getattr(model, "weights_reports", []))
     if reports and own["init"] != "default":
         raise BprunError(

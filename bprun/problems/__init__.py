@@ -47,6 +47,13 @@ KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
         "bprun.problems.regression:Regression",
         ("loss", "mae", "rmse", "r2", "mape"),
     ),
+    "forecast": (
+        "bprun.problems.forecast:Forecast",
+        (
+            "loss",
+            *(p + m for p in ("", "naive_", "snaive_") for m in ("mae", "rmse", "smape", "mase")),
+        ),
+    ),
 }
 
 

@@ -73,6 +73,11 @@ class Problem:
     def default_loss(self) -> nn.Module:
         raise NotImplementedError
 
+    def model_arguments(self) -> dict:
+        """Keyword arguments a model builder gets when its signature takes them (a forecaster's
+        `window`), beside `input_shape` and `num_classes`."""
+        return {}
+
     def criterion(self, loss: nn.Module) -> nn.Module:
         """What the loop calls as `criterion(model(x), y)`: the loss itself unless the problem
         reshapes outputs or targets first (a language model flattens its positions)."""
