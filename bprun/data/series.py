@@ -30,6 +30,7 @@ series' scaling and its MASE scale (see `bprun.problems.forecast`).
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -267,8 +268,10 @@ def infer_frequency(series: dict, spec: dict, path: str) -> tuple[str, int]:
     if spec.get("steps"):
         freq = "1"
     elif freq is None:
-        found = [pd.infer_freq(s.index) for s in series.values() if len(s) >= 3]
-        found = [f for f in found if f]
+        with warnings.catch_warnings():  # pandas 3 says its return type will change
+            warnings.simplefilter("ignore")
+            found = [pd.infer_freq(s.index) for s in series.values() if len(s) >= 3]
+        found = [to_offset(f).freqstr for f in found if f]
         if found:
             freq = max(set(found), key=found.count)
         else:  # gaps defeat infer_freq: take the commonest step
