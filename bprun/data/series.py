@@ -73,6 +73,8 @@ def load_series(
     test_fraction: float = 0.2,
     fill: str | None = None,
     skip_short: bool = False,
+    start: str | None = None,
+    end: str | None = None,
     data_dir: str = "data",
     state: dict | None = None,
 ) -> Dataset:
@@ -105,7 +107,7 @@ def load_series(
     else:
         spec = dict(state)
     frame = read(path)
-    series = prepare(frame, spec, path)
+    series = clip(prepare(frame, spec, path), spec, start, end)
     if state is None:
         spec["freq"], spec["season"] = infer_frequency(series, spec, path)
     check_regular(series, spec, path)
@@ -115,6 +117,11 @@ def load_series(
             series, spec, val_start, test_start, val_fraction, test_fraction
         )
         fit(series, spec)
+    else:  # cutoffs given explicitly move (a backtest's folds); the fitted scaling stays
+        steps = bool(spec.get("steps"))
+        for key, value in (("val_start", val_start), ("test_start", test_start)):
+            if value is not None:
+                spec[key] = str(_time(value, steps))
     parts = windows(series, spec)
     names = ("train", "val", "test")
     counts = ", ".join(f"{len(parts[n][0])} {n}" for n in names)
@@ -251,6 +258,14 @@ def prepare(frame, spec: dict, path: str, future_ok: bool = False) -> dict:
                 columns={col: "__target__"}
             )
     return out
+
+
+def clip(series: dict, spec: dict, start, end) -> dict:
+    """Only the rows from `start` to `end` (both kept; None: no bound)."""
+    steps = bool(spec.get("steps"))
+    lo = _time(start, steps) if start is not None else None
+    hi = _time(end, steps) if end is not None else None
+    return {n: s.loc[lo:hi] for n, s in series.items()}
 
 
 def _series_name(key, col: str, spec: dict) -> str:
@@ -409,6 +424,7 @@ def cutoffs(series, spec, val_start, test_start, val_fraction, test_fraction) ->
         raise BprunError(
             f"dataset.val_start={val_start} is after dataset.test_start={test_start}: swap them"
         )
+    spec["first"], spec["last"] = str(axis[0]), str(axis[-1])
     return str(val_start), str(test_start)
 
 

@@ -25,6 +25,10 @@ TASKS = {
         "bprun.tasks.predict",
         "forecast the horizon after each series' end (ckpt=<run>), write forecast.csv",
     ),
+    "backtest": (
+        "bprun.tasks.backtest",
+        "walk-forward test of a forecaster over backtest.folds origins, write backtest.csv",
+    ),
     "gradcheck": ("bprun.tasks.gradcheck", "check autograd against finite differences"),
     "lr_find": ("bprun.tasks.lr_find", "learning-rate range test, plot and suggestion"),
     "meta": (
