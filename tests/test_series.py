@@ -290,3 +290,33 @@ def test_a_bad_file_is_one_error_line_and_no_run_folder(bprun, tmp_path):
     errors = [line for line in r.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "duplicate (store, date) rows 1, 81" in errors[0]
     assert not r.run_dir.exists()
+
+
+@pytest.mark.slow
+def test_backtest_writes_a_table_per_fold_and_the_mean(bprun, tmp_path):
+    path = write(tmp_path, frame(days=60, stores=2))
+    r = bprun(
+        "task=backtest",
+        "dataset=series",
+        f"dataset.path={path}",
+        "dataset.time=date",
+        "dataset.target=demand",
+        "dataset.id=store",
+        f"dataset.window={W}",
+        f"dataset.horizon={H}",
+        "dataset.test_start=2024-02-18",
+        "model=linear_forecast",
+        "trainer.max_epochs=2",
+        "backtest.folds=2",
+        "backtest.refit=false",
+    )
+    assert r.returncode == 0, r.output
+    table = pd.read_csv(r.run_dir / "backtest.csv")
+    assert table["test_start"].tolist() == ["2024-02-18 00:00:00", "2024-02-24 00:00:00"]
+    assert table["end"].tolist() == ["2024-02-23 00:00:00", "2024-02-29 00:00:00"]
+    summary = __import__("json").loads((r.run_dir / "backtest.json").read_text())
+    mase = summary["metrics"]["test/mase"]
+    assert mase["mean"] == pytest.approx(table["test/mase"].mean())
+    assert mase["std"] == pytest.approx(table["test/mase"].std(ddof=0))
+    assert "backtest, 2 folds (expanding window, refit=false)" in r.output
+    assert not (r.run_dir / "fold_1" / "checkpoints").exists()  # fold 0's model, tested again

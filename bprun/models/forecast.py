@@ -28,7 +28,8 @@ class LinearForecaster(nn.Module):
         super().__init__()
         if len(input_shape) != 2:
             raise ValueError(
-                f"model=linear_forecast takes series windows (channels, steps), got {input_shape}"
+                f"model=linear_forecast takes series windows (channels, steps), got "
+                f"{tuple(input_shape)}: use model=mlp for vectors, model=cnn for images"
             )
         channels, steps = input_shape
         self.window = window or steps
