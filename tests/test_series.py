@@ -320,3 +320,12 @@ def test_backtest_writes_a_table_per_fold_and_the_mean(bprun, tmp_path):
     assert mase["std"] == pytest.approx(table["test/mase"].std(ddof=0))
     assert "backtest, 2 folds (expanding window, refit=false)" in r.output
     assert not (r.run_dir / "fold_1" / "checkpoints").exists()  # fold 0's model, tested again
+
+
+def test_the_saved_state_rebuilds_the_same_windows(tmp_path):
+    """Eval and resume hand the checkpoint's state back: same cutoffs, same scaling."""
+    path = write(tmp_path, frame())
+    a = load(path)
+    b = load_series(path=str(path), state=a.state)
+    for part in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test"):
+        assert torch.equal(getattr(a, part), getattr(b, part)), part
