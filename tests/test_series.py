@@ -329,3 +329,36 @@ def test_the_saved_state_rebuilds_the_same_windows(tmp_path):
     b = load_series(path=str(path), state=a.state)
     for part in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test"):
         assert torch.equal(getattr(a, part), getattr(b, part)), part
+
+
+def test_quantile_loss_and_coverage_match_numpy():
+    from bprun.losses import QuantileLoss
+
+    torch.manual_seed(1)
+    qs = [0.1, 0.5, 0.9]
+    out, target = torch.randn(5, 3 * H), torch.randn(5, H)
+    e = target.numpy()[:, None, :] - out.view(5, 3, H).numpy()
+    q = np.array(qs)[None, :, None]
+    want = np.maximum(q * e, (q - 1) * e).mean()
+    assert QuantileLoss(qs)(out, target).item() == pytest.approx(want, rel=1e-6)
+    with pytest.raises(BprunError, match="increasing values in"):
+        QuantileLoss([0.9, 0.1])
+
+    problem = Forecast(num_classes=H, window=W)
+    problem.use_loss({"_target_": "bprun.losses.QuantileLoss", "quantiles": qs})
+    assert problem.output_size == 3 * H and "coverage" in problem.selected
+    n = 8
+    original = torch.rand(n, H) * 10
+    mean, std = torch.full((n, 1), 2.0), torch.full((n, 1), 3.0)
+    y = torch.cat(
+        [(original - mean) / std, original, original, original[:, :1], mean, std, torch.ones(n, 1)],
+        1,
+    )
+    out = torch.randn(n, 3 * H).sort(1).values  # blocks: low, median, high
+    ev = problem.evaluation("cpu")
+    ev.update(torch.tensor(0.0), out, y)
+    got = ev.compute("test")
+    blocks = out.view(n, 3, H) * 3 + 2
+    inside = (blocks[:, 0] <= original) & (original <= blocks[:, 2])
+    assert got["test/coverage"] == pytest.approx(inside.float().mean().item())
+    assert got["test/mae"] == pytest.approx((blocks[:, 1] - original).abs().mean().item(), rel=1e-5)

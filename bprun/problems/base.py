@@ -73,6 +73,10 @@ class Problem:
     def default_loss(self) -> nn.Module:
         raise NotImplementedError
 
+    def use_loss(self, node) -> None:
+        """Read what the loss node says about the outputs, before the model is built (a
+        forecaster's quantiles); nothing by default."""
+
     def model_arguments(self) -> dict:
         """Keyword arguments a model builder gets when its signature takes them (a forecaster's
         `window`), beside `input_shape` and `num_classes`."""

@@ -84,8 +84,41 @@ class Forecast(Problem):
     names = KINDS["forecast"][1]
 
     def __init__(self, num_classes: int = 0, metrics=None, classes=None, window: int = 0):
+        self.quantiles: list[float] = []
+        self._metrics_given = metrics
         super().__init__(num_classes, metrics, classes)
         self.horizon, self.window = self.num_classes, window
+
+    def use_loss(self, node) -> None:
+        """`loss=quantile`: one horizon per quantile; the median (or the quantile nearest it)
+        is the point forecast the metrics score, the outer two the interval."""
+        node = node or {}
+        if str(node.get("_target_", "")).endswith("QuantileLoss"):
+            self.quantiles = [float(q) for q in node.get("quantiles") or (0.1, 0.5, 0.9)]
+            if "coverage" not in self.selected and self._metrics_given is None:
+                self.selected.append("coverage")
+
+    @property
+    def output_size(self) -> int:
+        return self.horizon * max(1, len(self.quantiles))
+
+    @property
+    def point(self) -> int:
+        """The output block of the point forecast."""
+        if not self.quantiles:
+            return 0
+        return min(range(len(self.quantiles)), key=lambda i: abs(self.quantiles[i] - 0.5))
+
+    def available_metrics(self) -> list[str]:
+        return [n for n in self.names if n != "loss"]
+
+    def default_metrics(self) -> list[str]:
+        return [n for n in self.available_metrics() if n != "coverage"]
+
+    def check_loss(self, loss: nn.Module) -> None:
+        if getattr(loss, "task", None) == "quantile":
+            return
+        super().check_loss(loss)
 
     @classmethod
     def from_data(cls, dataset, **settings) -> Forecast:
@@ -101,6 +134,8 @@ class Forecast(Problem):
         return MSELoss()
 
     def criterion(self, loss: nn.Module) -> nn.Module:
+        if getattr(loss, "task", None) == "quantile" and list(loss.quantiles) != self.quantiles:
+            raise BprunError("loss.quantiles changed after the model was built")
         return _Horizon(loss, self.horizon)
 
     def model_arguments(self) -> dict:
@@ -116,20 +151,30 @@ class Forecast(Problem):
             )
 
     def metrics(self) -> dict[str, tuple]:
-        return {f"{p}errors": (ForecastErrors(), key) for p, (key, _) in FORECASTERS.items()}
+        from torchmetrics import MeanMetric
+
+        m = {f"{p}errors": (ForecastErrors(), key) for p, (key, _) in FORECASTERS.items()}
+        if self.quantiles and "coverage" in self.selected:
+            m["coverage"] = (MeanMetric(), "inside")
+        return m
 
     def inputs(self, out: torch.Tensor, y: torch.Tensor) -> dict[str, tuple]:
         h = self.horizon
         mean, std, scale = y[:, -3:-2], y[:, -2:-1], y[:, -1]
         target = y[:, h : 2 * h]
+        blocks = out.float().view(out.shape[0], -1, h) * std.unsqueeze(1) + mean.unsqueeze(1)
+        inside = ((blocks[:, 0] <= target) & (target <= blocks[:, -1])).float()
         return {
-            "model": (out.float() * std + mean, target, scale),
+            "model": (blocks[:, self.point], target, scale),
+            "inside": (inside,),
             "naive": (y[:, 3 * h : 3 * h + 1].expand(-1, h), target, scale),
             "snaive": (y[:, 2 * h : 3 * h], target, scale),
         }
 
     def finish(self, values: dict, evaluation: Evaluation) -> dict[str, float]:
         flat = {"loss": float(values["loss"])}
+        if "coverage" in values:
+            flat["coverage"] = float(values["coverage"])
         for prefix in FORECASTERS:
             for name, v in values[f"{prefix}errors"].items():
                 flat[prefix + name] = float(v)

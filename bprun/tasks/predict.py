@@ -5,7 +5,7 @@ The file is long form like the training file. It may end each series with rows w
 is empty: their times (and known covariates, which the model needs there) are the horizon's;
 without them the horizon's times follow the training frequency. The scaling is the one
 fitted on the training span, from the checkpoint. Writes, in the run folder, forecast.csv
-(time, id, prediction), forecast.png and a TensorBoard image of a few series' history and
+(time, id, prediction, and with loss=quantile one column per quantile), forecast.png and a TensorBoard image of a few series' history and
 forecast.
 """
 
@@ -92,6 +92,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> None:
         stamps.append(list(future))
         names.append(name)
 
+    problem = Forecast(num_classes=h, window=w)
+    problem.use_loss(saved.get("loss"))
     model = build_model(
         saved.model,
         Dataset(
@@ -102,17 +104,20 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> None:
             num_classes=h,
             problem="forecast",
         ),
-        Forecast(num_classes=h, window=w),
+        problem,
     )
     ckpt_io.load_model_state(model, state["model"], path)
     model.eval()
     with torch.no_grad():
-        scaled = model(torch.from_numpy(np.stack(inputs))).double().numpy()
+        scaled = model(torch.from_numpy(np.stack(inputs))).double().view(len(names), -1, h).numpy()
     rows = []
     for name, future, out in zip(names, stamps, scaled, strict=True):
         st = spec["series"][name]
-        for t, v in zip(future, out * st["std"] + st["mean"], strict=True):
-            rows.append({"time": t, "id": name, "prediction": float(v)})
+        values = out * st["std"] + st["mean"]  # (quantiles or 1, horizon)
+        for i, t in enumerate(future):
+            row = {"time": t, "id": name, "prediction": float(values[problem.point, i])}
+            row.update({f"q{q:g}": float(values[j, i]) for j, q in enumerate(problem.quantiles)})
+            rows.append(row)
     table = pd.DataFrame(rows)
     out_file = Path(run_dir) / "forecast.csv"
     table.to_csv(out_file, index=False)
@@ -143,6 +148,16 @@ def _plot(series: dict, table, names: list[str], window: int, run_dir: Path) -> 
         mine = table[table["id"] == name]
         ax.plot(history.index, history.to_numpy(), color="black", lw=1, label="history")
         ax.plot(mine["time"], mine["prediction"], color="tab:blue", lw=1.5, label="forecast")
+        bands = [c for c in mine.columns if c.startswith("q")]
+        if len(bands) >= 2:
+            ax.fill_between(
+                mine["time"],
+                mine[bands[0]],
+                mine[bands[-1]],
+                color="tab:blue",
+                alpha=0.2,
+                label=f"{bands[0][1:]} to {bands[-1][1:]}",
+            )
         ax.set_title(str(name), fontsize=9)
         ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
