@@ -362,3 +362,44 @@ def test_quantile_loss_and_coverage_match_numpy():
     inside = (blocks[:, 0] <= original) & (original <= blocks[:, 2])
     assert got["test/coverage"] == pytest.approx(inside.float().mean().item())
     assert got["test/mae"] == pytest.approx((blocks[:, 1] - original).abs().mean().item(), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_gives_equal_weights(bprun, data_dir, tmp_path):
+    import signal
+
+    from test_checkpoint import model_state, resumed_at, saved_update, start, wait_for_update
+
+    path = write(tmp_path, frame(days=60, stores=2))
+    args = [
+        "dataset=series",
+        f"dataset.path={path}",
+        "dataset.time=date",
+        "dataset.target=demand",
+        "dataset.id=store",
+        "dataset.covariates=[promo]",
+        f"dataset.window={W}",
+        f"dataset.horizon={H}",
+        "dataset.batch_size=8",
+        "model=mlp",
+        "model.hidden=[32]",
+        "model.dropout=0.1",
+        "trainer.max_epochs=4",
+        "trainer.checkpoint.every_n_updates=1",
+    ]
+    reference = bprun(*args, f"hydra.run.dir={tmp_path}/ref")
+    total = reference.metrics["updates"]
+    run_dir = tmp_path / "killed"
+    last = run_dir / "checkpoints" / "last.pt"
+    proc = start(args, data_dir, run_dir)
+    wait_for_update(proc, last, 4)  # 9 updates an epoch: mid-epoch
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    killed_at = saved_update(last)
+    assert killed_at < total, "the run finished before it was killed"
+    proc = start([f"trainer.resume={run_dir}"], data_dir)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and resumed_at(killed_at, out), out
+    expected, got = model_state(reference.run_dir), model_state(run_dir)
+    for k in expected:
+        assert torch.equal(got[k], expected[k]), k
