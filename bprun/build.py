@@ -404,8 +404,6 @@ def build_model(node: DictConfig, dataset: Dataset, problem=None) -> nn.Module:
     outputs = problem.output_size if problem is not None else dataset.num_classes
     extra = {}
     if getattr(dataset, "vocab_size", None) is not None:  # token ids in, for models taking them
-        from bprun.data.choice import source_params
-
         params = source_params(args)
         extra = {k: getattr(dataset, k) for k in ("vocab_size", "pad_id") if k in params}
         if not extra:
@@ -413,6 +411,9 @@ def build_model(node: DictConfig, dataset: Dataset, problem=None) -> nn.Module:
                 f"model={args.get('_target_')} does not read token ids: use model=gpt with "
                 "dataset=text_classification"
             )
+    if problem is not None and (wanted := problem.model_arguments()):
+        takes = source_params(args)  # what the problem tells models that ask (a horizon, ...)
+        extra.update({k: v for k, v in wanted.items() if k in takes and k not in args})
     model = _instantiate(
         args, "model", input_shape=dataset.input_shape, num_classes=outputs, **extra
     )

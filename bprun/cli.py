@@ -80,6 +80,14 @@ def eval_overrides(argv: list[str]) -> list[str]:
     return [*argv, f"hydra.run.dir={_run_folder_of(path)}", "hydra.output_subdir=null"]
 
 
+def predict_overrides(argv: list[str]) -> list[str]:
+    """`task=predict ckpt=X dataset.path=F`: the file is a series file (dataset=series), unless
+    the command line names another dataset."""
+    if "task=predict" not in argv or any(key_of(a) == "dataset" for a in argv):
+        return argv
+    return ["dataset=series", *argv]
+
+
 def _exit_code(e: KeyboardInterrupt) -> int:
     return e.exit_code if isinstance(e, SignalExit) else 130
 
@@ -166,6 +174,7 @@ def _main(argv: list[str]) -> None:
     argv = flags + [a for a in argv if a not in flags]
     # No experiment is in the defaults list: `experiment=X` means `+experiment=X`.
     argv = [f"+{a}" if a.startswith("experiment=") else a for a in argv]
+    argv = predict_overrides(argv)
     modes = sorted({a for a in argv if a in ("--cfg", "-c", "--info", "-i")} | set(flags[:1]))
     if len(modes) > 1:
         print(f"error: {' and '.join(modes)} cannot go together: give one of them", file=sys.stderr)

@@ -206,6 +206,35 @@ class HuberLoss(nn.HuberLoss):
         return super().forward(out, target)
 
 
+class QuantileLoss(nn.Module):
+    """Pinball loss of one output per quantile: probabilistic forecasts (problem=forecast).
+
+    The output holds `len(quantiles)` blocks of the target's width, in the order given; each
+    block is scored with max(q e, (q - 1) e), e = target - prediction, and the mean taken.
+    """
+
+    task = "quantile"
+
+    def __init__(self, quantiles: list[float] = (0.1, 0.5, 0.9)):
+        super().__init__()
+        qs = [float(q) for q in quantiles]
+        if not qs or any(not 0.0 < q < 1.0 for q in qs) or sorted(set(qs)) != qs:
+            raise BprunError(
+                f"loss.quantiles must be increasing values in (0, 1), e.g. [0.1,0.5,0.9]; got {qs}"
+            )
+        self.quantiles = qs
+        self.register_buffer("q", torch.tensor(qs).view(1, -1, 1), persistent=False)
+
+    def forward(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if not target.is_floating_point() or out.shape[1] != len(self.quantiles) * target.shape[1]:
+            raise BprunError(
+                f"loss=quantile: model output {tuple(out.shape)} is not {len(self.quantiles)} "
+                f"quantiles of targets {tuple(target.shape)}: use it with problem=forecast"
+            )
+        e = target.unsqueeze(1) - out.view(out.shape[0], len(self.quantiles), -1)
+        return torch.maximum(self.q * e, (self.q - 1) * e).mean()
+
+
 def auto(problem, weight: torch.Tensor | None = None) -> nn.Module:
     """`loss=auto`: the problem's own loss (cross-entropy for classification, mean squared error
     for regression, ...: `Problem.default_loss`), with `weight` per class if given."""

@@ -29,6 +29,7 @@ APPLIES = {
     "transformer": (SEQUENCE, *IMAGES),
     "torchvision": IMAGES,
     "timm": IMAGES,
+    "linear_forecast": (SEQUENCE,),
 }
 ALL_SHAPES = (SEQUENCE, *IMAGES, VECTOR)
 NOT_APPLICABLE = [(n, s) for n, shapes in APPLIES.items() for s in ALL_SHAPES if s not in shapes]

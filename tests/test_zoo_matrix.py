@@ -42,6 +42,8 @@ SMALL = {
 
 
 def applies(model: str, rank: int) -> bool:
+    if model == "linear_forecast":  # series windows (channels, steps) only
+        return rank == 2
     if rank == 1:
         return model in ONLY_FLAT
     return model not in ONLY_IMAGES or rank == 3

@@ -7,6 +7,7 @@ import pulls in torch._dynamo (seconds), so only model=resnet pays for it.
 """
 
 from bprun.models.cnn import CNN
+from bprun.models.forecast import LinearForecaster
 from bprun.models.init import init_weights
 from bprun.models.linear import LinearModel
 from bprun.models.mlp import MLP
@@ -18,6 +19,7 @@ __all__ = [
     "GRU",
     "LSTM",
     "MLP",
+    "LinearForecaster",
     "LinearModel",
     "RecurrentNet",
     "Transformer",

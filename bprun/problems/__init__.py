@@ -49,6 +49,13 @@ KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
     ),
     # next-token prediction on token streams: nats per token, perplexity, bits per byte
     "lm": ("bprun.problems.lm:LanguageModel", ("loss", "ppl", "bpb")),
+    "forecast": (
+        "bprun.problems.forecast:Forecast",
+        (
+            "loss",
+            *(p + m for p in ("", "naive_", "snaive_") for m in ("mae", "rmse", "smape", "mase")),
+        ),
+    ),
 }
 
 

@@ -74,6 +74,15 @@ class Problem:
     def default_loss(self) -> nn.Module:
         raise NotImplementedError
 
+    def use_loss(self, node) -> None:
+        """Read what the loss node says about the outputs, before the model is built (a
+        forecaster's quantiles); nothing by default."""
+
+    def model_arguments(self) -> dict:
+        """Keyword arguments a model builder gets when its signature takes them (a forecaster's
+        `window`), beside `input_shape` and `num_classes`."""
+        return {}
+
     def criterion(self, loss: nn.Module) -> nn.Module:
         """What the loop calls as `criterion(model(x), y)`: the loss itself unless the problem
         reshapes outputs or targets first (a language model flattens its positions)."""

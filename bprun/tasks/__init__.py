@@ -21,6 +21,14 @@ if TYPE_CHECKING:  # `bprun --help` reads TASKS without loading omegaconf
 TASKS = {
     "train": ("bprun.tasks.train", "fit, test with the best weights, write metrics.json"),
     "eval": ("bprun.tasks.eval", "test a saved run (ckpt=<run folder or .pt>), write eval.json"),
+    "predict": (
+        "bprun.tasks.predict",
+        "forecast the horizon after each series' end (ckpt=<run>), write forecast.csv",
+    ),
+    "backtest": (
+        "bprun.tasks.backtest",
+        "walk-forward test of a forecaster over backtest.folds origins, write backtest.csv",
+    ),
     "gradcheck": ("bprun.tasks.gradcheck", "check autograd against finite differences"),
     "lr_find": ("bprun.tasks.lr_find", "learning-rate range test, plot and suggestion"),
     "cv": (

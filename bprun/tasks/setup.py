@@ -104,6 +104,7 @@ def build_trainer(
     if data.dataset.state:
         extra_state = {**(extra_state or {}), "data": data.dataset.state}
     problem = build_problem(cfg.get("problem"), data.dataset, cfg.get("metrics"))
+    problem.use_loss(cfg.get("loss"))  # before the model: quantiles widen its output
     seed_everything(cfg.seed)  # after the data, whose generators may reseed global RNGs
     model = build_model(cfg.model, data.dataset, problem)
     if s.sync_batchnorm and dist.enabled:
