@@ -47,6 +47,12 @@ class Dataset:
     # Float inputs that are pixel intensities in this range, e.g. (0, 1): adversarial attacks
     # keep to it (uint8 images need none: x / 255 lies in [0, 1]). None: no known range.
     value_range: tuple[float, float] | None = None
+    # What the problem reads besides num_classes (a ranking problem: the user and item counts,
+    # the users' training items), and what the model is built with (`num_users`).
+    info: dict | None = None
+    # `f(x_train, seed, epoch) -> inputs of that epoch` (sampled negatives): a pure function of
+    # its arguments, so resume stays exact; the in-memory loader calls it once an epoch.
+    epoch_inputs: object | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:

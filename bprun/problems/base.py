@@ -70,6 +70,14 @@ class Problem:
         """The width of the model's last layer."""
         return self.num_classes
 
+    def model_args(self) -> dict:
+        """Sizes the model is built with besides `num_classes` (a ranking model's user count)."""
+        return {}
+
+    def models_hint(self) -> str:
+        """The models that fit this problem, for the error when `model_args` do not."""
+        return "another model"
+
     def default_loss(self) -> nn.Module:
         raise NotImplementedError
 
