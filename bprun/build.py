@@ -194,7 +194,14 @@ def build_data(
         if path == "memory":
             remake = dataset.epoch_inputs if training else None
             return InMemoryLoader(
-                x.to(device), y.to(device), batch_size, shuffle, seed, transform, max_batches, remake
+                x.to(device),
+                y.to(device),
+                batch_size,
+                shuffle,
+                seed,
+                transform,
+                max_batches,
+                remake,
             )
         sampler = SeededSampler(len(x), batch_size, shuffle, seed, max_batches=max_batches)
         source = x if lazy else TensorRows(x, y)

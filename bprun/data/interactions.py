@@ -220,18 +220,16 @@ def from_columns(
             "items": sorted(set(items.tolist())),
             "explicit": ratings is not None,
         }
-    user_index = {u: i for i, u in enumerate(state["users"])}
-    item_index = {v: i for i, v in enumerate(state["items"])}
-    known = np.array([u in user_index and v in item_index for u, v in zip(users, items)], bool)
+    u, u_known = _index(state["users"], users)
+    i, i_known = _index(state["items"], items)
+    known = u_known & i_known
     if not known.all():  # the file changed since the run that fitted the maps
         log.warning(
             f"interactions: {int((~known).sum())} rows name users or items the checkpoint's id "
             "maps lack; they are left out"
         )
-        users, items, order = users[known], items[known], order[known]
+        u, i, order = u[known], i[known], order[known]
         ratings = ratings[known] if ratings is not None else None
-    u = np.array([user_index[x] for x in users], dtype=np.int64)
-    i = np.array([item_index[x] for x in items], dtype=np.int64)
     num_users, num_items = len(state["users"]), len(state["items"])
 
     # Each user's rows in their order (time, or a seeded shuffle), then the position from the end.
@@ -286,7 +284,9 @@ def from_columns(
         users_, items_ = torch.from_numpy(u[m]), torch.from_numpy(i[m])
         if eval_negatives == "all":
             x = users_.view(-1, 1)
-            extra = torch.from_numpy(val_item[u[m]]) if name == "test" else torch.full_like(users_, -1)
+            extra = (
+                torch.from_numpy(val_item[u[m]]) if name == "test" else torch.full_like(users_, -1)
+            )
             y = torch.stack([users_, items_, extra], 1)
         else:
             free = num_items - seen.count[u[m]]
@@ -324,6 +324,13 @@ def _dataset(parts: dict, num_items: int, state: dict, info: dict, sampler) -> D
         info=info,
         epoch_inputs=sampler,
     )
+
+
+def _index(ids: list[str], values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(index of each value in the sorted `ids`, whether it is there), by binary search."""
+    table = np.array(ids, dtype=str)
+    at = np.searchsorted(table, values).clip(max=max(len(table) - 1, 0))
+    return at.astype(np.int64), table[at] == values
 
 
 class Seen:

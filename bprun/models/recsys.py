@@ -31,7 +31,9 @@ class Recommender(nn.Module):
         rows = []
         for lo in range(0, len(users), self.all_chunk):  # bounded memory: chunk x items pairs
             u = users[lo : lo + self.all_chunk]
-            rows.append(self.score(u.view(-1, 1).expand(-1, self.num_items), items.expand(len(u), -1)))
+            rows.append(
+                self.score(u.view(-1, 1).expand(-1, self.num_items), items.expand(len(u), -1))
+            )
         return torch.cat(rows) if rows else items.new_zeros((0, self.num_items), dtype=torch.float)
 
     all_chunk = 256
@@ -62,7 +64,9 @@ class MF(Recommender):
 
     def score(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         dot = (self.user(users) * self.item(items)).sum(-1)
-        return dot + self.user_bias(users).squeeze(-1) + self.item_bias(items).squeeze(-1) + self.bias
+        return (
+            dot + self.user_bias(users).squeeze(-1) + self.item_bias(items).squeeze(-1) + self.bias
+        )
 
     def score_all(self, users: torch.Tensor) -> torch.Tensor:
         # one (B, dim) x (dim, items) product: every item for every user at once

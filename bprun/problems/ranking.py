@@ -218,7 +218,9 @@ class Ranking(Problem):
             return
         model = {k: float(v) for k, v in evaluation.values.items() if k in baseline}
         write_json({"popularity": baseline, "model": model}, Path(folder) / "test_baseline.json")
-        line = ", ".join(f"{k} {model.get(k, math.nan):.4f} (popularity {v:.4f})" for k, v in baseline.items())
+        line = ", ".join(
+            f"{k} {model.get(k, math.nan):.4f} (popularity {v:.4f})" for k, v in baseline.items()
+        )
         log.info(f"test: {line}")
         if tracker is not None:
             tracker.log({f"test_popularity/{k}": v for k, v in baseline.items()}, 0)
