@@ -66,13 +66,14 @@ def resume_overrides(argv: list[str]) -> list[str]:
 
 
 def eval_overrides(argv: list[str]) -> list[str]:
-    """`task=eval ckpt=X`: the run folder of X is the job's folder (eval.json goes beside the
-    checkpoint); no new run folder, and Hydra leaves the run's `.hydra/` as it is."""
-    if "task=eval" not in argv or "-m" in argv or "--multirun" in argv:
+    """`task=eval ckpt=X` (and task=recommend): the run folder of X is the job's folder
+    (eval.json, recommendations.csv go beside the checkpoint); no new run folder, and Hydra leaves the run's `.hydra/` as it is."""
+    task = next((t for t in ("task=eval", "task=recommend") if t in argv), None)
+    if task is None or "-m" in argv or "--multirun" in argv:
         return argv
     ckpt = [a.split("=", 1)[1] for a in argv if key_of(a) == "ckpt"]
     if not ckpt or not ckpt[-1]:
-        raise BprunError("task=eval needs ckpt=<run folder or .pt file>")
+        raise BprunError(f"{task} needs ckpt=<run folder or .pt file>")
     from bprun.engine import checkpoint as ckpt_io
 
     path = ckpt_io.resolve_checkpoint(ckpt[-1], "ckpt")
@@ -107,7 +108,9 @@ def hydra_main(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     run_dir = Path(hc.runtime.output_dir)
-    own_folder = not multirun and cfg.task != "eval" and not cfg.trainer.get("resume")
+    own_folder = (
+        not multirun and cfg.task not in ("eval", "recommend") and not cfg.trainer.get("resume")
+    )
     if multirun:
         cfg.trainer.progress = False  # a sweep prints one line per job, not interleaved bars
     try:

@@ -252,6 +252,9 @@ def from_columns(
         "explicit": state["explicit"],
         "train_users": torch.from_numpy(u[train]),
         "train_items": torch.from_numpy(i[train]),
+        # every interaction kept, for task=recommend (which recommends items not among them)
+        "users": torch.from_numpy(u),
+        "items": torch.from_numpy(i),
     }
     if state["explicit"]:
         if ratings is None:

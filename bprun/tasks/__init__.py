@@ -21,6 +21,10 @@ if TYPE_CHECKING:  # `bprun --help` reads TASKS without loading omegaconf
 TASKS = {
     "train": ("bprun.tasks.train", "fit, test with the best weights, write metrics.json"),
     "eval": ("bprun.tasks.eval", "test a saved run (ckpt=<run folder or .pt>), write eval.json"),
+    "recommend": (
+        "bprun.tasks.recommend",
+        "top-k unseen items per user of a saved recommender (ckpt=<run>), as a CSV",
+    ),
     "gradcheck": ("bprun.tasks.gradcheck", "check autograd against finite differences"),
     "lr_find": ("bprun.tasks.lr_find", "learning-rate range test, plot and suggestion"),
     "meta": (
