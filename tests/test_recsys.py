@@ -376,3 +376,14 @@ def test_sigkill_then_resume_is_exact(bprun, data_dir, tmp_path):
     for key, value in expected.items():
         assert torch.equal(got[key], value), key
     assert json.loads((run_dir / "metrics.json").read_text())["test"] == reference.metrics["test"]
+
+
+def test_ids_that_concatenate_alike_stay_apart(tmp_path):
+    """(user 1, item 23) and (user 12, item 3) are two interactions, not one repeated."""
+    rows = [(1, 23, 0), (12, 3, 0), (1, 5, 1), (12, 5, 1), (1, 6, 2), (12, 6, 2), (1, 23, 3)]
+    pd.DataFrame(rows, columns=["uid", "iid", "ts"]).to_csv(tmp_path / "x.csv", index=False)
+    ds = load(tmp_path / "x.csv", eval_negatives=1, negatives=1)
+    users, items = ds.state["users"], ds.state["items"]
+    test = {(users[u], items[i]) for u, i in ds.x_test[:, :2].tolist()}
+    assert test == {("1", "23"), ("12", "6")}  # user 1's repeat of item 23 counts at its last time
+    assert len(ds.x_train) + len(ds.x_val) + len(ds.x_test) == 6

@@ -115,6 +115,7 @@ def generate_interactions(
     num_items: int = 2000,
     per_user: int = 20,
     factors: int = 8,
+    affinity: float = 2.0,
     popularity: float = 1.0,
     seed: int = 0,
     split: str = "last",
@@ -127,8 +128,9 @@ def generate_interactions(
     """Implicit feedback from a latent-factor model with popularity skew (no download).
 
     User u picks about `per_user` distinct items, with probability proportional to
-    exp(<p_u, q_i> + popularity * log-popularity of i), where p and q are Gaussian `factors`-wide
-    vectors and the items' popularity follows Zipf's law; times are the order of picking. A
+    exp(affinity * <p_u, q_i> + popularity * log-popularity of i), where p and q are Gaussian
+    `factors`-wide vectors scaled so that <p_u, q_i> has variance 1, and the items' popularity
+    follows Zipf's law; times are the order of picking. A
     model that learns the factors beats a popularity ranking, which knows the skew alone.
     """
     rng = np.random.default_rng(seed)
@@ -139,7 +141,7 @@ def generate_interactions(
     users, items = [], []
     for start in range(0, num_users, 512):  # a block of users at a time: bounded memory
         block = slice(start, min(start + 512, num_users))
-        logits = p[block] @ q.T + popularity * zipf
+        logits = affinity * (p[block] @ q.T) + popularity * zipf
         gumbel = -np.log(-np.log(rng.random(logits.shape)))  # top-n of logits + Gumbel noise:
         picked = np.argsort(-(logits + gumbel), axis=1)  # n draws without replacement
         for row, n in enumerate(counts[block]):
@@ -192,7 +194,9 @@ def from_columns(
     last = np.lexsort((np.arange(len(users)), order))  # by time, file order within ties
     users, items, order = users[last], items[last], order[last]
     ratings = ratings[last] if ratings is not None else None
-    pair = np.char.add(np.char.add(users.astype(str), "\x00"), items.astype(str))
+    user_code = np.unique(users, return_inverse=True)[1].reshape(-1)
+    item_ids, item_code = np.unique(items, return_inverse=True)
+    pair = user_code.astype(np.int64) * len(item_ids) + item_code.reshape(-1)
     _, keep_rev = np.unique(pair[::-1], return_index=True)
     keep = np.sort(len(pair) - 1 - keep_rev)
     if len(keep) < len(pair):
