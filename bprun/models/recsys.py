@@ -89,8 +89,8 @@ class NCF(Recommender):
         num_classes: int = 0,
         num_users: int = 0,
         gmf_dim: int = 16,
-        mlp_dim: int = 32,
-        layers: list[int] = (64, 32, 16),
+        mlp_dim: int = 16,
+        layers: list[int] = (32, 16, 8),
         dropout: float = 0.0,
         init_std: float = 0.01,
     ):
