@@ -347,6 +347,30 @@ def test_data_errors_name_the_fix(tmp_path):
         load(tmp_path / "x.csv", item="sku")
 
 
+def test_models_and_losses_that_do_not_fit_name_those_that_do(tmp_path):
+    from omegaconf import OmegaConf
+
+    from bprun.build import build_loss, build_model, build_problem
+    from bprun.losses import MSELoss
+
+    write_interactions(tmp_path / "x.csv")
+    ds = load(tmp_path / "x.csv")
+    problem = build_problem(OmegaConf.create({"kind": "auto", "eval_negatives": 5}), ds)
+    assert problem.kind == "ranking" and problem.model_args() == {
+        "num_users": len(ds.state["users"])
+    }
+    with pytest.raises(BprunError, match="use model=mf or model=ncf"):
+        build_model(OmegaConf.create({"_target_": "bprun.models.MLP", "hidden": [8]}), ds, problem)
+    with pytest.raises(BprunError, match="use loss=auto .bce_with_logits., bpr or cross_entropy"):
+        problem.check_loss(MSELoss())
+    model = build_model(OmegaConf.create({"_target_": "bprun.models.recsys.MF"}), ds, problem)
+    loss = build_loss(OmegaConf.create({"_target_": "bprun.losses.BPRLoss"}), problem)
+    x, y = ds.epoch_inputs(ds.x_train, 0, 0), ds.y_train
+    with torch.no_grad():  # MF starts near 0: every pair at log 2
+        value = float(problem.criterion(loss)(model(x), y))
+    assert value == pytest.approx(math.log(2), abs=1e-3)
+
+
 @pytest.mark.slow
 def test_sigkill_then_resume_is_exact(bprun, data_dir, tmp_path):
     write_interactions(tmp_path / "x.csv", users=120, items=40)

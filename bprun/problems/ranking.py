@@ -146,6 +146,18 @@ class Ranking(Problem):
 
         return MSELoss() if self.explicit else BCEWithLogitsLoss()
 
+    def check_loss(self, loss: nn.Module) -> None:
+        try:
+            super().check_loss(loss)
+        except BprunError:
+            if self.explicit:
+                raise
+            raise BprunError(
+                f"the loss {type(loss).__name__} is for regression, but implicit feedback ranks "
+                "each positive among its candidates: use loss=auto (bce_with_logits), bpr or "
+                "cross_entropy (or give dataset.rating to predict ratings)"
+            ) from None
+
     def criterion(self, loss: nn.Module) -> nn.Module:
         return loss if self.explicit else CandidateLoss(loss)
 
