@@ -411,3 +411,24 @@ def test_ids_that_concatenate_alike_stay_apart(tmp_path):
     test = {(users[u], items[i]) for u, i in ds.x_test[:, :2].tolist()}
     assert test == {("1", "23"), ("12", "6")}  # user 1's repeat of item 23 counts at its last time
     assert len(ds.x_train) + len(ds.x_val) + len(ds.x_test) == 6
+
+
+def test_ranks_read_disjoint_rows_of_one_draw_of_negatives(tmp_path):
+    """Two ranks' shares of each batch, negatives included, make up one process's batch."""
+    from bprun.data import InMemoryLoader
+
+    write_interactions(tmp_path / "x.csv", users=60)
+    ds = load(tmp_path / "x.csv")
+
+    def loader(batch):
+        return InMemoryLoader(ds.x_train, ds.y_train, batch, True, 5, epoch_inputs=ds.epoch_inputs)
+
+    # a per-rank batch of 16 on 2 ranks is the global batch of 32 of one process
+    one, rank0, rank1 = loader(32), loader(16).shard(0, 2), loader(16).shard(1, 2)
+    for epoch in (0, 1):
+        whole = [x for x, _ in one.batches(epoch)]
+        shares = zip(rank0.batches(epoch), rank1.batches(epoch), strict=True)
+        assert len(whole) == len(rank0) > 1
+        for b, ((a, _), (c, _)) in enumerate(shares):
+            assert torch.equal(torch.cat([a, c]), whole[b])
+            assert a[:, 2:].shape[1] == 4

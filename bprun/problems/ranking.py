@@ -42,8 +42,8 @@ class RankMetric(Metric):
 
     full_state_update = False
 
-    def __init__(self, name: str, k: int | None = None):
-        super().__init__()
+    def __init__(self, name: str, k: int | None = None, **kwargs):
+        super().__init__(**kwargs)
         self.name, self.k = name, k
         self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
@@ -240,7 +240,10 @@ class Ranking(Problem):
     def baseline(self, x: torch.Tensor, y: torch.Tensor, batch: int = 4096) -> dict[str, float]:
         """The selected metrics of ranking `x`'s rows by popularity."""
         pop = self.popularity()
-        metrics = {n: RankMetric(n.split("@")[0], self.k) for n in self.selected}
+        # one process ranks the whole split (rank 0 reports): nothing to gather from others
+        metrics = {
+            n: RankMetric(n.split("@")[0], self.k, sync_on_compute=False) for n in self.selected
+        }
         for lo in range(0, len(x), batch):
             xb, yb = x[lo : lo + batch].cpu(), y[lo : lo + batch].cpu()
             scores = pop[xb[:, 1:]] if xb.shape[1] > 1 else pop.expand(len(xb), -1)
