@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from bprun.data import Dataset, InMemoryLoader, split_validation
@@ -205,14 +205,26 @@ def build_data(
     augment_settings = parse_augment(own["augment"], x_tr)
     augment = worker_augment(augment_settings) if augment_in_workers else None
 
+    if dataset.epoch_inputs is not None and path != "memory":
+        raise BprunError(
+            "this dataset remakes its training inputs each epoch (sampled negatives), which "
+            "the in-memory loader does: set dataset.loader=memory (or auto)"
+        )
+
     def loader(x, y, batch_size, shuffle, transform, max_batches, training=False):
         if training and shuffle and balanced:
             sampler = BalancedSampler.for_labels(y, batch_size, seed, max_batches=max_batches)
         else:
             sampler = SeededSampler(len(x), batch_size, shuffle, seed, max_batches=max_batches)
         if path == "memory":
+            remake = dataset.epoch_inputs if training else None
             return InMemoryLoader(
-                x.to(device), y.to(device), batch_size, transform=transform, sampler=sampler
+                x.to(device),
+                y.to(device),
+                batch_size,
+                transform=transform,
+                sampler=sampler,
+                epoch_inputs=remake,
             )
         source = x if lazy else TensorRows(x, y)
         if training and augment is not None:  # the workers crop and flip training batches only
@@ -315,11 +327,26 @@ def problem_hint(data_node: DictConfig, problem_node: DictConfig | None) -> Dict
     targets either way (`dataset.task` of table and arrays) reads them as that problem needs,
     unless the dataset node says otherwise."""
     kind = (problem_node or {}).get("kind", "auto")
+    # Problem settings that shape the data's evaluation rows (a ranking problem's candidates).
+    shared = {
+        k: problem_node[k]
+        for k in PROBLEM_DATA_KEYS
+        if k in (problem_node or {}) and k in source_params(dict(data_node)) and k not in data_node
+    }
+    if shared:
+        data_node = copy.deepcopy(data_node)
+        with open_dict(data_node):
+            data_node.update(shared)
     if kind not in ("classification", "regression") or data_node.get("task", "absent") is not None:
         return data_node
     node = copy.deepcopy(data_node)
     node.task = kind
     return node
+
+
+# Keys of the problem node that a data source taking them is handed: a ranking problem's
+# eval_negatives decides the candidates each validation and test row holds.
+PROBLEM_DATA_KEYS = ("eval_negatives",)
 
 
 def build_problem(node: DictConfig | None, dataset: Dataset, metrics=None):
@@ -382,7 +409,7 @@ def _parameters(fn) -> set[str]:
 
 
 # Keys that `problem=auto` carries for whichever kind the data picks, with their defaults.
-SHARED_PROBLEM_KEYS = {"threshold": 0.5}
+SHARED_PROBLEM_KEYS = {"threshold": 0.5, "k": 10, "eval_negatives": 99}
 
 
 def build_model(node: DictConfig, dataset: Dataset, problem=None) -> nn.Module:
@@ -413,6 +440,12 @@ def build_model(node: DictConfig, dataset: Dataset, problem=None) -> nn.Module:
             )
     if problem is not None and (wanted := problem.model_arguments()):
         takes = source_params(args)  # what the problem tells models that ask (a horizon, ...)
+        if problem.requires_model_arguments and not wanted.keys() <= takes:
+            raise BprunError(
+                f"model={args.get('_target_')} does not take {', '.join(wanted)}, which a "
+                f"{problem.describe_kind()} problem's model is built with: use "
+                f"{problem.models_hint()}"
+            )
         extra.update({k: v for k, v in wanted.items() if k in takes and k not in args})
     model = _instantiate(
         args, "model", input_shape=dataset.input_shape, num_classes=outputs, **extra

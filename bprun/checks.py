@@ -115,7 +115,7 @@ def check_command_line(argv: list[str], multirun: bool = False) -> None:
 def check_metric_names(cfg: DictConfig) -> None:
     """Monitored metrics and `metrics=[...]` that no problem the run can pose reports, before
     any data loads (the trainer checks the exact names once the data has picked the problem)."""
-    from bprun.problems import metric_vocabulary
+    from bprun.problems import is_known_metric, metric_vocabulary
 
     problem = cfg.get("problem") or {}
     kind = problem.get("kind", "auto") if not problem.get("_target_") else None
@@ -135,7 +135,7 @@ def check_metric_names(cfg: DictConfig) -> None:
                 f"metrics takes a list of names, got {chosen!r}: write metrics=[{chosen}]"
             )
         for name in chosen:
-            if str(name) not in known:
+            if not is_known_metric(str(name), known):
                 hint = did_you_mean_metric(str(name), known)
                 raise BprunError(
                     f"metrics=[...]: {lacks(name)}: "
@@ -152,7 +152,7 @@ def check_metric_names(cfg: DictConfig) -> None:
         if not name or "/" not in str(name):
             continue
         prefix, metric = str(name).split("/", 1)
-        if not prefix.startswith("val") or metric in known:
+        if not prefix.startswith("val") or is_known_metric(metric, known):
             continue  # train/loss and the like: the trainer checks those
         hint = did_you_mean_metric(metric, known, f"{key}={prefix}/")
         raise BprunError(

@@ -65,10 +65,15 @@ def resume_overrides(argv: list[str]) -> list[str]:
     return [*line, f"hydra.run.dir={run}", "hydra.output_subdir=null"]
 
 
+# Tasks that work on a saved run and write beside its checkpoint, in its folder.
+IN_RUN_FOLDER = ("eval", "generate", "recommend")
+
+
 def eval_overrides(argv: list[str]) -> list[str]:
-    """`task=eval ckpt=X`: the run folder of X is the job's folder (eval.json goes beside the
-    checkpoint); no new run folder, and Hydra leaves the run's `.hydra/` as it is."""
-    task = next((t for t in ("eval", "generate") if f"task={t}" in argv), None)
+    """`task=eval ckpt=X` (and generate, recommend): the run folder of X is the job's folder
+    (eval.json, samples.txt, recommendations.csv go beside the checkpoint); no new run folder,
+    and Hydra leaves the run's `.hydra/` as it is."""
+    task = next((t for t in IN_RUN_FOLDER if f"task={t}" in argv), None)
     if task is None or "-m" in argv or "--multirun" in argv:
         return argv
     ckpt = [a.split("=", 1)[1] for a in argv if key_of(a) == "ckpt"]
@@ -116,9 +121,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     run_dir = Path(hc.runtime.output_dir)
-    own_folder = (
-        not multirun and cfg.task not in ("eval", "generate") and not cfg.trainer.get("resume")
-    )
+    own_folder = not multirun and cfg.task not in IN_RUN_FOLDER and not cfg.trainer.get("resume")
     if multirun:
         cfg.trainer.progress = False  # a sweep prints one line per job, not interleaved bars
     try:

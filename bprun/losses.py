@@ -206,6 +206,25 @@ class HuberLoss(nn.HuberLoss):
         return super().forward(out, target)
 
 
+class BPRLoss(nn.Module):
+    """Bayesian personalised ranking: -log sigmoid(positive's score - each other candidate's),
+    averaged; the scores are (N, candidates) and the target the positive's column."""
+
+    task = "classification"
+
+    def forward(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        _class_targets("bpr", out, target)
+        if out.dim() != 2 or out.shape[1] < 2:
+            raise BprunError(
+                "loss=bpr ranks a positive above sampled negatives: it needs interaction data "
+                "with dataset.negatives of at least 1 (dataset=interactions)"
+            )
+        positive = out.gather(1, target.view(-1, 1))
+        others = torch.ones_like(out, dtype=torch.bool).scatter_(1, target.view(-1, 1), False)
+        margin = positive - out
+        return -F.logsigmoid(margin[others]).mean()
+
+
 class QuantileLoss(nn.Module):
     """Pinball loss of one output per quantile: probabilistic forecasts (problem=forecast).
 

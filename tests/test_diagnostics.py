@@ -277,7 +277,10 @@ def zoo() -> list[tuple[str, str]]:
     """bprun's own model families (torchvision's and timm's backward are theirs to check)."""
     library = {"torchvision", "timm"}
     names = sorted(p.stem for p in (CONF / "model").glob("*.yaml") if p.stem not in library)
-    return [(n, "digits" if n in IMAGE_ONLY else "mnist1d") for n in names]
+    return [(n, RECOMMENDERS.get(n, "digits" if n in IMAGE_ONLY else "mnist1d")) for n in names]
+
+
+RECOMMENDERS = {"mf": "interactions_demo", "ncf": "interactions_demo"}  # users and items
 
 
 @pytest.fixture(scope="module")
@@ -293,11 +296,12 @@ def test_gradcheck_passes_on_every_model_in_the_zoo(model, dataset, compose_cfg,
     cfg = compose_cfg(f"model={model}", f"dataset={dataset}", f"paths.data_dir={data_dir}")
     data = build_data(cfg.dataset, torch.device("cpu"), 0)
     torch.manual_seed(0)
-    net = build_model(cfg.model, data.dataset)
+    problem = build_problem(None, data.dataset)
+    net = build_model(cfg.model, data.dataset, problem)
     x, y = next(data.train.batches(0))
     big = model in IMAGE_ONLY  # resnet18: 11M parameters, 62 tensors
     s = GradcheckSettings(batch_size=2 if big else 4, max_coords=2 if big else 8)
-    loss = build_loss(cfg.loss, build_problem(None, data.dataset))
+    loss = problem.criterion(build_loss(cfg.loss, problem))
     results = check_gradients(net, loss, x[: s.batch_size], y[: s.batch_size], s)
     assert {r.name for r in results} == {n for n, p in net.named_parameters() if p.requires_grad}
     worst = max(results, key=lambda r: r.max_rel_error)

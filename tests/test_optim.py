@@ -271,7 +271,7 @@ def test_optimizer_configs_say_what_their_names_say(nodes):
             "sgd": "sgd",
             "momentum": "sgd",
             "nesterov": "sgd",
-        }.get(name, name)
+        }.get(name, name.replace("_", ""))
 
 
 def test_optimizers_and_schedulers_end_to_end(bprun, tmp_path):

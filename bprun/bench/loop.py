@@ -250,6 +250,12 @@ def main(argv=None) -> None:
         action="store_true",
         help="the whole `bprun` command against plain scripts (and Lightning, if installed)",
     )
+    parser.add_argument(
+        "--ranking",
+        action="store_true",
+        help="instead: ranking evaluation of --users users against 99 negatives each",
+    )
+    parser.add_argument("--users", type=int, default=10000, help="users for --ranking")
     data = parser.add_argument_group("--data: the data paths (see bprun/bench/data.py)")
     data.add_argument("--data", action="store_true", help="benchmark the data paths instead")
     data.add_argument("--images", type=int, default=2048)
@@ -257,6 +263,11 @@ def main(argv=None) -> None:
     data.add_argument("--batch-size", type=int, default=64)
     data.add_argument("--workers", type=int, default=2)
     args, rest = parser.parse_known_args(argv)
+    if args.ranking:
+        from bprun.bench import ranking
+
+        args.rounds = args.rounds or 3
+        return ranking.main(args)
     if args.data:
         from bprun.bench import data as bench_data
 

@@ -35,10 +35,14 @@ class InMemoryLoader:
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
         max_batches: int | None = None,
         sampler: SeededSampler | None = None,
+        epoch_inputs: Callable[[torch.Tensor, int, int], torch.Tensor] | None = None,
     ):
         """`sampler`: the order to follow (e.g. a `BalancedSampler`); by default a
-        `SeededSampler` of (batch_size, shuffle, seed, max_batches)."""
+        `SeededSampler` of (batch_size, shuffle, seed, max_batches). `epoch_inputs(x, seed,
+        epoch)`: the inputs of each epoch remade from `x` (sampled negatives)."""
         self.x, self.y = x, y
+        # Inputs remade each epoch from (x, seed, epoch), e.g. sampled negatives (Dataset's).
+        self.base_x, self.epoch_inputs = x, epoch_inputs
         self.transform = transform  # applied to each input batch (augmentation, dtype)
         if sampler is None:
             sampler = SeededSampler(len(x), batch_size, shuffle, seed, max_batches=max_batches)
@@ -57,7 +61,12 @@ class InMemoryLoader:
             return self
         s = self.sampler
         return InMemoryLoader(
-            self.x, self.y, s.batch_size, transform=self.transform, sampler=s.unsharded()
+            self.base_x,
+            self.y,
+            s.batch_size,
+            transform=self.transform,
+            sampler=s.unsharded(),
+            epoch_inputs=self.epoch_inputs,
         )
 
     batch_size = property(lambda self: self.sampler.batch_size)  # the global batch
@@ -86,6 +95,8 @@ class InMemoryLoader:
         self, epoch: int = 0, start: int = 0
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield the batches of `epoch` from batch index `start` on."""
+        if self.epoch_inputs is not None:
+            self.x = self.epoch_inputs(self.base_x, self.seed, epoch)
         order = self.order(epoch)
         gathered = self._gathered(order, start) if order is not None else None
         for b in range(start, self.sampler.num_batches):

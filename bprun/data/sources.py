@@ -57,6 +57,12 @@ class Dataset:
     # that pads a sequence (models mask it out). Handed to models that take them.
     vocab_size: int | None = None
     pad_id: int | None = None
+    # What the problem reads besides num_classes (a ranking problem: the user and item counts,
+    # the users' training items), and what the model is built with (`num_users`).
+    info: dict | None = None
+    # `f(x_train, seed, epoch) -> inputs of that epoch` (sampled negatives): a pure function of
+    # its arguments, so resume stays exact; the in-memory loader calls it once an epoch.
+    epoch_inputs: object | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:

@@ -56,7 +56,21 @@ KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
             *(p + m for p in ("", "naive_", "snaive_") for m in ("mae", "rmse", "smape", "mase")),
         ),
     ),
+    # hr@k and ndcg@k at problem.k (any k: `@k` stands for a number in the names below)
+    "ranking": (
+        "bprun.problems.ranking:Ranking",
+        ("loss", "hr@k", "ndcg@k", "mrr", "rmse", "mae"),
+    ),
 }
+
+
+def is_known_metric(name: str, known) -> bool:
+    """`name` is one of `known`, where `@k` in a known name stands for any whole number."""
+    import re
+
+    return name in known or any(
+        "@k" in k and re.fullmatch(re.escape(k).replace("@k", r"@\d+"), name) for k in known
+    )
 
 
 def metric_vocabulary(kind: str | None = None) -> tuple[str, ...]:

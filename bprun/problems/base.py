@@ -37,6 +37,7 @@ class Problem:
     # What the loop monitors unless trainer.monitor says otherwise.
     monitor: ClassVar[str] = "val/loss"
     mode: ClassVar[str] = "min"
+    requires_model_arguments: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -71,6 +72,11 @@ class Problem:
         """The width of the model's last layer."""
         return self.num_classes
 
+    def models_hint(self) -> str:
+        """The models that fit this problem, for the error when a model does not take the
+        `model_arguments` this problem requires."""
+        return "another model"
+
     def default_loss(self) -> nn.Module:
         raise NotImplementedError
 
@@ -80,7 +86,8 @@ class Problem:
 
     def model_arguments(self) -> dict:
         """Keyword arguments a model builder gets when its signature takes them (a forecaster's
-        `window`), beside `input_shape` and `num_classes`."""
+        `window`, a recommender's `num_users`), beside `input_shape` and `num_classes`; with
+        `requires_model_arguments`, a model that does not take them is an error."""
         return {}
 
     def criterion(self, loss: nn.Module) -> nn.Module:

@@ -29,6 +29,10 @@ TASKS = {
         "bprun.tasks.backtest",
         "walk-forward test of a forecaster over backtest.folds origins, write backtest.csv",
     ),
+    "recommend": (
+        "bprun.tasks.recommend",
+        "top-k unseen items per user of a saved recommender (ckpt=<run>), as a CSV",
+    ),
     "gradcheck": ("bprun.tasks.gradcheck", "check autograd against finite differences"),
     "lr_find": ("bprun.tasks.lr_find", "learning-rate range test, plot and suggestion"),
     "cv": (

@@ -26,16 +26,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> float | No
     if not cfg.get("ckpt"):
         raise BprunError("task=eval needs ckpt=<run folder or .pt file>")
     attack = OmegaConf.to_object(cfg.attack) if cfg.get("attack") else None
-    path = ckpt_io.resolve_checkpoint(cfg.ckpt, "ckpt")
-    state = ckpt_io.load_checkpoint(path)
-    if Path(cfg.ckpt).is_dir() and state.get("topk") and state["topk"]["entries"]:
-        best = path.parent / state["topk"]["entries"][0][1]
-        if best.is_file():
-            path, state = best, ckpt_io.load_checkpoint(best)
-    config = (state.get("extra") or {}).get("config")
-    if not config:
-        raise BprunError(f"{path} carries no config; it was not written by bprun train")
-    saved = OmegaConf.create(config)
+    path, state, saved = saved_run(cfg.ckpt)
     other_data = any(key_of(o).split(".")[0] == "dataset" for o in overrides)
     trained_on = saved.dataset.get("_target_")
     if other_data:
@@ -50,16 +41,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> float | No
             saved[key] = cfg.get(key)
     if saved.model.get("init_from"):  # the checkpoint's weights replace them anyway
         saved.model.init_from = None
-    s = TrainerSettings(
-        **{
-            k: v
-            for k, v in OmegaConf.to_container(saved.trainer).items()
-            if not isinstance(v, dict)
-        }
-    )
-    s.device, s.resume, s.compile = cfg.trainer.device, None, False
-    if s.precision == "16-mixed" and resolve_device(s.device).type != "cuda":
-        s.precision = "32"  # float16 autocast needs CUDA; evaluate in full precision
+    s = saved_settings(saved, cfg.trainer.device)
     # The fitted encoding (table statistics, image normalisation) applies to the same source.
     fitted = data_state(state) if saved.dataset.get("_target_") == trained_on else None
     trainer, data = build_trainer(saved, None, s, data_state=fitted)
@@ -99,3 +81,33 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> float | No
         log.info(f"{k:<15} {v:.4f}")
     log.info(f"wrote {out}")
     return metrics.get("test/loss")
+
+
+def saved_run(ckpt: str):
+    """(checkpoint path, its state, the config it was trained with) of `ckpt`: a run folder
+    means its best checkpoint (by the run's checkpoint monitor), else its last one."""
+    path = ckpt_io.resolve_checkpoint(ckpt, "ckpt")
+    state = ckpt_io.load_checkpoint(path)
+    if Path(ckpt).is_dir() and state.get("topk") and state["topk"]["entries"]:
+        best = path.parent / state["topk"]["entries"][0][1]
+        if best.is_file():
+            path, state = best, ckpt_io.load_checkpoint(best)
+    config = (state.get("extra") or {}).get("config")
+    if not config:
+        raise BprunError(f"{path} carries no config; it was not written by bprun train")
+    return path, state, OmegaConf.create(config)
+
+
+def saved_settings(saved: DictConfig, device: str) -> TrainerSettings:
+    """The trainer settings of a saved run, to evaluate on `device` (no resume, no compile)."""
+    s = TrainerSettings(
+        **{
+            k: v
+            for k, v in OmegaConf.to_container(saved.trainer).items()
+            if not isinstance(v, dict)
+        }
+    )
+    s.device, s.resume, s.compile = device, None, False
+    if s.precision == "16-mixed" and resolve_device(s.device).type != "cuda":
+        s.precision = "32"  # float16 autocast needs CUDA; evaluate in full precision
+    return s

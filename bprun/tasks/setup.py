@@ -31,6 +31,7 @@ from bprun.engine.precision import check_precision, resolve_device
 from bprun.engine.settings import TrainerSettings
 from bprun.engine.trainer import Trainer
 from bprun.errors import BprunError
+from bprun.optim import use_sparse_gradients
 from bprun.tracking.callbacks import tensorboard_callbacks
 
 log = logging.getLogger("bprun")
@@ -114,6 +115,8 @@ def build_trainer(
     if s.strategy == "fsdp" and dist.enabled:  # before the optimizer: it steps on the shards
         model = fsdp.shard(model, s.fsdp, s.precision, device)
     optimizer = build_optimizer(cfg.optim, model)
+    if use_sparse_gradients(model, optimizer):
+        log.info("embeddings give sparse gradients (optim=sparse_adam updates the rows used)")
     finetune = finetune_callbacks(model, s)  # after the optimizer: see finetune_callbacks
     updates_per_epoch = -(-len(data.train) // s.accumulate)
     scheduler, interval = build_scheduler(
