@@ -92,6 +92,9 @@ def check_command_line(argv: list[str], multirun: bool = False) -> None:
         where = getattr(e, "full_key", None)
         raise BprunError(f"{where or 'the config'}: {_first_line(e)}") from None
     check_typed_keys(cfg)
+    from bprun.tracking.trackers import check as check_trackers
+
+    check_trackers(cfg)
     if cfg.get("task") == "meta":
         OmegaConf.to_object(cfg.meta)  # its values, checked by MetaSettings before torch loads
     attack = [o for o in overrides if key_of(o).split(".")[0] == "attack"]

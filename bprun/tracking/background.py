@@ -1,0 +1,165 @@
+"""A tracker that may fail or block, run on a thread of its own with a bounded buffer.
+
+The training thread only appends an event to a deque and returns. A worker thread
+starts the tracker's run on the first event and sends what is buffered, the
+metric rows in batches. When a call fails (a server that went away, a store that
+is locked or full) the events stay in the buffer, one warning line says so, and
+the worker retries with a growing pause; training and the local files go on.
+The buffer keeps at most `capacity` events: past that, the oldest metric rows
+are dropped and counted. `close` waits up to `timeout` seconds for the buffer to
+drain and then says what could not be sent.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+
+log = logging.getLogger("bprun")
+
+METRICS = "metrics"
+BATCH_ROWS = 200  # metric rows per call: well under MLflow's 1000 metrics per batch
+PAUSES = (1.0, 2.0, 4.0, 8.0)  # between retries; the last one repeats
+
+
+def _reason(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    if len(text) > 160:
+        text = text[:157] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _never(e: BaseException) -> bool:
+    return False
+
+
+class Background:
+    """Runs `backend`'s calls off the training thread. The backend has `start()`, which
+    opens its run, `handle(kind, items)`, which sends a list of events of one kind,
+    `stop()`, its local clean-up, and may have `permanent(error)`: True for a refusal
+    that a retry cannot change (the event is dropped with a warning)."""
+
+    def __init__(self, name: str, backend, capacity: int = 10_000, timeout: float = 30.0):
+        self.name, self.backend = name, backend
+        self.capacity, self.timeout = max(1, int(capacity)), float(timeout)
+        self._queue: deque = deque()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closing = False
+        self._started = False
+        self._failing: str | None = None  # the reason of the current outage
+        self._inflight: list = []
+        self._abandoned = False  # close gave up waiting: the worker stops retrying
+        self.dropped = 0  # metric rows dropped from a full buffer
+        self.sent = 0
+
+    # ---------------------------------------------------------------- training thread
+    def put(self, kind: str, *payload) -> None:
+        with self._cond:
+            if self._closing:
+                return
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._work, name=f"bprun-{self.name}", daemon=True
+                )
+                self._thread.start()
+            self._queue.append((kind, payload))
+            if len(self._queue) > self.capacity:
+                self._drop_oldest_metrics()
+            self._cond.notify()
+
+    def _drop_oldest_metrics(self) -> None:
+        for i, (kind, _) in enumerate(self._queue):
+            if kind == METRICS:
+                del self._queue[i]
+                self.dropped += 1
+                return
+
+    def close(self) -> None:
+        """Wait up to `timeout` seconds for the buffer to drain, then say what was lost."""
+        with self._cond:
+            if self._thread is None or self._closing:
+                self._closing = True
+                return
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join(self.timeout)
+        with self._cond:
+            self._abandoned = True
+            left = list(self._queue) + list(self._inflight)
+            self._queue.clear()
+        rows = sum(1 for kind, _ in left if kind == METRICS) + self.dropped
+        other = sum(1 for kind, _ in left if kind != METRICS)
+        if rows or other or self._thread.is_alive():
+            what = f"{rows} metric rows" + (f" and {other} other events" if other else "")
+            why = f" ({self._failing})" if self._failing else ""
+            log.warning(
+                f"tracker {self.name}: {what} could not be sent{why} and are lost from it; "
+                "the run folder (TensorBoard, metrics.json, checkpoints) has them all"
+            )
+
+    # ---------------------------------------------------------------- worker thread
+    def _take(self) -> list:
+        """The events to send next: consecutive metric rows, or one other event."""
+        first = self._queue.popleft()
+        batch = [first]
+        if first[0] == METRICS:
+            while self._queue and self._queue[0][0] == METRICS and len(batch) < BATCH_ROWS:
+                batch.append(self._queue.popleft())
+        return batch
+
+    def _work(self) -> None:
+        failures = 0
+        while True:
+            with self._cond:
+                while not self._queue and not self._closing:
+                    self._cond.wait()
+                if not self._queue:
+                    break
+                self._inflight = self._take()
+            batch = self._inflight
+            try:
+                if not self._started:
+                    self.backend.start()
+                    self._started = True
+                self.backend.handle(batch[0][0], [payload for _, payload in batch])
+            except Exception as e:
+                if self._started and getattr(self.backend, "permanent", _never)(e):
+                    log.warning(f"tracker {self.name}: refused {batch[0][0]} ({_reason(e)})")
+                    with self._cond:
+                        self._inflight = []
+                    continue
+                with self._cond:
+                    self._queue.extendleft(reversed(batch))  # retried first, in order
+                    self._inflight = []
+                    while len(self._queue) > self.capacity and self._has_metrics():
+                        self._drop_oldest_metrics()
+                if self._failing is None:
+                    log.warning(
+                        f"tracker {self.name}: {_reason(e)}; training goes on, keeping up to "
+                        f"{self.capacity} events to send when it answers again"
+                    )
+                self._failing = _reason(e)
+                if self._abandoned:
+                    return
+                pause = PAUSES[min(failures, len(PAUSES) - 1)]
+                failures += 1
+                time.sleep(pause)
+                continue
+            with self._cond:
+                self._inflight = []
+            self.sent += len(batch)
+            if self._failing is not None:
+                log.warning(f"tracker {self.name}: answering again; sending what was kept")
+                self._failing = None
+            failures = 0
+        try:
+            if self._started:
+                self.backend.stop()  # local clean-up; the run's end was an event like any other
+        except Exception as e:
+            log.warning(f"tracker {self.name}: could not end its run cleanly ({_reason(e)})")
+
+    def _has_metrics(self) -> bool:
+        return any(kind == METRICS for kind, _ in self._queue)
