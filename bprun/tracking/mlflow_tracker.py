@@ -161,7 +161,8 @@ class MlflowBackend:
             elif Path(path).is_file():
                 self.client.log_artifact(self.run_id, path, folder)
         elif kind == "finish":
-            (status,) = items[0]
+            (status,) = items[0]  # completed, pruned, failed or interrupted
+            self.client.set_tag(self.run_id, "status", status)
             self.client.set_terminated(self.run_id, STATUS.get(status, "KILLED"))
 
     def stop(self) -> None:

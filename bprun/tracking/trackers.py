@@ -242,3 +242,27 @@ def _choices() -> dict[str, str]:
     if not HydraConfig.initialized():
         return {}
     return {k: str(v) for k, v in HydraConfig.get().runtime.choices.items() if v is not None}
+
+
+def open_sweep(config, sweep_dir: Path) -> None:
+    """A sweep's or search's parent run, for the trackers that nest runs (MLflow)."""
+    picked = chosen(config)
+    if "mlflow" not in picked or importlib.util.find_spec("mlflow") is None:
+        return
+    from omegaconf import OmegaConf
+
+    from bprun.tracking.mlflow_tracker import open_parent
+
+    params = {"overrides": " ".join(OmegaConf.select(config, "hydra.overrides.task") or []) or "-"}
+    search = OmegaConf.select(config, "search")
+    if search is not None:
+        params.update({f"search.{k}": v for k, v in OmegaConf.to_container(search).items()})
+    open_parent(picked["mlflow"], Path(sweep_dir), params)
+
+
+def close_sweep(config, sweep_dir: Path, failed: bool, files=()) -> None:
+    """End the parent run, with the sweep's summary files."""
+    if "mlflow" in chosen(config) and importlib.util.find_spec("mlflow") is not None:
+        from bprun.tracking.mlflow_tracker import close_parent
+
+        close_parent(chosen(config)["mlflow"], Path(sweep_dir), failed, files)
