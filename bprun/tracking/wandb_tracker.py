@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import netrc
 import os
+import shutil
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -59,9 +60,13 @@ class WandbBackend:
         elif kind == "tags":
             self.run.tags = tuple(f"{k}:{v}"[:64] for k, v in items[0][0].items())
         elif kind == "artifact":
-            path, folder = items[0]
-            if Path(path).is_file():
-                self.run.save(str(path), base_path=str(Path(path).parent), policy="now")
+            path, folder = items[0]  # files in the run's folder are synced with it
+            target = Path(self.run.dir) / (folder or "") / Path(path).name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if Path(path).is_dir():
+                shutil.copytree(path, target, dirs_exist_ok=True)
+            elif Path(path).is_file():
+                shutil.copy2(path, target)
         elif kind == "finish":
             (status,) = items[0]
             self.run.summary["status"] = status
