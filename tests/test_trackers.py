@@ -18,6 +18,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import BPRUN, job_dir
 
 from bprun.tracking.background import Background
@@ -113,6 +114,8 @@ def test_mlflow_run_params_metrics_and_resume_into_the_same_run(bprun, server, t
 
     second = bprun(f"trainer.resume={first.run_dir}", "trainer.max_epochs=2")
     (resumed,) = runs_of(client, "run")
+    saved = torch.load(first.run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert saved["extra"]["trackers"]["mlflow"] == run.info.run_id
     assert resumed.info.run_id == run.info.run_id and resumed.info.status == "FINISHED"
     assert [step for step, _ in history(client, run.info.run_id, "val/loss")] == [36, 72]
     best = second.metrics["best"]["val/loss"]

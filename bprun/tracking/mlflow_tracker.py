@@ -90,17 +90,27 @@ class MlflowBackend:
     """Events of one run, sent by a Background worker. `ids["mlflow"]` holds the run id once
     the run exists: it is the dict the checkpoint's extra state saves, so a resume finds it."""
 
-    def __init__(self, settings: dict, run_dir: Path, ids: dict, resume_id: str | None = None):
+    def __init__(
+        self,
+        settings: dict,
+        run_dir: Path,
+        ids: dict,
+        resume_id: str | None = None,
+        resuming: bool = False,
+    ):
         self.uri = absolute_uri(str(settings["uri"]))
         self.experiment = settings.get("experiment") or _default_experiment(run_dir)
         self.run_name = settings.get("run_name") or run_dir.name
         self.run_dir, self.ids, self.resume_id = run_dir, ids, resume_id
+        self.resuming = resuming or resume_id is not None
         self.parent_id = parent_run_id(run_dir, self.uri)
         self.client = None
         self.run_id: str | None = None
 
     def start(self) -> None:
         self.client = self.client or client(self.uri)
+        if self.resuming and not self.resume_id:
+            self.resume_id = self._run_of_folder()
         if self.resume_id and self._reopen(self.resume_id):
             self.run_id = self.resume_id
         else:
@@ -112,6 +122,21 @@ class MlflowBackend:
             )
             self.run_id = run.info.run_id
         self.ids["mlflow"] = self.run_id
+
+    def _run_of_folder(self) -> str | None:
+        """The run this folder logged to: a checkpoint written before the run was created
+        (the first one, while MLflow was still starting) does not hold its id."""
+        found = self.client.get_experiment_by_name(self.experiment)
+        if found is None:
+            return None
+        folder = str(self.run_dir).replace("'", "\\'")
+        runs = self.client.search_runs(
+            [found.experiment_id],
+            filter_string=f"tags.run_dir = '{folder}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        return runs[0].info.run_id if runs else None
 
     def _reopen(self, run_id: str) -> bool:
         from mlflow.exceptions import MlflowException

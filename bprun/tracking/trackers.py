@@ -17,6 +17,7 @@ from __future__ import annotations
 import getpass
 import importlib.util
 import os
+import secrets
 import socket
 import subprocess
 import time
@@ -212,11 +213,14 @@ def open_trackers(cfg, run_dir: Path, checkpoint: dict | None = None, overrides=
         if name == "mlflow":
             from bprun.tracking.mlflow_tracker import MlflowBackend
 
-            backend = MlflowBackend(settings, run_dir, ids, saved.get("mlflow"))
+            resuming = checkpoint is not None
+            backend = MlflowBackend(settings, run_dir, ids, saved.get("mlflow"), resuming)
         elif name == "wandb":
             from bprun.tracking.wandb_tracker import WandbBackend
 
-            backend = WandbBackend(settings, run_dir, ids, saved.get("wandb"))
+            # W&B takes the id it is given: known now, it is in the first checkpoint too
+            ids["wandb"] = saved.get("wandb") or new_run_id()
+            backend = WandbBackend(settings, run_dir, ids, ids["wandb"])
         elif name == "csv":
             from bprun.tracking.csv_tracker import CsvBackend
 
@@ -234,6 +238,11 @@ def open_trackers(cfg, run_dir: Path, checkpoint: dict | None = None, overrides=
             tags["resumed_at_update"] = str(checkpoint["progress"]["update"])
     tensorboard = Tracker(run_dir, purge_step=purge) if "tensorboard" in picked else None
     return Trackers(tensorboard, workers, ids, params, tags)
+
+
+def new_run_id() -> str:
+    alphabet = "abcdefghijklmnopqrstuvwxyz0123456789"
+    return "".join(secrets.choice(alphabet) for _ in range(8))
 
 
 def _choices() -> dict[str, str]:

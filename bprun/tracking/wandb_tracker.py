@@ -46,7 +46,7 @@ class WandbBackend:
             dir=str(self.run_dir),
             mode=s.get("mode", "offline"),
             id=self.resume_id,
-            resume="allow" if self.resume_id else None,
+            resume="allow",
             settings=wandb.Settings(silent=True, console="off"),
         )
         self.ids["wandb"] = self.run.id
