@@ -22,6 +22,7 @@ log = logging.getLogger("bprun")
 METRICS = "metrics"
 BATCH_ROWS = 200  # metric rows per call: well under MLflow's 1000 metrics per batch
 PAUSES = (1.0, 2.0, 4.0, 8.0)  # between retries; the last one repeats
+LINGER = 0.2  # seconds a worker waits after an event for the ones that follow it
 
 
 def _reason(e: BaseException) -> str:
@@ -118,6 +119,8 @@ class Background:
                     self._cond.wait()
                 if not self._queue:
                     break
+                if not self._closing:  # the epoch's metrics follow its last update's: one call
+                    self._cond.wait(LINGER)
                 self._inflight = self._take()
             batch = self._inflight
             try:

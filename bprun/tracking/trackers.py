@@ -158,7 +158,7 @@ def run_files(run_dir: Path, cfg) -> list[tuple[Path, str | None]]:
     files += [(run_dir / "classes.json", None)]
     files += [(p, str(p.parent.relative_to(run_dir))) for p in sorted(run_dir.rglob("*.png"))]
     if chosen(cfg).get("mlflow", {}).get("log_checkpoints"):
-        best = sorted((run_dir / "checkpoints").glob("best*.pt"))
+        best = sorted((run_dir / "checkpoints").glob("epoch=*.pt"))  # the top-k, not last.pt
         files += [(p, "checkpoints") for p in best]
     return [(p, f if f != "." else None) for p, f in files if p.exists()]
 
