@@ -35,20 +35,55 @@ from bprun.tracking.trackers import open_trackers
 
 
 class EpochEnds(Callback):
-    """When each epoch ended."""
+    """When each epoch ended: wall time, and CPU time of the whole process (the trackers'
+    threads included), which a machine shared with other work disturbs less."""
 
     def __init__(self):
-        self.times: list[float] = []
+        self.times: list[tuple[float, float]] = []
+
+    def mark(self) -> None:
+        self.times.append((time.perf_counter(), time.process_time()))
 
     def on_epoch_end(self, trainer, metrics: dict) -> None:
-        self.times.append(time.perf_counter())
+        self.mark()
 
 
-def fit(cfg, data, initial, settings, trackers_cfg, folder: Path, device) -> tuple:
-    """(seconds of each epoch after the first, of the first epoch, of the end of the run,
-    which waits for the trackers to flush)."""
+class Recorder:
+    """A tracker that keeps what the trainer logs, to replay it."""
+
+    def __init__(self):
+        self.calls: list[tuple[dict, int]] = []
+
+    def log(self, scalars: dict, step: int) -> None:
+        self.calls.append((dict(scalars), step))
+
+
+def replay(calls: list, epochs: int, trackers_cfg, folder: Path, repeat: int) -> float:
+    """CPU seconds per epoch that the trackers spend on one epoch's events (all threads,
+    until every event is sent), once their runs are open. The events of one step go in
+    together and are sent before the next step's, as spaced as in training."""
+    tracker = open_trackers(trackers_cfg, folder)
+    tracker.text("config", "-")
+    while not all(w._started and not w._queue and not w._inflight for w in tracker.workers):
+        time.sleep(0.01)
+    t = time.process_time()
+    for r in range(repeat):
+        for i, (scalars, step) in enumerate(calls):
+            tracker.log(scalars, step + r * 10**6)
+            if i + 1 == len(calls) or calls[i + 1][1] != step:  # as spaced as in training
+                while any(w._queue or w._inflight for w in tracker.workers):
+                    time.sleep(0.005)
+    cpu = (time.process_time() - t) / (epochs * repeat)
+    tracker.close()
+    return cpu
+
+
+def fit(cfg, data, initial, settings, trackers_cfg, folder: Path, device, tracker=None) -> tuple:
+    """(seconds of each epoch after the first, CPU seconds of each, seconds of the first
+    epoch, of the end of the run, which waits for the trackers to flush)."""
     model = copy.deepcopy(initial)
-    tracker = open_trackers(trackers_cfg, folder) if trackers_cfg is not None else None
+    if trackers_cfg is not None:
+        tracker = open_trackers(trackers_cfg, folder)
     ends = EpochEnds()
     trainer = Trainer(
         settings,
@@ -61,18 +96,19 @@ def fit(cfg, data, initial, settings, trackers_cfg, folder: Path, device) -> tup
         tracker=tracker,
         callbacks=[ends],
     )
-    if tracker is not None:
+    if trackers_cfg is not None:
         tracker.text("config", OmegaConf.to_yaml(trackers_cfg))  # as task=train does
-    ends.times.append(time.perf_counter())
+    ends.mark()
     trainer.fit(data.train, data.val)
-    first = ends.times[1] - ends.times[0]
-    later = (ends.times[-1] - ends.times[1]) / (len(ends.times) - 2)
+    (w0, _), (w1, c1), (wn, cn) = ends.times[0], ends.times[1], ends.times[-1]
+    later, cpu = (wn - w1) / (len(ends.times) - 2), (cn - c1) / (len(ends.times) - 2)
+    first = w1 - w0
     t = time.perf_counter()
-    if tracker is not None:
+    if trackers_cfg is not None:
         summary = {"status": "completed", "run_dir": str(folder), "updates": trainer.update}
         tracker.finish(trackers_cfg, {**summary, "best": trainer.best, "monitor": "val/loss"})
         tracker.close()
-    return later, first, time.perf_counter() - t
+    return later, cpu, first, time.perf_counter() - t
 
 
 def main(argv=None) -> None:
@@ -82,6 +118,7 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--variants", default="tensorboard;tensorboard,mlflow,csv")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--replay", type=int, default=10)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     register_configs()
@@ -125,14 +162,31 @@ def main(argv=None) -> None:
     def median(name, i, ratio=False):
         return statistics.median(row[name][i] / (row["none"][i] if ratio else 1.0) for row in rows)
 
+    recorder = Recorder()
+    fit(cfg, data, initial, settings, None, root, device, recorder)
+    untracked = median("none", 1)
     print(
-        f"{'trackers':<24} {'s/epoch':>8} {'vs none':>8} {'1st epoch s':>12} "
-        f"{'vs none':>8} {'end of run s':>12}"
+        f"\nthe trackers' own CPU time for one epoch's events ({len(recorder.calls)} log calls "
+        f"in {args.epochs} epochs), all threads, replayed {args.replay} times:"
+    )
+    for name in variants:
+        folder = root / f"replay_{name.replace(',', '_')}"
+        folder.mkdir()
+        cpu = replay(recorder.calls, args.epochs, tracked[name], folder, args.replay)
+        print(
+            f"{name:<24} {cpu * 1000:>8.2f} ms CPU an epoch, {cpu / untracked:.2%} of the "
+            f"untracked epoch's {untracked:.3f} s CPU"
+        )
+    print()
+    print(
+        f"{'trackers':<24} {'s/epoch':>8} {'vs none':>8} {'cpu s/epoch':>12} {'vs none':>8} "
+        f"{'1st epoch s':>12} {'vs none':>8} {'end of run s':>12}"
     )
     for name in names:
         print(
             f"{name:<24} {median(name, 0):>8.3f} {median(name, 0, True):>8.3f} "
-            f"{median(name, 1):>12.3f} {median(name, 1, True):>8.3f} {median(name, 2):>12.3f}"
+            f"{median(name, 1):>12.3f} {median(name, 1, True):>8.3f} "
+            f"{median(name, 2):>12.3f} {median(name, 2, True):>8.3f} {median(name, 3):>12.3f}"
         )
     tmp.cleanup()
 

@@ -78,14 +78,19 @@ class Background:
                 self.dropped += 1
                 return
 
+    def request_close(self) -> None:
+        """Take no more events; the worker sends what is buffered and ends its run."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+
     def close(self) -> None:
         """Wait up to `timeout` seconds for the buffer to drain, then say what was lost."""
         with self._cond:
-            if self._thread is None or self._closing:
+            if self._thread is None or self._abandoned:
                 self._closing = True
                 return
-            self._closing = True
-            self._cond.notify_all()
+        self.request_close()
         self._thread.join(self.timeout)
         with self._cond:
             self._abandoned = True
@@ -119,8 +124,8 @@ class Background:
                     self._cond.wait()
                 if not self._queue:
                     break
-                if not self._closing:  # the epoch's metrics follow its last update's: one call
-                    self._cond.wait(LINGER)
+                if len(self._queue) == 1 and not self._closing:
+                    self._cond.wait(LINGER)  # an epoch's metrics follow its last update's
                 self._inflight = self._take()
             batch = self._inflight
             try:

@@ -147,6 +147,8 @@ class Trackers:
     def close(self) -> None:
         if self.tensorboard is not None:
             self.tensorboard.close()
+        for worker in self.workers:  # all drain at once: the waits overlap
+            worker.request_close()
         for worker in self.workers:
             worker.close()
 
