@@ -41,7 +41,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> float | No
         best = state["best"].get(s.monitor)
         return float(best) if best is not None and math.isfinite(best) else None
     writes = current().is_main  # under DDP rank 0 alone writes TensorBoard and metrics.json
-    tracker = open_trackers(cfg, run_dir, state, overrides) if writes else None
+    tracker = open_trackers(cfg, run_dir, state, overrides, group_choices()) if writes else None
     extra = {
         "config": OmegaConf.to_yaml(cfg, resolve=True),
         "overrides": [o for o in overrides if key_of(o) != "trainer.resume"],

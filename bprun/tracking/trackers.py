@@ -196,10 +196,13 @@ def run_tags(run_dir: Path) -> dict[str, str]:
     return tags
 
 
-def open_trackers(cfg, run_dir: Path, checkpoint: dict | None = None, overrides=()) -> Trackers:
+def open_trackers(
+    cfg, run_dir: Path, checkpoint: dict | None = None, overrides=(), choices=None
+) -> Trackers:
     """The trackers `cfg.tracker` picks, for one run folder (rank 0 only). A resumed run
     (`checkpoint`) continues its MLflow and W&B runs and TensorBoard and CSV files past
-    the checkpoint's step."""
+    the checkpoint's step. `choices`: the config groups picked (`optim: adamw`), which the
+    parameters list beside the config's values."""
     from bprun.tracking.tensorboard import Tracker, hparam_values
 
     check(cfg)
@@ -233,7 +236,7 @@ def open_trackers(cfg, run_dir: Path, checkpoint: dict | None = None, overrides=
     ids.update({k: v for k, v in saved.items() if k in picked})
     params, tags = {}, {}
     if workers:
-        params = hparam_values(cfg, _choices())
+        params = hparam_values(cfg, choices)
         params["overrides"] = " ".join(overrides) or "-"
         tags = run_tags(run_dir)
         if checkpoint is not None:
@@ -245,14 +248,6 @@ def open_trackers(cfg, run_dir: Path, checkpoint: dict | None = None, overrides=
 def new_run_id() -> str:
     alphabet = "abcdefghijklmnopqrstuvwxyz0123456789"
     return "".join(secrets.choice(alphabet) for _ in range(8))
-
-
-def _choices() -> dict[str, str]:
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        return {}
-    return {k: str(v) for k, v in HydraConfig.get().runtime.choices.items() if v is not None}
 
 
 def open_sweep(config, sweep_dir: Path) -> None:
