@@ -52,27 +52,28 @@ class Recorder:
     """A tracker that keeps what the trainer logs, to replay it."""
 
     def __init__(self):
-        self.calls: list[tuple[dict, int]] = []
+        self.calls: list[tuple[dict, int, float]] = []
 
     def log(self, scalars: dict, step: int) -> None:
-        self.calls.append((dict(scalars), step))
+        self.calls.append((dict(scalars), step, time.perf_counter()))
 
 
 def replay(calls: list, epochs: int, trackers_cfg, folder: Path, repeat: int) -> float:
     """CPU seconds per epoch that the trackers spend on one epoch's events (all threads,
-    until every event is sent), once their runs are open. The events of one step go in
-    together and are sent before the next step's, as spaced as in training."""
+    until every event is sent), once their runs are open. The events come at the moments
+    of the fit they were recorded in, so the workers gather them as in training."""
     tracker = open_trackers(trackers_cfg, folder)
     tracker.text("config", "-")
     while not all(w._started and not w._queue and not w._inflight for w in tracker.workers):
         time.sleep(0.01)
     t = time.process_time()
     for r in range(repeat):
-        for i, (scalars, step) in enumerate(calls):
+        begun = time.perf_counter()
+        for scalars, step, at in calls:  # at the moments of the fit
+            time.sleep(max(0.0, at - calls[0][2] - (time.perf_counter() - begun)))
             tracker.log(scalars, step + r * 10**6)
-            if i + 1 == len(calls) or calls[i + 1][1] != step:  # as spaced as in training
-                while any(w._queue or w._inflight for w in tracker.workers):
-                    time.sleep(0.005)
+    while any(w._queue or w._inflight for w in tracker.workers):
+        time.sleep(0.01)
     cpu = (time.process_time() - t) / (epochs * repeat)
     tracker.close()
     return cpu
@@ -118,7 +119,7 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--variants", default="tensorboard;tensorboard,mlflow,csv")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--replay", type=int, default=10)
+    parser.add_argument("--replay", type=int, default=5)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     register_configs()

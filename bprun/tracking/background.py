@@ -5,6 +5,8 @@ starts the tracker's run on the first event and sends what is buffered, the
 metric rows in batches. When a call fails (a server that went away, a store that
 is locked or full) the events stay in the buffer, one warning line says so, and
 the worker retries with a growing pause; training and the local files go on.
+Sends are at least `interval` seconds apart: a call to a store costs about the
+same for one metric as for hundreds, so the rows of several log calls go together.
 The buffer keeps at most `capacity` events: past that, the oldest metric rows
 are dropped and counted. `close` waits up to `timeout` seconds for the buffer to
 drain and then says what could not be sent.
@@ -22,7 +24,6 @@ log = logging.getLogger("bprun")
 METRICS = "metrics"
 BATCH_ROWS = 200  # metric rows per call: well under MLflow's 1000 metrics per batch
 PAUSES = (1.0, 2.0, 4.0, 8.0)  # between retries; the last one repeats
-LINGER = 0.2  # seconds a worker waits after an event for the ones that follow it
 
 
 def _reason(e: BaseException) -> str:
@@ -42,8 +43,16 @@ class Background:
     `stop()`, its local clean-up, and may have `permanent(error)`: True for a refusal
     that a retry cannot change (the event is dropped with a warning)."""
 
-    def __init__(self, name: str, backend, capacity: int = 10_000, timeout: float = 30.0):
-        self.name, self.backend = name, backend
+    def __init__(
+        self,
+        name: str,
+        backend,
+        capacity: int = 10_000,
+        timeout: float = 30.0,
+        interval: float = 0.0,
+    ):
+        self.name, self.backend, self.interval = name, backend, float(interval)
+        self._last_send = float("-inf")
         self.capacity, self.timeout = max(1, int(capacity)), float(timeout)
         self._queue: deque = deque()
         self._cond = threading.Condition()
@@ -107,40 +116,57 @@ class Background:
             )
 
     # ---------------------------------------------------------------- worker thread
-    def _take(self) -> list:
-        """The events to send next: consecutive metric rows, or one other event."""
-        first = self._queue.popleft()
-        batch = [first]
-        if first[0] == METRICS:
-            while self._queue and self._queue[0][0] == METRICS and len(batch) < BATCH_ROWS:
-                batch.append(self._queue.popleft())
-        return batch
+    @staticmethod
+    def _groups(events: list) -> list[list]:
+        """Calls to make: runs of metric rows (BATCH_ROWS at most), each other event alone."""
+        groups: list[list] = []
+        for event in events:
+            last = groups[-1] if groups else None
+            if event[0] == METRICS and last and last[0][0] == METRICS and len(last) < BATCH_ROWS:
+                last.append(event)
+            else:
+                groups.append([event])
+        return groups
+
+    def _wait_for_work(self) -> bool:
+        """Under the lock: wait for events, and for `interval` since the last send, so that
+        the rows of several log calls go in one call. False when closed and drained."""
+        while not self._queue and not self._closing:
+            self._cond.wait()
+        if not self._queue:
+            return False
+        due = self._last_send + self.interval
+        while not self._closing and len(self._queue) < BATCH_ROWS:
+            left = due - time.monotonic()
+            if left <= 0:
+                break
+            self._cond.wait(left)
+        return True
 
     def _work(self) -> None:
         failures = 0
         while True:
             with self._cond:
-                while not self._queue and not self._closing:
-                    self._cond.wait()
-                if not self._queue:
+                if not self._wait_for_work():
                     break
-                if len(self._queue) == 1 and not self._closing:
-                    self._cond.wait(LINGER)  # an epoch's metrics follow its last update's
-                self._inflight = self._take()
-            batch = self._inflight
+                self._inflight = list(self._queue)
+                self._queue.clear()
+            batch, done = self._inflight, 0
             try:
                 if not self._started:
                     self.backend.start()
                     self._started = True
-                self.backend.handle(batch[0][0], [payload for _, payload in batch])
+                for group in self._groups(batch):
+                    try:
+                        self.backend.handle(group[0][0], [payload for _, payload in group])
+                    except Exception as e:
+                        if not getattr(self.backend, "permanent", _never)(e):
+                            raise
+                        log.warning(f"tracker {self.name}: refused {group[0][0]} ({_reason(e)})")
+                    done += len(group)
             except Exception as e:
-                if self._started and getattr(self.backend, "permanent", _never)(e):
-                    log.warning(f"tracker {self.name}: refused {batch[0][0]} ({_reason(e)})")
-                    with self._cond:
-                        self._inflight = []
-                    continue
                 with self._cond:
-                    self._queue.extendleft(reversed(batch))  # retried first, in order
+                    self._queue.extendleft(reversed(batch[done:]))  # retried first, in order
                     self._inflight = []
                     while len(self._queue) > self.capacity and self._has_metrics():
                         self._drop_oldest_metrics()
@@ -158,6 +184,7 @@ class Background:
                 continue
             with self._cond:
                 self._inflight = []
+            self._last_send = time.monotonic()
             self.sent += len(batch)
             if self._failing is not None:
                 log.warning(f"tracker {self.name}: answering again; sending what was kept")

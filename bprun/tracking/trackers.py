@@ -54,7 +54,7 @@ def check(cfg) -> None:
             raise BprunError(
                 f"tracker={name} needs the {module} package: pip install 'bprun[track]'"
             )
-        for key in ("buffer", "exit_timeout_s"):
+        for key in ("buffer", "exit_timeout_s", "flush_every_s"):
             value = settings.get(key)
             if value is not None and (not isinstance(value, (int, float)) or value < 0):
                 raise BprunError(f"tracker.{name}.{key} must be a number >= 0, got {value!r}")
@@ -215,6 +215,7 @@ def open_trackers(
     for name, settings in picked.items():
         capacity = settings.get("buffer", 10_000)
         timeout = settings.get("exit_timeout_s", 30.0)
+        interval = settings.get("flush_every_s", 0.0)
         if name == "mlflow":
             from bprun.tracking.mlflow_tracker import MlflowBackend
 
@@ -232,7 +233,7 @@ def open_trackers(
             backend = CsvBackend(run_dir, purge)
         else:
             continue
-        workers.append(Background(name, backend, capacity, timeout))
+        workers.append(Background(name, backend, capacity, timeout, interval))
     ids.update({k: v for k, v in saved.items() if k in picked})
     params, tags = {}, {}
     if workers:
