@@ -98,7 +98,7 @@ def history(client, run_id: str, key: str) -> list[tuple[int, float]]:
 @pytest.mark.slow
 def test_mlflow_run_params_metrics_and_resume_into_the_same_run(bprun, server, tmp_path):
     uri = f"tracker.mlflow.uri={server.uri}"
-    first = bprun("tracker=[tensorboard,mlflow,csv]", uri, "trainer.max_epochs=1", "optim.lr=0.003")
+    first = bprun("tracker=[tensorboard,mlflow,csv]", uri, "trainer.max_epochs=2", "optim.lr=0.003")
     client = server.client()
     (run,) = runs_of(client, "run")  # the run folder's name
     assert run.info.status == "FINISHED" and run.data.tags["status"] == "completed"
@@ -107,24 +107,24 @@ def test_mlflow_run_params_metrics_and_resume_into_the_same_run(bprun, server, t
     assert params["optim.lr"] == "0.003" and params["model"] == "mlp"
     assert "optim.lr=0.003" in params["overrides"]
     assert run.data.tags["run_dir"] == str(first.run_dir) and run.data.tags["world_size"] == "1"
-    assert [step for step, _ in history(client, run.info.run_id, "val/loss")] == [36]
+    assert [step for step, _ in history(client, run.info.run_id, "val/loss")] == [36, 72]
+    saved = torch.load(first.run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert saved["extra"]["trackers"]["mlflow"] == run.info.run_id  # what a resume continues
     assert run.data.metrics["test/acc"] == pytest.approx(first.metrics["test"]["test/acc"])
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config", "metrics.json"} <= artifacts
 
-    second = bprun(f"trainer.resume={first.run_dir}", "trainer.max_epochs=2")
+    second = bprun(f"trainer.resume={first.run_dir}", "trainer.max_epochs=3")
     (resumed,) = runs_of(client, "run")
-    saved = torch.load(first.run_dir / "checkpoints" / "last.pt", weights_only=True)
-    assert saved["extra"]["trackers"]["mlflow"] == run.info.run_id
     assert resumed.info.run_id == run.info.run_id and resumed.info.status == "FINISHED"
-    assert [step for step, _ in history(client, run.info.run_id, "val/loss")] == [36, 72]
+    assert [step for step, _ in history(client, run.info.run_id, "val/loss")] == [36, 72, 108]
     best = second.metrics["best"]["val/loss"]
     assert resumed.data.metrics["best/val/loss"] == pytest.approx(best)
 
     with (first.run_dir / "metrics.csv").open() as f:
         rows = list(csv.DictReader(f))
     epochs = [r for r in rows if r["val/loss"]]
-    assert [int(r["step"]) for r in epochs] == [36, 72]
+    assert [int(r["step"]) for r in epochs] == [36, 72, 108]
     assert float(epochs[-1]["val/loss"]) == pytest.approx(second.metrics["history"][-1]["val/loss"])
 
 

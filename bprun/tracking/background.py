@@ -66,15 +66,23 @@ class Background:
         self.sent = 0
 
     # ---------------------------------------------------------------- training thread
+    def warm(self) -> None:
+        """Start the worker now: it runs the backend's `prepare()` (imports, a client), so that
+        the run opens as soon as the first event comes. Opens no run."""
+        with self._cond:
+            self._start_thread()
+
+    def _start_thread(self) -> None:
+        if self._thread is None and not self._closing:
+            self._thread = threading.Thread(target=self._work, name=f"bprun-{self.name}")
+            self._thread.daemon = True
+            self._thread.start()
+
     def put(self, kind: str, *payload) -> None:
         with self._cond:
             if self._closing:
                 return
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._work, name=f"bprun-{self.name}", daemon=True
-                )
-                self._thread.start()
+            self._start_thread()
             self._queue.append((kind, payload))
             if len(self._queue) > self.capacity:
                 self._drop_oldest_metrics()
@@ -145,6 +153,10 @@ class Background:
 
     def _work(self) -> None:
         failures = 0
+        try:
+            getattr(self.backend, "prepare", lambda: None)()
+        except Exception:
+            pass  # what fails here fails again in start(), where it is reported and retried
         while True:
             with self._cond:
                 if not self._wait_for_work():

@@ -107,6 +107,13 @@ class MlflowBackend:
         self.client = None
         self.run_id: str | None = None
 
+    def prepare(self) -> None:
+        """MLflow's import and its store (an SQLite file is created and migrated here)."""
+        import mlflow.entities  # noqa: F401
+
+        self.client = client(self.uri)
+        self.client.get_experiment_by_name(self.experiment)
+
     def start(self) -> None:
         self.client = self.client or client(self.uri)
         if self.resuming and not self.resume_id:

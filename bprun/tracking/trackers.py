@@ -234,6 +234,7 @@ def open_trackers(
         else:
             continue
         workers.append(Background(name, backend, capacity, timeout, interval))
+        workers[-1].warm()
     ids.update({k: v for k, v in saved.items() if k in picked})
     params, tags = {}, {}
     if workers:

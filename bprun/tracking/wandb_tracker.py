@@ -34,6 +34,9 @@ class WandbBackend:
         self.resume_id = resume_id
         self.run = None
 
+    def prepare(self) -> None:
+        import wandb  # noqa: F401  (seconds: on the worker, while the run is built)
+
     def start(self) -> None:
         import wandb
 
