@@ -77,6 +77,8 @@ def check_command_line(argv: list[str], multirun: bool = False) -> None:
     except MissingConfigException as e:
         raise BprunError(_missing_option(str(e), overrides)) from None
     except ConfigCompositionException as e:
+        if "Could not load '" in str(e):  # an option of a list of a group (tracker=[a,b])
+            raise BprunError(_missing_option(str(e), overrides)) from None
         raise BprunError(_bad_override(e, overrides)) from None
     except OverrideParseException as e:
         raise BprunError(f"cannot read the command line: {_first_line(e)}") from None
@@ -93,6 +95,9 @@ def check_command_line(argv: list[str], multirun: bool = False) -> None:
         raise BprunError(f"{where or 'the config'}: {_first_line(e)}") from None
     check_typed_keys(cfg)
     check_metric_names(cfg)
+    from bprun.tracking.trackers import check as check_trackers
+
+    check_trackers(cfg)
     if cfg.get("task") == "meta":
         OmegaConf.to_object(cfg.meta)  # its values, checked by MetaSettings before torch loads
     attack = [o for o in overrides if key_of(o).split(".")[0] == "attack"]
@@ -206,7 +211,7 @@ def _first_line(e: BaseException) -> str:
 
 def _missing_option(message: str, overrides: list[str]) -> str:
     """`model=cnnn` -> the closest options of the group."""
-    found = re.search(r"Could not find '([^']+)'", message)
+    found = re.search(r"Could not (?:find|load) '([^']+)'", message)
     if not found:
         return _first_line(Exception(message))
     group, _, option = found.group(1).rpartition("/")

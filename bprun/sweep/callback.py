@@ -38,6 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 from bprun.errors import BprunError, Interrupted
 from bprun.io import read_json
 from bprun.sweep import summary
+from bprun.tracking.trackers import close_sweep, open_sweep
 
 log = logging.getLogger("bprun")
 
@@ -108,6 +109,7 @@ class SweepCallback(Callback):
             )
         self.swept = summary.swept_keys(config)
         sweep_dir = Path(config.hydra.sweep.dir)
+        open_sweep(config, sweep_dir.absolute())  # MLflow's parent run, when tracker has mlflow
         if skip and not summary.job_folders(sweep_dir):
             print(
                 f"sweep.skip_done: {sweep_dir} holds no earlier jobs, so every job runs; to "
@@ -116,7 +118,10 @@ class SweepCallback(Callback):
             )
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        result = self.write_summary(Path(config.hydra.sweep.dir).absolute())
+        sweep_dir = Path(config.hydra.sweep.dir).absolute()
+        result = self.write_summary(sweep_dir)
+        files = [sweep_dir / "summary.md", sweep_dir / "summary.csv"]
+        close_sweep(config, sweep_dir, bool(result.failed), files)
         if result.failed:
             raise SystemExit(1)
 

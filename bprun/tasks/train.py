@@ -22,7 +22,7 @@ from bprun.overrides import key_of
 from bprun.search.pruning import search_callbacks
 from bprun.tasks.setup import build_trainer, data_state, trainer_settings
 from bprun.tracking.console import result_table
-from bprun.tracking.tensorboard import Tracker, log_hparams
+from bprun.tracking.trackers import open_trackers
 
 log = logging.getLogger("bprun")
 
@@ -41,11 +41,11 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> float | No
         best = state["best"].get(s.monitor)
         return float(best) if best is not None and math.isfinite(best) else None
     writes = current().is_main  # under DDP rank 0 alone writes TensorBoard and metrics.json
-    purge = state["progress"]["update"] + 1 if state else None
-    tracker = Tracker(run_dir, purge_step=purge) if writes else None
+    tracker = open_trackers(cfg, run_dir, state, overrides, group_choices()) if writes else None
     extra = {
         "config": OmegaConf.to_yaml(cfg, resolve=True),
         "overrides": [o for o in overrides if key_of(o) != "trainer.resume"],
+        "trackers": tracker.ids if writes else {},  # the MLflow / W&B runs a resume continues
     }
     trainer, data = build_trainer(
         cfg,
@@ -126,7 +126,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> float | No
         if writes:
             summary["world_size"] = trainer.dist.world_size
             write_json(summary, run_dir / "metrics.json")
-            log_hparams(tracker, cfg, summary, group_choices())
+            tracker.finish(cfg, summary, group_choices())
             tracker.close()
     log.info(result_table(summary))
     best = trainer.best.get(s.monitor)

@@ -79,7 +79,8 @@ class Graph(Callback):
     """
 
     def on_fit_start(self, trainer, train_loader) -> None:
-        if trainer.tracker is None:
+        writer = getattr(trainer.tracker, "writer", None)  # TensorBoard's, when it is picked
+        if writer is None:
             return
         module = trainer.module
         devices = [trainer.device.index or 0] if trainer.device.type == "cuda" else []
@@ -89,7 +90,7 @@ class Graph(Callback):
                 warnings.simplefilter("ignore")  # jit.trace's deprecation and tracer notes
                 x, _ = next(iter(train_loader.batches(0, 0)))
                 module.eval()
-                trainer.tracker.writer.add_graph(module, x[:2], use_strict_trace=False)
+                writer.add_graph(module, x[:2], use_strict_trace=False)
         except Exception as e:
             text = " ".join(str(e).split())[:200]
             log.warning(

@@ -59,7 +59,7 @@ class Tracker:
 
 
 # Config parts that say where things are or belong to other tasks, not how a run trains.
-_NOT_HPARAMS = ("paths", "gradcheck", "lr_find", "sweep", "ckpt", "hydra")
+_NOT_HPARAMS = ("paths", "gradcheck", "lr_find", "sweep", "ckpt", "hydra", "tracker")
 _NOT_HPARAM_LEAVES = ("_partial_", "data_dir", "resume", "progress", "storage")
 
 
