@@ -37,6 +37,16 @@ class SearchSettings:
     # trial of a search on another host is released once its stamp is grace_s old (clocks
     # within grace_s of each other) and did not move while this search waited to make sure.
     heartbeat_s: float = 30.0
+    # Long-lived worker processes that run trial after trial, keeping imports and datasets
+    # between trials. None: search.n_jobs of them when n_jobs > 1 on this machine, else 0.
+    # 0: each trial is a job of the launcher (the mode for SLURM/submitit). N: N trials at a
+    # time, each slot with its own worker.
+    workers: int | None = None
+    # Seconds a trial may run on a worker before the worker is killed, the trial recorded as
+    # failed and a fresh worker started; None: no limit.
+    trial_timeout: float | None = None
+    # A worker whose resident memory passed this after a trial is replaced by a fresh one.
+    worker_memory_mb: float = 4096.0
     grace_s: float = 300.0
     # Set by the sweeper on each job: the trial this run reports to. Not for the command line.
     trial: int | None = None
@@ -64,8 +74,34 @@ class SearchSettings:
                 f"search.grace_s={self.grace_s}: must be at least twice search.heartbeat_s "
                 f"({self.heartbeat_s}), or a live search's trials could be taken for stopped"
             )
+        if self.workers is not None and self.workers < 0:
+            raise BprunError(f"search.workers={self.workers}: must be 0 or more")
+        if self.trial_timeout is not None and not self.trial_timeout > 0:
+            raise BprunError(
+                f"search.trial_timeout={self.trial_timeout}: must be more than 0 seconds "
+                "(leave it unset for no limit)"
+            )
+        if not self.worker_memory_mb > 0:
+            raise BprunError(f"search.worker_memory_mb={self.worker_memory_mb}: must be more than 0")
         if not 0.0 < self.percentile < 100.0:
             raise BprunError(f"search.percentile={self.percentile}: must lie in (0, 100)")
         if not self.study_name:
             raise BprunError("search.study_name is empty: give the study a name")
         return self
+
+    def check_epochs(self, max_epochs: int) -> None:
+        """Pruner settings that could never prune within trainer.max_epochs."""
+        if self.pruner in ("successive_halving", "hyperband"):
+            second = self.min_resource * self.reduction_factor
+            if second > max_epochs:
+                raise BprunError(
+                    f"search.pruner={self.pruner} with min_resource={self.min_resource} and "
+                    f"reduction_factor={self.reduction_factor} has its second rung at epoch "
+                    f"{second}, past trainer.max_epochs={max_epochs}: no trial could be "
+                    "promoted; lower search.min_resource or search.reduction_factor"
+                )
+        elif self.pruner in ("median", "percentile") and self.n_warmup_steps >= max_epochs:
+            raise BprunError(
+                f"search.n_warmup_steps={self.n_warmup_steps} is not below "
+                f"trainer.max_epochs={max_epochs}: no trial could be pruned; lower it"
+            )
