@@ -82,7 +82,9 @@ class SearchSettings:
                 "(leave it unset for no limit)"
             )
         if not self.worker_memory_mb > 0:
-            raise BprunError(f"search.worker_memory_mb={self.worker_memory_mb}: must be more than 0")
+            raise BprunError(
+                f"search.worker_memory_mb={self.worker_memory_mb}: must be more than 0"
+            )
         if not 0.0 < self.percentile < 100.0:
             raise BprunError(f"search.percentile={self.percentile}: must lie in (0, 100)")
         if not self.study_name:

@@ -15,6 +15,7 @@ import logging
 import math
 import shlex
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -197,7 +198,9 @@ class SearchRun:
     def _slot(self, returns: list, runner) -> None:
         try:
             while not self.stop.is_set():
+                start = time.perf_counter()
                 trial = self.search.ask(lambda n: self.sweep_dir / str(n))
+                ask_s = time.perf_counter() - start
                 self._mark_released()
                 if trial is None:
                     # The study is full, but a trial of a search that looks stopped may yet be
@@ -207,22 +210,26 @@ class SearchRun:
                         return
                     self.stop.wait(wait)
                     continue
-                returns.append(self._run_trial(trial, runner))
+                returns.append(self._run_trial(trial, runner, {"ask_s": ask_s}))
         except BaseException as e:  # the storage went away, the space ran out: stop every slot
             if threading.current_thread() is threading.main_thread():
                 raise
             self.error = self.error or e
             self.stop.set()
 
-    def _run_trial(self, trial, runner) -> Any:
+    def _run_trial(self, trial, runner, timing: dict) -> Any:
+        """Run the trial, tell the study how it ended, write its trial.json (with where its
+        time went: `timing`, seconds)."""
         number = trial.number
         overrides = [*self.space.overrides(trial.params), f"search.trial={number}"]
         if self.settings.storage is None:
             overrides.append(f"search.storage={_quote(self.spec)}")
         folder = self.sweep_dir / str(number)
+        start = time.perf_counter()
         try:
             if isinstance(runner, workers.WorkerSlot):
                 ret = runner.launch(overrides, number)
+                timing.update(runner.timing)
             else:
                 ret = runner.launch([overrides], initial_job_idx=number)[0]
         except Exception as e:  # the job's process died (killed, out of memory, timed out)
@@ -231,9 +238,13 @@ class SearchRun:
             report.write_trial(folder, self.search.trial(number), error)
             print(f"[failed]  trial {number}  error: {error}", flush=True)
             return None
+        timing["launch_s"] = time.perf_counter() - start
         if ret.hydra_cfg is not None:
             folder = Path(ret.hydra_cfg.hydra.runtime.output_dir).absolute()
         metrics = read_json(folder / "metrics.json") or {}
+        for key in ("wall_time_s", "fit_time_s"):  # the task's whole run, its training loop
+            if isinstance(metrics.get(key), (int, float)):
+                timing[key.replace("_time", "")] = metrics[key]
         error = ""
         if ret.status == JobStatus.FAILED:
             exc = ret._return_value
@@ -252,8 +263,11 @@ class SearchRun:
             state = "complete" if ok else "failed"
             if not ok:
                 error = f"the job returned no finite {self.monitor}"
+        start = time.perf_counter()
         self.search.tell(number, state, value)
-        report.write_trial(folder, self.search.trial(number), error)
+        told = self.search.trial(number)
+        timing["tell_s"] = time.perf_counter() - start
+        report.write_trial(folder, told, error, timing)
         return ret
 
     def _finish(self) -> None:

@@ -65,12 +65,18 @@ class Worker:
         # cannot name: cloudpickle (as joblib's workers get it).
         self.conn.send_bytes(
             cloudpickle.dumps(
-                (launcher.hydra_context, launcher.config, launcher.task_function, Singleton.get_state())
+                (
+                    launcher.hydra_context,
+                    launcher.config,
+                    launcher.task_function,
+                    Singleton.get_state(),
+                )
             )
         )
 
-    def run(self, idx: int, overrides: list[str], timeout: float | None) -> tuple[JobReturn, int]:
-        """The trial's JobReturn and the worker's resident memory after it, in bytes."""
+    def run(self, idx: int, overrides: list[str], timeout: float | None) -> tuple:
+        """The trial's JobReturn, the worker's resident memory after it (bytes), and how long
+        it took to compose the trial's config and to run its job (seconds)."""
         self.conn.send((idx, list(overrides)))
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:  # poll in steps, so a worker that died is seen at once
@@ -117,13 +123,15 @@ class WorkerSlot:
         self.timeout, self.memory_mb = timeout, memory_mb
         self.worker: Worker | None = Worker(launcher, name)  # started now: imports overlap
         self.started = 1
+        self.timing: dict = {}  # of the last trial: compose_s, job_s
 
     def launch(self, overrides: list[str], idx: int) -> JobReturn:
+        self.timing = {}
         if self.worker is None:
             self.worker = Worker(self.launcher, self.name)
             self.started += 1
         try:
-            ret, rss = self.worker.run(idx, overrides, self.timeout)
+            ret, rss, self.timing = self.worker.run(idx, overrides, self.timeout)
         except WorkerError:
             self.worker.kill()
             self.worker = None
@@ -150,13 +158,14 @@ def _serve(conn, parent: int) -> None:
     # The sweeper's SIGINT reaches the worker too (one process group): the trial's training
     # loop saves and stops on it; between trials the worker just waits for its next message.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    from hydra_plugins.hydra_joblib_launcher._core import execute_job
-
     import bprun.cli  # noqa: F401  the task's module: its configs and signal handling
     import bprun.tasks  # noqa: F401  torch and the engine, once, before the first trial
 
     signal.signal(signal.SIGINT, signal.default_int_handler)
     hydra_context, config, task_function, singleton = pickle.loads(conn.recv_bytes())
+    from bprun.search.compose import TrialComposer
+
+    composer = TrialComposer(hydra_context.config_loader, config)
     while True:
         try:
             message = conn.recv()
@@ -165,12 +174,39 @@ def _serve(conn, parent: int) -> None:
         if message is None:
             return
         idx, overrides = message
-        ret = execute_job(idx, overrides, hydra_context, config, task_function, singleton)
-        conn.send_bytes(_dumps(ret))
+        ret, timing = _execute(idx, overrides, hydra_context, composer, task_function, singleton)
+        conn.send_bytes(_dumps(ret, timing))
         _flush()
 
 
-def _dumps(ret: JobReturn) -> bytes:
+def _execute(idx, overrides, hydra_context, composer, task_function, singleton):
+    """Hydra's joblib launcher's execute_job, timed: compose the trial's config (from the
+    worker's composed configs, see bprun.search.compose), run the job."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.utils import run_job, setup_globals
+    from omegaconf import open_dict
+
+    start = time.perf_counter()
+    setup_globals()
+    Singleton.set_state(singleton)
+    sweep_config = composer.compose(list(overrides))
+    with open_dict(sweep_config):
+        sweep_config.hydra.job.id = f"{sweep_config.hydra.job.name}_{idx}"
+        sweep_config.hydra.job.num = idx
+    HydraConfig.instance().set_config(sweep_config)
+    composed = time.perf_counter()
+    ret = run_job(
+        hydra_context=hydra_context,
+        config=sweep_config,
+        task_function=task_function,
+        job_dir_key="hydra.sweep.dir",
+        job_subdir_key="hydra.sweep.subdir",
+    )
+    timing = {"compose_s": composed - start, "job_s": time.perf_counter() - composed}
+    return ret, timing
+
+
+def _dumps(ret: JobReturn, timing: dict) -> bytes:
     """What the sweeper reads of a JobReturn (status, value or exception, the job's folder)
     and this process's resident memory; an exception that does not pickle goes as its text."""
     from omegaconf import OmegaConf
@@ -185,11 +221,11 @@ def _dumps(ret: JobReturn) -> bytes:
         _return_value=ret._return_value,
     )
     try:
-        return pickle.dumps((slim, _rss()))
+        return pickle.dumps((slim, _rss(), timing))
     except Exception:
         exc = ret._return_value
         slim._return_value = RuntimeError(f"{type(exc).__name__}: {exc}")
-        return pickle.dumps((slim, _rss()))
+        return pickle.dumps((slim, _rss(), timing))
 
 
 def _rss() -> int:
@@ -251,4 +287,3 @@ def check_launcher(settings, launcher_target: str | None) -> None:
 
 def describe(n: int) -> str:
     return f"{n} worker process{'es' if n != 1 else ''}" if n else "a process per trial"
-
