@@ -488,14 +488,14 @@ class TrialsThatTakeTime:
         self.run._run_trial = self._run_trial
         self.seconds = seconds
 
-    def _run_trial(self, trial):
+    def _run_trial(self, trial, runner, timing):
         time.sleep(self.seconds)
         self.run.search.tell(trial.number, "complete", 1.0)
         return trial.number
 
     def slot(self) -> list:
         returns = []
-        self.run._slot(returns)
+        self.run._slot(returns, None)
         return returns
 
 

@@ -34,6 +34,7 @@ import collections
 import copy
 import itertools
 import statistics
+import sys
 import time
 
 import torch
@@ -219,6 +220,11 @@ def main(argv=None) -> None:
         help="instead: step-time ratios and memory of activation checkpointing and EMA",
     )
     parser.add_argument("--ddp", action="store_true", help="N ranks against one process")
+    parser.add_argument(
+        "--search",
+        action="store_true",
+        help="a search with pruning off, on, and on with workers (see bprun/bench/search.py)",
+    )
     parser.add_argument("--devices", type=int, default=2, help="ranks for --ddp")
     parser.add_argument("--epochs", type=int, default=4, help="epochs for --ddp")
     parser.add_argument("--batch", type=int, default=64, help="per-rank batch for --ddp")
@@ -246,6 +252,10 @@ def main(argv=None) -> None:
         if args.updates is not None:
             rest = [f"--updates={args.updates}", *rest]
         return command_main(rest, device=args.device, threads=args.threads, rounds=args.rounds)
+    if args.search:
+        from bprun.bench.search import main as search_main
+
+        return search_main([a for a in (sys.argv[1:] if argv is None else argv) if a != "--search"])
     if args.ddp:
         from bprun.bench.ddp import main as ddp
 

@@ -35,9 +35,9 @@ import time
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus
 
-log = logging.getLogger("bprun")
+from bprun.data.memo import ENV as KEEP_DATASETS  # set in a worker: it keeps its datasets
 
-ENV_WORKER = "BPRUN_SEARCH_WORKER"  # set in a worker: the data memo is on there
+log = logging.getLogger("bprun")
 
 
 class WorkerError(RuntimeError):
@@ -53,13 +53,7 @@ class Worker:
         ctx = multiprocessing.get_context("spawn")
         self.conn, child = ctx.Pipe()
         self.process = ctx.Process(target=_serve, args=(child, os.getpid()), name=name, daemon=True)
-        env_before = os.environ.get(ENV_WORKER)
-        os.environ[ENV_WORKER] = "1"
-        try:
-            self.process.start()
-        finally:
-            if env_before is None:
-                os.environ.pop(ENV_WORKER, None)
+        self.process.start()
         child.close()
         # The task function is the undecorated `bprun.cli.hydra_main`, which plain pickle
         # cannot name: cloudpickle (as joblib's workers get it).
@@ -155,6 +149,7 @@ class WorkerSlot:
 # ------------------------------------------------------------------ the worker side
 def _serve(conn, parent: int) -> None:
     _die_with(parent)
+    os.environ[KEEP_DATASETS] = "1"
     # The sweeper's SIGINT reaches the worker too (one process group): the trial's training
     # loop saves and stops on it; between trials the worker just waits for its next message.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -254,10 +249,6 @@ def _die_with(parent: int) -> None:
             libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     if os.getppid() != parent:  # the sweeper died before the line above ran
         os._exit(1)
-
-
-def memo_enabled() -> bool:
-    return os.environ.get(ENV_WORKER) == "1"
 
 
 def pool_size(settings, launcher_target: str | None) -> int:
