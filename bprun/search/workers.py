@@ -70,9 +70,14 @@ class Worker:
 
     def run(self, idx: int, overrides: list[str], timeout: float | None) -> tuple:
         """The trial's JobReturn, the worker's resident memory after it (bytes), and how long
-        it took to compose the trial's config and to run its job (seconds)."""
+        it took to compose the trial's config and to run its job (seconds). The timeout
+        counts from when the worker took the trial, not from when it started up."""
         self.conn.send((idx, list(overrides)))
-        deadline = None if timeout is None else time.monotonic() + timeout
+        self._receive(None, timeout)  # the worker says it took the trial
+        return pickle.loads(self._receive(timeout, timeout))
+
+    def _receive(self, limit: float | None, timeout: float | None) -> bytes:
+        deadline = None if limit is None else time.monotonic() + limit
         while True:  # poll in steps, so a worker that died is seen at once
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
@@ -81,10 +86,9 @@ class Worker:
                     f"the trial ran past search.trial_timeout={timeout:g} s: its worker was "
                     "killed and replaced"
                 )
-            step = 0.5 if left is None else min(0.5, left)
             try:
-                if self.conn.poll(step):
-                    return pickle.loads(self.conn.recv_bytes())
+                if self.conn.poll(0.5 if left is None else min(0.5, left)):
+                    return self.conn.recv_bytes()
             except (EOFError, OSError):
                 pass
             if not self.process.is_alive():
@@ -155,6 +159,8 @@ def _serve(conn, parent: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     import bprun.cli  # noqa: F401  the task's module: its configs and signal handling
     import bprun.tasks  # noqa: F401  torch and the engine, once, before the first trial
+    import bprun.tracking  # noqa: F401
+    import optuna  # noqa: F401  the trial's pruning callback reports through it
 
     signal.signal(signal.SIGINT, signal.default_int_handler)
     hydra_context, config, task_function, singleton = pickle.loads(conn.recv_bytes())
@@ -169,6 +175,7 @@ def _serve(conn, parent: int) -> None:
         if message is None:
             return
         idx, overrides = message
+        conn.send_bytes(b"")  # taken: the trial's timeout starts now
         ret, timing = _execute(idx, overrides, hydra_context, composer, task_function, singleton)
         conn.send_bytes(_dumps(ret, timing))
         _flush()
