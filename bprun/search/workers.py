@@ -157,10 +157,11 @@ def _serve(conn, parent: int) -> None:
     # The sweeper's SIGINT reaches the worker too (one process group): the trial's training
     # loop saves and stops on it; between trials the worker just waits for its next message.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    import optuna  # noqa: F401  the trial's pruning callback reports through it
+
     import bprun.cli  # noqa: F401  the task's module: its configs and signal handling
     import bprun.tasks  # noqa: F401  torch and the engine, once, before the first trial
     import bprun.tracking  # noqa: F401
-    import optuna  # noqa: F401  the trial's pruning callback reports through it
 
     signal.signal(signal.SIGINT, signal.default_int_handler)
     hydra_context, config, task_function, singleton = pickle.loads(conn.recv_bytes())
