@@ -81,7 +81,60 @@ def search(out: Path, mode: str, seed: int, a) -> dict:
         "overhead": statistics.median(later) if later else None,
         "overhead_first": timings[0][2] if timings else None,
         "timings": [tm for *_, tm in timings],
+        "curves": [
+            [t.intermediate_values[e] for e in sorted(t.intermediate_values)]
+            for t in trials
+            if t.intermediate_values
+        ],
     }
+
+
+# Pruner settings replayed on the learning curves of the searches without pruning.
+REPLAYED = {
+    "median, warm-up 1": ("median", 1),
+    "median, warm-up 2": ("median", 2),
+    "median, warm-up 4": ("median", 4),
+    "percentile 25, warm-up 2": ("percentile", 2),
+    "successive halving, min 1, rf 3": ("successive_halving", 1),
+    "successive halving, min 2, rf 3": ("successive_halving", 2),
+    "hyperband, min 1, rf 3": ("hyperband", 1),
+}
+
+
+def replay(curves: list[list[list[float]]], max_epochs: int) -> None:
+    """Each pruner setting on the recorded curves (val/acc per epoch of every trial of each
+    search without pruning, in trial order): the epochs it would have run, as a share of all,
+    and how many searches keep the trial with the best final value."""
+    import optuna
+
+    from bprun.search.settings import SearchSettings
+    from bprun.search.study import make_pruner
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    print(f"\npruners replayed on the {len(curves)} searches without pruning (val/acc per epoch):")
+    print(f"  {'pruner':<32} {'epochs run':>10} {'best kept':>9}")
+    for label, (pruner, low) in REPLAYED.items():
+        settings = SearchSettings(pruner=pruner, n_warmup_steps=low, min_resource=low)
+        ran = total = kept = 0
+        for trials in curves:
+            study = optuna.create_study(
+                direction="maximize", pruner=make_pruner(settings, max_epochs)
+            )
+            best_final, best_kept = max(max(c) for c in trials), False
+            for curve in trials:
+                trial = study.ask()
+                for epoch, value in enumerate(curve, start=1):
+                    trial.report(value, epoch)
+                    ran += 1
+                    if trial.should_prune():
+                        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                        break
+                else:
+                    study.tell(trial, max(curve))
+                    best_kept |= max(curve) == best_final
+                total += len(curve)
+            kept += best_kept
+        print(f"  {label:<32} {ran / max(total, 1):>9.0%} {kept:>6}/{len(curves)}")
 
 
 def _mean(values: list) -> float | None:
@@ -161,6 +214,8 @@ def main(argv: list[str] | None = None) -> dict:
                 f"pruning {mode} vs off: to the target {shown} (per seed), whole search "
                 f"{statistics.fmean(walls):.2f}x (mean)"
             )
+    if "off" in results:
+        replay([r["curves"] for r in results["off"]], a.epochs)
     return results
 
 
