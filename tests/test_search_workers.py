@@ -48,7 +48,8 @@ def search(tmp_path, data_dir, name, flaky, *extra):
     r = subprocess.run(
         args, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=400, check=False
     )
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    # A search whose trials failed says so in its exit code, after running all of them.
+    assert r.returncode == (1 if flaky == "on" else 0), r.stdout[-3000:] + r.stderr[-3000:]
     return sweep, load(sweep / "optuna.journal", "mlp_lr").trials
 
 

@@ -3,10 +3,11 @@
 Each slot asks the study for a trial, launches it as one Hydra job through the
 configured launcher (`launch([overrides], initial_job_idx=<trial number>)`, so
 the job's folder is `<sweep dir>/<trial number>` and no two trials share one),
-then tells the study how it ended. With `search.n_jobs=1` the slot runs on the
-main thread; with more, each slot is a thread and the launcher (joblib) runs
-the jobs in worker processes, so a pruned or failed trial frees its slot for
-the next one at once while the others go on.
+then tells the study how it ended. With one slot it runs on the main thread;
+with more, each slot is a thread, so a pruned or failed trial frees its slot
+for the next one at once while the others go on. With `search.workers=N`
+(the default when n_jobs > 1) each of the N slots runs its trials on its own
+long-lived worker process (bprun.search.workers) instead of the launcher.
 """
 
 from __future__ import annotations
