@@ -246,6 +246,8 @@ class SearchRun:
         for key in ("wall_time_s", "fit_time_s"):  # the task's whole run, its training loop
             if isinstance(metrics.get(key), (int, float)):
                 timing[key.replace("_time", "")] = metrics[key]
+        for key, seconds in (metrics.get("search_storage_s") or {}).items():
+            timing[f"job_storage_{key}_s"] = seconds  # the job's own round trips to the study
         error = ""
         if ret.status == JobStatus.FAILED:
             exc = ret._return_value
