@@ -160,7 +160,7 @@ def _serve(conn, parent: int) -> None:
     import optuna  # noqa: F401  the trial's pruning callback reports through it
 
     import bprun.cli  # noqa: F401  the task's module: its configs and signal handling
-    import bprun.tasks  # noqa: F401  torch and the engine, once, before the first trial
+    import bprun.tasks.train  # noqa: F401  torch and the engine, once, before the first trial
     import bprun.tracking  # noqa: F401
 
     signal.signal(signal.SIGINT, signal.default_int_handler)
