@@ -35,8 +35,6 @@ import time
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus
 
-from bprun.data.memo import ENV as KEEP_DATASETS  # set in a worker: it keeps its datasets
-
 log = logging.getLogger("bprun")
 
 
@@ -153,7 +151,9 @@ class WorkerSlot:
 # ------------------------------------------------------------------ the worker side
 def _serve(conn, parent: int) -> None:
     _die_with(parent)
-    os.environ[KEEP_DATASETS] = "1"
+    from bprun.data.memo import ENV as KEEP_DATASETS  # (imports torch: the worker's side only)
+
+    os.environ[KEEP_DATASETS] = "1"  # a worker keeps the datasets it built
     # The sweeper's SIGINT reaches the worker too (one process group): the trial's training
     # loop saves and stops on it; between trials the worker just waits for its next message.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
