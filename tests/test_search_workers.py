@@ -101,3 +101,37 @@ def test_settings_reject_a_timeout_and_workers_below_zero():
         SearchSettings(workers=-1).validate()
     with pytest.raises(BprunError, match="no trial could be pruned"):
         SearchSettings(n_warmup_steps=4).check_epochs(4)
+
+
+def test_a_workers_trial_config_equals_hydras_own_composition():
+    """The worker applies a trial's values to a kept config; the result is the config Hydra
+    composes from scratch, Hydra's record of the overrides included."""
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    from bprun.config import register_configs
+    from bprun.search.compose import TrialComposer
+
+    register_configs()
+    trials = [
+        ["optim=adamw", "optim.lr=0.1", "search.trial=0", "search.storage='/tmp/a b'"],
+        ["optim=adam", "optim.lr=0.2", "model.hidden=[64,64]", "search.trial=1"],
+        ["optim=adamw", "optim.lr=0.3", "model.dropout=0.5", "search.trial=2"],
+        ["optim=adamw", "optim.lr=0.4", "dataset.batch_size=32", "search.trial=3"],
+    ]
+    with initialize_config_module("bprun.conf", version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        master = loader.load_configuration(
+            "config",
+            overrides=["search=mlp_lr", "hydra.sweep.dir=/tmp/x"],
+            run_mode=RunMode.MULTIRUN,
+        )
+        composer = TrialComposer(loader, master)
+        for overrides in trials:
+            kept = OmegaConf.to_yaml(composer.compose(overrides))
+            assert kept == OmegaConf.to_yaml(loader.load_sweep_config(master, overrides))
+        assert len(composer.bases) == 2  # one per optimizer after the first trial
+        with pytest.raises(Exception, match="optim.lrr"):
+            composer.compose(["optim=adamw", "optim.lrr=0.1"])
