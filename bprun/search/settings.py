@@ -30,7 +30,10 @@ class SearchSettings:
     pruner: str = "median"  # median | percentile | successive_halving | hyperband | none
     percentile: float = 25.0  # pruner=percentile: keep trials in the best this percent
     pruner_startup_trials: int = 3  # trials that finish before any trial is pruned
-    n_warmup_steps: int = 2  # epochs a trial runs before it can be pruned
+    # Epochs a trial runs before it can be pruned. 1: the setting that ran the fewest epochs
+    # without ever stopping the best trial, replayed on the shipped search's learning curves
+    # (README, "Where a trial's time goes").
+    n_warmup_steps: int = 1
     min_resource: int = 1  # successive_halving / hyperband: epochs before the first rung
     reduction_factor: int = 3  # successive_halving / hyperband
     # While a trial runs its search stamps it with its clock every heartbeat_s seconds; a
