@@ -80,8 +80,8 @@ def test_a_raising_and_a_hanging_trial_do_not_stop_the_search(tmp_path, data_dir
         (["hydra/launcher=submitit_slurm", "search.workers=2"], "search.workers=2 runs trials in"),
         (["search.workers=1", "search.trial_timeout=0"], "search.trial_timeout=0"),
         (
-            ["search.pruner=successive_halving", "search.min_resource=2", "trainer.max_epochs=5"],
-            "has its second rung at epoch 6, past trainer.max_epochs=5",
+            ["search.pruner=successive_halving", "search.min_resource=5", "trainer.max_epochs=5"],
+            "has its first rung at epoch 5, not before the last of trainer.max_epochs=5",
         ),
     ],
 )

@@ -95,17 +95,16 @@ class SearchSettings:
         return self
 
     def check_epochs(self, max_epochs: int) -> None:
-        """Pruner settings that could never prune within trainer.max_epochs."""
-        if self.pruner in ("successive_halving", "hyperband"):
-            second = self.min_resource * self.reduction_factor
-            if second > max_epochs:
-                raise BprunError(
-                    f"search.pruner={self.pruner} with min_resource={self.min_resource} and "
-                    f"reduction_factor={self.reduction_factor} has its second rung at epoch "
-                    f"{second}, past trainer.max_epochs={max_epochs}: no trial could be "
-                    "promoted; lower search.min_resource or search.reduction_factor"
-                )
-        elif self.pruner in ("median", "percentile") and self.n_warmup_steps >= max_epochs:
+        """Pruner settings that could never stop a trial before trainer.max_epochs. (With one
+        epoch there is nothing to stop early whatever the warm-up: not an error.)"""
+        if self.pruner in ("successive_halving", "hyperband") and self.min_resource >= max_epochs:
+            raise BprunError(
+                f"search.pruner={self.pruner} with min_resource={self.min_resource} has its "
+                f"first rung at epoch {self.min_resource}, not before the last of "
+                f"trainer.max_epochs={max_epochs}: no trial could be stopped early; lower "
+                "search.min_resource"
+            )
+        if self.pruner in ("median", "percentile") and 1 < max_epochs <= self.n_warmup_steps:
             raise BprunError(
                 f"search.n_warmup_steps={self.n_warmup_steps} is not below "
                 f"trainer.max_epochs={max_epochs}: no trial could be pruned; lower it"
