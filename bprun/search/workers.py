@@ -118,14 +118,12 @@ class WorkerSlot:
         self.launcher, self.name = launcher, name
         self.timeout, self.memory_mb = timeout, memory_mb
         self.worker: Worker | None = Worker(launcher, name)  # started now: imports overlap
-        self.started = 1
         self.timing: dict = {}  # of the last trial: compose_s, job_s
 
     def launch(self, overrides: list[str], idx: int) -> JobReturn:
         self.timing = {}
         if self.worker is None:
             self.worker = Worker(self.launcher, self.name)
-            self.started += 1
         try:
             ret, rss, self.timing = self.worker.run(idx, overrides, self.timeout)
         except WorkerError:
