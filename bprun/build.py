@@ -18,7 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
-from bprun.data import Dataset, InMemoryLoader, split_validation
+from bprun.data import Dataset, InMemoryLoader, memo, split_validation
 from bprun.data.augment import make_transforms, parse_augment
 from bprun.data.choice import (
     LoaderOptions,
@@ -147,7 +147,8 @@ def build_data(
     if own["sampler"] not in ("random", "balanced"):
         raise BprunError(f"dataset.sampler must be random or balanced, got '{own['sampler']}'")
     args.pop("defaults", None)  # a dataset file read without Hydra: its loading keys default
-    dataset: Dataset = _instantiate(args, "dataset", **source_extras(args, own, state))
+    extras = source_extras(args, own, state)
+    dataset: Dataset = memo.dataset(args, extras, lambda: _instantiate(args, "dataset", **extras))
     if not isinstance(dataset, Dataset):
         raise BprunError(
             f"dataset={args['_target_']} gives {type(dataset).__name__}, not a dataset of "

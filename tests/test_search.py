@@ -147,12 +147,18 @@ def test_search_with_pruning_prunes_and_beats_the_median(tmp_path, data_dir):
     assert set(importances) == {"optim.lr", "optim.weight_decay"}
 
 
+# Each trial a job of the launcher, or trial after trial on a long-lived worker process.
+MODES = ["search.workers=0", "search.workers=1"]
+
+
 @pytest.mark.slow
-def test_killed_search_continues_to_exactly_n_trials(tmp_path, data_dir):
+@pytest.mark.parametrize("mode", MODES)
+def test_killed_search_continues_to_exactly_n_trials(tmp_path, data_dir, mode):
     sweep = tmp_path / "sweep"
     args = search_args(
         sweep,
         data_dir,
+        mode,
         "search.n_trials=4",
         "search.n_jobs=1",
         "trainer.max_epochs=8",
@@ -243,7 +249,8 @@ def test_pruned_trial_frees_its_slot_while_the_other_runs(tmp_path, data_dir):
 
 
 @pytest.mark.slow
-def test_two_rank_trials_share_rank0s_parameters_and_prune_decision(tmp_path, data_dir):
+@pytest.mark.parametrize("mode", MODES)
+def test_two_rank_trials_share_rank0s_parameters_and_prune_decision(tmp_path, data_dir, mode):
     """Under trainer.devices=2 the trial belongs to rank 0: both ranks train with its
     parameters (the frozen config) and stop at its prune decision, so the job ends pruned
     instead of one rank waiting for the other in an all-reduce."""
@@ -255,6 +262,7 @@ def test_two_rank_trials_share_rank0s_parameters_and_prune_decision(tmp_path, da
             sweep,
             data_dir,
             "search.n_trials=2",
+            mode,
             "search.n_jobs=1",
             *GOOD_OR_BAD_LR,
             "trainer.devices=2",
@@ -488,14 +496,14 @@ class TrialsThatTakeTime:
         self.run._run_trial = self._run_trial
         self.seconds = seconds
 
-    def _run_trial(self, trial):
+    def _run_trial(self, trial, runner, timing):
         time.sleep(self.seconds)
         self.run.search.tell(trial.number, "complete", 1.0)
         return trial.number
 
     def slot(self) -> list:
         returns = []
-        self.run._slot(returns)
+        self.run._slot(returns, None)
         return returns
 
 

@@ -37,6 +37,7 @@ import collections
 import copy
 import itertools
 import statistics
+import sys
 import time
 
 import torch
@@ -241,6 +242,11 @@ def main(argv=None) -> None:
         "--lm", action="store_true", help="GPT training and KV-cache generation (bench/lm.py)"
     )
     parser.add_argument("--new-tokens", type=int, default=500, help="generated tokens for --lm")
+    parser.add_argument(
+        "--search",
+        action="store_true",
+        help="a search with pruning off, on, and on with workers (see bprun/bench/search.py)",
+    )
     parser.add_argument("--devices", type=int, default=2, help="ranks for --ddp")
     parser.add_argument("--epochs", type=int, default=4, help="epochs for --ddp")
     parser.add_argument("--batch", type=int, default=64, help="per-rank batch for --ddp")
@@ -288,6 +294,10 @@ def main(argv=None) -> None:
         from bprun.bench.fsdp import main as fsdp_bench
 
         return fsdp_bench(args)
+    if args.search:
+        from bprun.bench.search import main as search_main
+
+        return search_main([a for a in (sys.argv[1:] if argv is None else argv) if a != "--search"])
     if args.ddp:
         from bprun.bench.ddp import main as ddp
 

@@ -9,5 +9,7 @@ that trial through the study's storage and stops when the pruner says so.
     space.py     Hydra's override grammar -> Optuna distributions, checked up front
     study.py     storage, sampler, pruner, the study; resume and the trial cap
     pruning.py   the job side: a Trainer callback that reports and prunes
+    workers.py   long-lived worker processes that run trial after trial (search.workers)
+    compose.py   a worker's trial configs, from one composed config per set of group choices
     report.py    the trials table, the best command, parameter importances
 """

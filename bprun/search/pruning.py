@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -46,10 +47,12 @@ class PruningCallback(Callback):
         self.settings, self.monitor, self.max_epochs = settings, monitor, max_epochs
         self.trial = None
         self.pruned = False
+        self.open_s = self.report_s = 0.0  # the storage round trips: opening, reporting
 
     def on_fit_start(self, trainer, train_loader) -> None:
         if not _is_rank0():
             return
+        start = time.perf_counter()
         import optuna
         from optuna.trial import TrialState
 
@@ -73,14 +76,17 @@ class PruningCallback(Callback):
                 "running: a finished trial takes no more reports"
             )
         self.trial = optuna.trial.Trial(study, trial_id)
+        self.open_s = time.perf_counter() - start
 
     def on_epoch_end(self, trainer, metrics: dict) -> None:
         prune = False
         if self.trial is not None:
             value = metrics.get(self.monitor)
             if value is not None and math.isfinite(value):
+                start = time.perf_counter()
                 self.trial.report(float(value), step=int(metrics["epoch"]))
                 prune = self.trial.should_prune()
+                self.report_s += time.perf_counter() - start
         if _agreed(prune):
             self.pruned = True
             trainer.stop_reason = (
@@ -88,6 +94,8 @@ class PruningCallback(Callback):
             )
 
     def on_summary(self, trainer, summary: dict) -> None:
+        if self.trial is not None:  # read back into the trial's trial.json
+            summary["search_storage_s"] = {"open": self.open_s, "reports": self.report_s}
         if self.pruned and summary["status"] == "completed":
             summary["status"] = "pruned"  # stopped on purpose: the search tells the trial so
 

@@ -17,9 +17,9 @@ log = logging.getLogger("bprun")
 MIN_TRIALS_FOR_IMPORTANCE = 5  # complete trials before importances mean anything
 
 
-def trial_record(trial, error: str = "") -> dict:
+def trial_record(trial, error: str = "", timing: dict | None = None) -> dict:
     value = trial.value if trial.values else None
-    return {
+    record = {
         "number": trial.number,
         "state": trial.state.name.lower(),
         "value": value,
@@ -27,11 +27,15 @@ def trial_record(trial, error: str = "") -> dict:
         "error": error,
         "released": trial.user_attrs.get(RELEASED, ""),
     }
+    if timing:  # seconds: asking, composing, the job, its training loop, telling
+        record["timing"] = {k: round(v, 4) for k, v in timing.items()}
+    return record
 
 
-def write_trial(folder: Path, trial, error: str = "") -> None:
+def write_trial(folder: Path, trial, error: str = "", timing: dict | None = None) -> None:
     if folder.is_dir():
-        (folder / "trial.json").write_text(json.dumps(trial_record(trial, error), indent=2) + "\n")
+        record = trial_record(trial, error, timing)
+        (folder / "trial.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
 def trial_folder(trial, sweep_dir: Path) -> Path | None:

@@ -3,10 +3,11 @@
 Each slot asks the study for a trial, launches it as one Hydra job through the
 configured launcher (`launch([overrides], initial_job_idx=<trial number>)`, so
 the job's folder is `<sweep dir>/<trial number>` and no two trials share one),
-then tells the study how it ended. With `search.n_jobs=1` the slot runs on the
-main thread; with more, each slot is a thread and the launcher (joblib) runs
-the jobs in worker processes, so a pruned or failed trial frees its slot for
-the next one at once while the others go on.
+then tells the study how it ended. With one slot it runs on the main thread;
+with more, each slot is a thread, so a pruned or failed trial frees its slot
+for the next one at once while the others go on. With `search.workers=N`
+(the default when n_jobs > 1) each of the N slots runs its trials on its own
+long-lived worker process (bprun.search.workers) instead of the launcher.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import logging
 import math
 import shlex
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from bprun.errors import BprunError, Interrupted
 from bprun.io import read_json
 from bprun.overrides import key_of
-from bprun.search import report
+from bprun.search import report, workers
 from bprun.search.settings import SearchSettings
 from bprun.search.space import Space, parse_space
 from bprun.search.study import RELEASED, Search, shown, storage_spec
@@ -59,7 +61,15 @@ class SearchRun:
         self.direction = "minimize" if mode == "min" else "maximize"
         self._check_space()
         launcher = OmegaConf.select(self.config, "hydra.launcher._target_")
-        if self.settings.n_jobs > 1 and launcher == BASIC_LAUNCHER:
+        workers.check_launcher(self.settings, launcher)
+        self.settings.check_epochs(self.config.trainer.max_epochs)
+        self.workers = workers.pool_size(self.settings, launcher)
+        if self.settings.trial_timeout is not None and not self.workers:
+            raise BprunError(
+                f"search.trial_timeout={self.settings.trial_timeout:g} is kept by worker "
+                "processes: set search.workers (1 or more), or drop the timeout"
+            )
+        if not self.workers and self.settings.n_jobs > 1 and launcher == BASIC_LAUNCHER:
             raise BprunError(
                 f"search.n_jobs={self.settings.n_jobs} runs trials side by side in worker "
                 "processes: add hydra/launcher=joblib (conf/search/*.yaml do)"
@@ -119,7 +129,7 @@ class SearchRun:
         before = self.search.counted()
         print(
             f"search {s.study_name}: {before} of {s.n_trials} trials done or running in "
-            f"{shown(self.spec)}; {s.n_jobs} at a time, sampler {s.sampler}, pruner {s.pruner}"
+            f"{shown(self.spec)}; {self.slots} at a time ({workers.describe(self.workers)}), sampler {s.sampler}, pruner {s.pruner}"
             + (
                 f"; {len(self.search.released)} stopped trial(s) released"
                 if self.search.released
@@ -132,12 +142,45 @@ class SearchRun:
         logging.getLogger("hydra_plugins.hydra_joblib_launcher").setLevel(logging.WARNING)
         logging.getLogger("hydra._internal.core_plugins.basic_launcher").setLevel(logging.WARNING)
         returns: list = []
-        if s.n_jobs == 1:
-            self._slot(returns)
+        runners = [self._runner(i) for i in range(self.slots)]
+        try:
+            self._slots(returns, runners)
+        finally:
+            for runner in runners:
+                if isinstance(runner, workers.WorkerSlot):
+                    runner.close()
+        if self.interrupted is not None:
+            self._finish()
+            print(f"search stopped: {self.interrupted}; run the same command to continue it")
+            raise SystemExit(self.interrupted.exit_code)
+        self._finish()
+        return returns
+
+    @property
+    def slots(self) -> int:
+        """Trials at a time: one per worker, else search.n_jobs."""
+        return self.workers or self.settings.n_jobs
+
+    def _runner(self, i: int):
+        """What runs a slot's trials: its worker, or the launcher."""
+        if not self.workers:
+            return self.sweeper.launcher
+        return workers.WorkerSlot(
+            self.sweeper.launcher,
+            f"worker-{i}",
+            self.settings.trial_timeout,
+            self.settings.worker_memory_mb,
+        )
+
+    def _slots(self, returns: list, runners: list) -> None:
+        if len(runners) == 1:
+            self._slot(returns, runners[0])
         else:
             threads = [
-                threading.Thread(target=self._slot, args=(returns,), name=f"slot-{i}", daemon=True)
-                for i in range(s.n_jobs)
+                threading.Thread(
+                    target=self._slot, args=(returns, runner), name=f"slot-{i}", daemon=True
+                )
+                for i, runner in enumerate(runners)
             ]
             for t in threads:
                 t.start()
@@ -152,17 +195,13 @@ class SearchRun:
                 raise
             if self.error is not None:
                 raise self.error
-        if self.interrupted is not None:
-            self._finish()
-            print(f"search stopped: {self.interrupted}; run the same command to continue it")
-            raise SystemExit(self.interrupted.exit_code)
-        self._finish()
-        return returns
 
-    def _slot(self, returns: list) -> None:
+    def _slot(self, returns: list, runner) -> None:
         try:
             while not self.stop.is_set():
+                start = time.perf_counter()
                 trial = self.search.ask(lambda n: self.sweep_dir / str(n))
+                ask_s = time.perf_counter() - start
                 self._mark_released()
                 if trial is None:
                     # The study is full, but a trial of a search that looks stopped may yet be
@@ -172,30 +211,43 @@ class SearchRun:
                         return
                     self.stop.wait(wait)
                     continue
-                returns.append(self._run_trial(trial))
+                returns.append(self._run_trial(trial, runner, {"ask_s": ask_s}))
         except BaseException as e:  # the storage went away, the space ran out: stop every slot
             if threading.current_thread() is threading.main_thread():
                 raise
             self.error = self.error or e
             self.stop.set()
 
-    def _run_trial(self, trial) -> Any:
+    def _run_trial(self, trial, runner, timing: dict) -> Any:
+        """Run the trial, tell the study how it ended, write its trial.json (with where its
+        time went: `timing`, seconds)."""
         number = trial.number
         overrides = [*self.space.overrides(trial.params), f"search.trial={number}"]
         if self.settings.storage is None:
             overrides.append(f"search.storage={_quote(self.spec)}")
         folder = self.sweep_dir / str(number)
+        start = time.perf_counter()
         try:
-            ret = self.sweeper.launcher.launch([overrides], initial_job_idx=number)[0]
-        except Exception as e:  # the job's process died (killed, out of memory)
+            if isinstance(runner, workers.WorkerSlot):
+                ret = runner.launch(overrides, number)
+                timing.update(runner.timing)
+            else:
+                ret = runner.launch([overrides], initial_job_idx=number)[0]
+        except Exception as e:  # the job's process died (killed, out of memory, timed out)
             error = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
             self.search.tell(number, "failed")
             report.write_trial(folder, self.search.trial(number), error)
             print(f"[failed]  trial {number}  error: {error}", flush=True)
             return None
+        timing["launch_s"] = time.perf_counter() - start
         if ret.hydra_cfg is not None:
             folder = Path(ret.hydra_cfg.hydra.runtime.output_dir).absolute()
         metrics = read_json(folder / "metrics.json") or {}
+        for key in ("wall_time_s", "fit_time_s"):  # the task's whole run, its training loop
+            if isinstance(metrics.get(key), (int, float)):
+                timing[key.replace("_time", "")] = metrics[key]
+        for key, seconds in (metrics.get("search_storage_s") or {}).items():
+            timing[f"job_storage_{key}_s"] = seconds  # the job's own round trips to the study
         error = ""
         if ret.status == JobStatus.FAILED:
             exc = ret._return_value
@@ -214,8 +266,11 @@ class SearchRun:
             state = "complete" if ok else "failed"
             if not ok:
                 error = f"the job returned no finite {self.monitor}"
+        start = time.perf_counter()
         self.search.tell(number, state, value)
-        report.write_trial(folder, self.search.trial(number), error)
+        told = self.search.trial(number)
+        timing["tell_s"] = time.perf_counter() - start
+        report.write_trial(folder, told, error, timing)
         return ret
 
     def _finish(self) -> None:

@@ -40,6 +40,7 @@ class OptunaSweeper(Sweeper):
         self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
     ) -> None:
         self.config, self.hydra_context = config, hydra_context
+        _jobs_at_a_time(config)
         self.launcher = Plugins.instance().instantiate_launcher(
             hydra_context=hydra_context, task_function=task_function, config=config
         )
@@ -53,3 +54,15 @@ class OptunaSweeper(Sweeper):
         except BprunError as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
             raise SystemExit(e.exit_code) from None
+
+
+def _jobs_at_a_time(config: DictConfig) -> None:
+    """A launcher that runs jobs side by side on this machine (joblib) runs search.n_jobs of
+    them; set here rather than in conf/search, so that a launcher without `n_jobs`
+    (submitit's) composes with a search too."""
+    from omegaconf import OmegaConf, open_dict
+
+    n_jobs = OmegaConf.select(config, "search.n_jobs")
+    if n_jobs is not None and "n_jobs" in config.hydra.launcher:
+        with open_dict(config.hydra.launcher):
+            config.hydra.launcher.n_jobs = n_jobs
