@@ -97,7 +97,7 @@ def main(argv=None) -> None:
                         run_one(model, optim, seed, args, data_dir) for seed in range(args.seeds)
                     ]
                 except BprunError as e:  # e.g. muon on a model without hidden matrices
-                    print(f"| {optim} | not applicable: {str(e).split(':')[0]} | | | |")
+                    print(f"| {optim} | not applicable: {e} | | | |")
                     continue
                 hits = [r["reached"] for r in runs if r["reached"] is not None]
                 print(
