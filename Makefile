@@ -11,7 +11,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -qq --upgrade pip
-	$(BIN)/python -m pip install -qq -e '.[dev,timm,lm,track]'
+	$(BIN)/python -m pip install -qq -e '.[dev,timm,lm,track,optim]'
 	touch $(STAMP)
 
 run: install

@@ -8,6 +8,7 @@ interval, ...) are taken out of a node before the rest goes to
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -529,6 +530,8 @@ def build_optimizer(node: DictConfig, model: nn.Module) -> torch.optim.Optimizer
             )
         args.pop(key, None)
     make = _instantiate(args, "optim")
+    if _accepts_model(make):  # K-FAC hooks the model's layers, Muon reads its structure
+        make = functools.partial(make, model=model)
     if _is_lbfgs(make):
         for key, value in (("no_decay_norm_bias", "false"), ("lr_mult", "{}")):
             if own[key]:
@@ -545,6 +548,15 @@ def build_optimizer(node: DictConfig, model: nn.Module) -> torch.optim.Optimizer
         return make(params=params, **impl_kwargs(make, impl))
     except (TypeError, ValueError) as e:
         raise BprunError(f"cannot build optim ({args['_target_']}): {e}") from None
+
+
+def _accepts_model(make) -> bool:
+    import inspect
+
+    try:
+        return "model" in inspect.signature(getattr(make, "func", make)).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _is_lbfgs(make) -> bool:

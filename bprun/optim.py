@@ -7,12 +7,17 @@ plain numbers and strings only, so they load from a checkpoint read with
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 from torch import nn
 from torch.optim import lr_scheduler
 
+from bprun.engine.optim_impl import (  # noqa: F401  (re-exported: bprun.optim is their old home)
+    DEFAULT_IMPL,
+    IMPLS,
+    choose_impl,
+    impl_kwargs,
+    impl_of,
+)
 from bprun.errors import BprunError
 
 NORM_LAYERS = (
@@ -146,156 +151,3 @@ def one_cycle(
     return lr_scheduler.OneCycleLR(
         optimizer, max_lr=max_lr, total_steps=total_steps, cycle_momentum=cycle_momentum, **kwargs
     )
-
-
-# ---------------------------------------------------------------- implementation
-# `optim.impl`: which of torch's kernels an optimizer steps with. `fused` updates every
-# parameter in one kernel per tensor group, `foreach` batches the element-wise ops over the
-# parameter list, `single` loops over parameters (torch's own default on the CPU).
-IMPLS = ("auto", "fused", "foreach", "single")
-DEFAULT_IMPL = "auto"
-
-
-def _accepts(make, name: str) -> bool:
-    func = getattr(make, "func", make)  # a functools.partial from `_partial_: true`
-    try:
-        return name in inspect.signature(func).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def _name(make) -> str:
-    func = getattr(make, "func", make)
-    return getattr(func, "__name__", str(func))
-
-
-def choose_impl(make, params: list[torch.Tensor], impl: str) -> str:
-    """The implementation `impl` means for this optimizer class and these parameters.
-
-    `auto` follows torch's own support lists: fused where the class has a fused
-    kernel for the parameters' device and dtype, else foreach where the device has
-    foreach kernels, else single. An explicit choice the class or device cannot
-    run is a BprunError naming what would.
-    """
-    from torch.utils._foreach_utils import (
-        _get_foreach_kernels_supported_devices,
-        _get_fused_kernels_supported_devices,
-    )
-
-    if impl not in IMPLS:
-        raise BprunError(f"optim.impl='{impl}' is not known: choose one of {', '.join(IMPLS)}")
-    has_fused, has_foreach = _accepts(make, "fused"), _accepts(make, "foreach")
-    devices = {p.device.type for p in params}
-    sharded = any(hasattr(p, "device_mesh") for p in params)  # FSDP's DTensor parameters
-    fused_ok = (
-        has_fused
-        and not sharded  # DTensor has sharding rules for the foreach kernels, not all fused ones
-        and devices <= set(_get_fused_kernels_supported_devices())
-        and all(torch.is_floating_point(p) for p in params)
-    )
-    foreach_ok = has_foreach and devices <= set(_get_foreach_kernels_supported_devices())
-    if impl == "auto":
-        return "fused" if fused_ok else "foreach" if foreach_ok else "single"
-    if impl == "fused" and not fused_ok:
-        where = "has no fused kernel" if not has_fused else f"has no fused kernel on {devices}"
-        if has_fused and sharded:
-            where = "has no fused kernel for sharded (trainer.strategy=fsdp) parameters"
-        other = "foreach" if has_foreach else "single"
-        raise BprunError(
-            f"optim.impl=fused: {_name(make)} {where}: use optim.impl=auto or optim.impl={other}"
-        )
-    if impl == "foreach" and not has_foreach:
-        raise BprunError(
-            f"optim.impl=foreach: {_name(make)} has no foreach implementation: "
-            "use optim.impl=auto or optim.impl=single"
-        )
-    return impl
-
-
-def impl_kwargs(make, impl: str) -> dict:
-    """The constructor arguments that select `impl` (none for a class without the choice)."""
-    kwargs = {}
-    if _accepts(make, "fused"):
-        kwargs["fused"] = impl == "fused"
-    if _accepts(make, "foreach"):
-        kwargs["foreach"] = impl == "foreach"
-    return kwargs
-
-
-def impl_of(param_groups: list[dict]) -> str | None:
-    """The implementation an optimizer's (or a saved state_dict's) groups step with; None when
-    they leave it to torch (built outside bprun, or before `optim.impl` existed)."""
-    group = param_groups[0] if param_groups else {}
-    if group.get("fused"):
-        return "fused"
-    if group.get("foreach"):
-        return "foreach"
-    if group.get("foreach") is False or "foreach" not in group:
-        return "single"  # chosen explicitly, or a class without the choice (LBFGS)
-    return None
-
-
-class SparseAdam(torch.optim.Optimizer):
-    """Adam that takes sparse gradients as well as dense ones (`optim=sparse_adam`).
-
-    A sparse gradient (an `nn.Embedding(sparse=True)`'s: the rows a batch looked up) updates
-    those rows alone, their moments included, as `torch.optim.SparseAdam` does ("lazy Adam");
-    a dense one is a plain Adam step. torch's SparseAdam refuses dense gradients, and a model
-    of embeddings and layers (NCF) has both. Building this optimizer makes the model's
-    embeddings give sparse gradients (`sparse_gradients`, read by the run set-up).
-    """
-
-    sparse_gradients = True
-
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8):
-        if lr < 0 or eps < 0 or not all(0 <= b < 1 for b in betas):
-            raise BprunError(
-                f"optim=sparse_adam needs lr >= 0, eps >= 0 and betas in [0, 1), got lr={lr}, "
-                f"betas={list(betas)}, eps={eps}"
-            )
-        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps})
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                state["step"] += 1
-                step = float(state["step"])
-                size = group["lr"] * (1 - beta2**step) ** 0.5 / (1 - beta1**step)
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                grad = p.grad
-                if grad.is_sparse:
-                    grad = grad.coalesce()
-                    rows, values = grad.indices()[0], grad.values()
-                    m_rows = m[rows].mul_(beta1).add_(values, alpha=1 - beta1)
-                    v_rows = v[rows].mul_(beta2).addcmul_(values, values, value=1 - beta2)
-                    m[rows], v[rows] = m_rows, v_rows
-                    p[rows] -= size * m_rows / (v_rows.sqrt() + group["eps"])
-                else:
-                    m.mul_(beta1).add_(grad, alpha=1 - beta1)
-                    v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                    p.addcdiv_(m, v.sqrt().add_(group["eps"]), value=-size)
-        return loss
-
-
-def use_sparse_gradients(model: nn.Module, optimizer) -> int:
-    """Switch the model's embeddings to sparse gradients when the optimizer takes them (see
-    `SparseAdam`); the number of embeddings switched."""
-    if not getattr(optimizer, "sparse_gradients", False):
-        return 0
-    embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding)]
-    for m in embeddings:
-        m.sparse = True
-    return len(embeddings)

@@ -63,7 +63,12 @@ def test_only_the_command_line_tasks_and_plugins_read_hydra_config():
 @pytest.mark.parametrize(
     "package, forbidden",
     [
-        ("engine", ("bprun.tasks", "bprun.build", "bprun.cli", "bprun.sweep", "bprun.tracking")),
+        (
+            "engine",
+            ("bprun.tasks", "bprun.build", "bprun.cli", "bprun.sweep", "bprun.tracking")
+            + ("bprun.optim",),  # bprun.optim and bprun.optimizers: the engine sees objects
+        ),
+        ("optimizers", ("bprun.tasks", "bprun.cli", "bprun.build", "bprun.engine")),
         ("diagnostics", ("bprun.tasks", "bprun.cli", "bprun.build")),
         ("data", ("bprun.tasks", "bprun.cli", "bprun.build", "bprun.engine.trainer")),
         ("models", ("bprun.tasks", "bprun.cli", "bprun.build", "bprun.engine")),

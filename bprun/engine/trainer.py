@@ -8,6 +8,12 @@ process group) the model is wrapped in DistributedDataParallel, loaders are
 sharded by the caller, rank 0 alone writes, and every decision that ends or
 skips work (signals, non-finite losses, early stopping on reduced metrics) is
 taken by all ranks together at the same update.
+
+An optimizer with `train()` and `eval()` methods (schedule-free optimizers' convention:
+`eval()` puts the averaged weights in the model, `train()` the ones gradients are taken
+at) is switched to eval around validation, the test and every checkpoint save, so
+metrics, best-model selection and checkpoints all see the averaged weights. A resumed
+run loads them and calls `train()` to continue.
 """
 
 from __future__ import annotations
@@ -30,11 +36,11 @@ from bprun.engine.callbacks import implemented
 from bprun.engine.distributed import SINGLE, DistContext
 from bprun.engine.early_stopping import EarlyStopper
 from bprun.engine.fsdp import full_state, is_sharded, load_full_state, no_gradient_sync, plain
+from bprun.engine.optim_impl import impl_of
 from bprun.engine.precision import Precision
 from bprun.engine.settings import TrainerSettings
 from bprun.engine.signals import StopSignals
 from bprun.errors import BprunError, Interrupted
-from bprun.optim import impl_of
 
 log = logging.getLogger("bprun")
 
@@ -120,6 +126,10 @@ class Trainer:
         self.params = list(model.parameters())
         # An optimizer with its own zero_grad (state tied to the gradients) keeps it.
         self._own_zero_grad = type(optimizer).zero_grad is not torch.optim.Optimizer.zero_grad
+        self._swaps_weights = callable(getattr(optimizer, "eval", None)) and callable(
+            getattr(optimizer, "train", None)
+        )
+        self._optimizer_eval = False  # the optimizer's eval weights are in the model
 
         # Progress: what the next update is. Together with the RNG state this is
         # everything a resumed run needs to continue exactly.
@@ -228,6 +238,15 @@ class Trainer:
         loss_sum, loss_count = self.epoch_loss
         metrics = {"epoch": self.epoch + 1, "update": self.update}
         metrics["train/loss"] = loss_sum / max(loss_count, 1)
+        with self.eval_weights():  # schedule-free: its averaged weights validate and save
+            self._end_epoch(metrics, train, val, seconds, samples)
+        self._agree_on_signals()
+        if self.signals.received is not None:
+            self._interrupt()
+
+    def _end_epoch(self, metrics: dict, train, val, seconds: float, samples: int) -> None:
+        """Validation, best and early-stopping bookkeeping, schedule, checkpoints, logs."""
+        s = self.settings
         # With trainer.val_every_n_updates the checks come by updates (`_check`), not here.
         periodic = s.val_every_n_updates is not None
         validated = val is not None and not periodic
@@ -262,9 +281,6 @@ class Trainer:
             )
         if not periodic:
             log.info(_epoch_line(metrics, s.max_epochs, s.monitor))
-        self._agree_on_signals()
-        if self.signals.received is not None:
-            self._interrupt()
 
     def _throughput(self, metrics: dict, train, samples: int, seconds: float) -> None:
         metrics["throughput/samples_per_s"] = samples / max(seconds, 1e-9)
@@ -319,6 +335,21 @@ class Trainer:
         log.info(_check_line(metrics, s.max_updates, s.monitor))
         self.model.train()
         self._check_started, self._check_samples = time.perf_counter(), samples_now
+
+    @contextlib.contextmanager
+    def eval_weights(self):
+        """The optimizer's evaluation weights in the model for the block (schedule-free
+        averaging; nothing for other optimizers). Nested blocks switch once."""
+        if not self._swaps_weights or self._optimizer_eval:
+            yield
+            return
+        self.optimizer.eval()
+        self._optimizer_eval = True
+        try:
+            yield
+        finally:
+            self.optimizer.train()
+            self._optimizer_eval = False
 
     def _last_due(self) -> bool:
         """At an epoch's end (counters already advanced): is last.pt to be written now?
@@ -396,7 +427,8 @@ class Trainer:
             last = s.max_updates is not None and self.update >= s.max_updates
             every = s.val_every_n_updates
             if every is not None and (self.update % every == 0 or last):
-                self._check(loader, val)
+                with self.eval_weights():
+                    self._check(loader, val)
                 if self.stop_reason is not None:
                     break
             if last:
@@ -578,6 +610,9 @@ class Trainer:
 
     def test(self, loader: InMemoryLoader) -> dict[str, float]:
         """Evaluate on the test split with the best-validation weights."""
+        if self._swaps_weights:
+            self.optimizer.eval()  # what follows loads averaged weights into the model
+            self._optimizer_eval = True
         best = self.topk.best if self.topk is not None else None
         if best is not None and best.exists():
             state = ckpt_io.load_checkpoint(best)
@@ -591,7 +626,8 @@ class Trainer:
                 self.dist.broadcast_(t)
         for fn in self._on_test_start:
             fn(self)
-        return self.evaluate(loader, "test")
+        with self.eval_weights():
+            return self.evaluate(loader, "test")
 
     def _track_best(self, metrics: dict) -> None:
         value = metrics.get(self.settings.monitor)
@@ -678,6 +714,9 @@ class Trainer:
         if self.dist.enabled and ranks is not None and len(ranks) == self.dist.world_size:
             rng = ranks[self.dist.rank]  # each rank continues its own random streams
         ckpt_io.set_rng_state(rng)
+        if self._swaps_weights:  # saved with the averaged weights in the model: back to training
+            self._optimizer_eval = False
+            self.optimizer.train()
 
     def _check_optimizer_impl(self, saved: dict, path: str | Path) -> None:
         """Fused, foreach and single kernels round differently, and torch's load_state_dict
@@ -714,7 +753,8 @@ class Trainer:
         """Write a checkpoint. Under DDP every rank calls this (each contributes its RNG
         state), rank 0 writes, and no rank goes on before the file is complete."""
         self._flush_train_log()  # never save state that follows a non-finite loss
-        state = self.state_dict()
+        with self.eval_weights():
+            state = _cloned(self.state_dict()) if self._swaps_weights else self.state_dict()
         self._check_finite(state)  # nor weights that a finite loss's update blew up
         if self.dist.enabled:
             state["rng_ranks"] = self.dist.gather(state["rng"])

@@ -1,0 +1,113 @@
+"""Optimizers side by side, AlgoPerf-style: updates and training time to a target validation
+loss, and the final validation loss, over several seeds.
+
+    python -m bprun.bench.optimizers                      # the default: a few minutes on 2 cores
+    python -m bprun.bench.optimizers --updates 360 --seeds 5 --optims adam,kfac
+
+Each run is the `bprun` run of `model=<model> optim=<optim> seed=<seed>` on MNIST-1D (the
+optimizer's shipped defaults, sched=none), built by the same code as the command and trained
+in this process. Validation runs every `--val-every` updates (an "epoch" of that many
+batches); time counts training only. An optimizer that misses the target in a run is
+reported with how many of its seeds reached it; means are over the seeds that did.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import tempfile
+
+import torch
+from hydra import compose, initialize_config_module
+
+from bprun.config import register_configs
+from bprun.errors import BprunError
+
+MODELS = {
+    "cnn": ["model=cnn"],
+    "transformer": ["model=transformer"],
+}
+TARGETS = {"cnn": 1.0, "transformer": 1.75}
+OPTIMS = ["adam", "adamw", "kfac", "muon", "adafactor", "soap", "adamw_schedulefree"]
+
+
+def run_one(model: str, optim: str, seed: int, args, data_dir: str) -> dict:
+    from bprun.tasks.setup import build_trainer, trainer_settings
+
+    epochs = -(-args.updates // args.val_every)
+    overrides = [
+        *MODELS[model],
+        f"optim={optim}",
+        "sched=none",
+        f"seed={seed}",
+        f"paths.data_dir={data_dir}",
+        f"trainer.max_epochs={epochs}",
+        f"trainer.limit_train_batches={args.val_every}",
+        "trainer.threads=1",
+        "trainer.progress=false",
+        "trainer.checkpoint.enabled=false",
+        "trainer.early_stopping.patience=0",
+    ]
+    with initialize_config_module("bprun.conf", version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    s = trainer_settings(cfg)
+    trainer, data = build_trainer(cfg, None, s)
+    trainer.fit(data.train, data.val)
+    target, seconds = TARGETS[model] if args.target is None else args.target, 0.0
+    reached = None
+    for m in trainer.history:
+        seconds += m["time/epoch_s"]
+        if reached is None and m["val/loss"] <= target:
+            reached = (m["update"], seconds)
+    return {"reached": reached, "final": trainer.history[-1]["val/loss"]}
+
+
+def _mean_sd(values: list[float], fmt: str) -> str:
+    if not values:
+        return "-"
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{format(statistics.mean(values), fmt)} ± {format(sd, fmt)}"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--models", default="cnn,transformer", help="comma-separated: cnn,transformer")
+    p.add_argument("--optims", default=",".join(OPTIMS), help="comma-separated optim= names")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--updates", type=int, default=60, help="updates per run")
+    p.add_argument("--val-every", type=int, default=6, help="validate every N updates")
+    p.add_argument("--target", type=float, default=None, help="target val/loss (default per model)")
+    args = p.parse_args(argv)
+    logging.getLogger("bprun").setLevel(logging.WARNING)
+    register_configs()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as data_dir:
+        for model in args.models.split(","):
+            target = TARGETS[model] if args.target is None else args.target
+            print(
+                f"\n{model} on MNIST-1D: target val/loss {target}, {args.updates} updates, "
+                f"{args.seeds} seeds (mean ± sd over the seeds that reached it)\n"
+            )
+            print("| optim | reached | updates to target | seconds to target | final val/loss |")
+            print("|---|---|---|---|---|")
+            for optim in args.optims.split(","):
+                try:
+                    runs = [
+                        run_one(model, optim, seed, args, data_dir) for seed in range(args.seeds)
+                    ]
+                except BprunError as e:  # e.g. muon on a model without hidden matrices
+                    print(f"| {optim} | not applicable: {e} | | | |")
+                    continue
+                hits = [r["reached"] for r in runs if r["reached"] is not None]
+                print(
+                    f"| {optim} | {len(hits)}/{len(runs)} "
+                    f"| {_mean_sd([h[0] for h in hits], '.0f')} "
+                    f"| {_mean_sd([h[1] for h in hits], '.2f')} "
+                    f"| {_mean_sd([r['final'] for r in runs], '.3f')} |",
+                    flush=True,
+                )
+
+
+if __name__ == "__main__":
+    main()
