@@ -14,7 +14,7 @@ message:
 
 `HYDRA_FULL_ERROR=1` or `BPRUN_DEBUG=1` lets the original exception through, with its
 traceback. The dry run leaves the run as it was: random states, buffers (BatchNorm's
-running statistics), gradients, learning rates and the scheduler's state are restored,
+running statistics), weights, gradients, the optimizer's and the scheduler's states are restored,
 so a run's metrics are the same with and without it.
 """
 
@@ -35,7 +35,7 @@ PHASES = {
     "forward": "the first forward pass on one batch: ",
     "loss": "the loss of the first batch: ",
     "backward": "the first backward pass: ",
-    "step": "the first scheduler step: ",
+    "step": "the first step: ",
 }
 
 
@@ -118,43 +118,73 @@ def _message(error: BaseException) -> str:
     return f"{name}: {first}" if first else name
 
 
-def dry_run(trainer, loader, cfg=None) -> None:
-    """One forward pass, loss and backward pass on (two rows of) the first training batch, and
-    one scheduler step, each guarded; then everything they touched goes back as it was.
+def dry_run(trainer, loader, cfg=None) -> float:
+    """One forward pass, loss, backward pass and optimizer step on (two rows of) the first
+    training batch, and one scheduler step, each guarded; then everything they touched (weights,
+    gradients, the optimizer's and the scheduler's states, buffers, random states) goes back
+    as it was.
 
     A loader without in-memory batches (streaming workers) is skipped: starting its workers
     costs more than the rehearsal saves. Two rows keep the cost to a few milliseconds on the
-    shipped models; a per-example shape error shows on two rows as on a hundred."""
+    shipped models; a per-example shape error shows on two rows as on a hundred.
+    Returns the seconds it took (metrics.json's `rehearsal_s`; the bench reports it)."""
+    import time
+
     import numpy as np
     import torch
 
+    started = time.perf_counter()
+
     batches = getattr(loader, "batches", None)
     if batches is None or not hasattr(loader, "x") or len(loader) == 0:
-        return
-    module = trainer.module
+        return 0.0
+    module, optimizer = trainer.module, trainer.optimizer
     states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     buffers = [(b, b.detach().clone()) for b in module.buffers()]
-    grads = [(p, p.grad) for p in module.parameters()]
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    kept = [(p, p.detach().clone(), p.grad) for p in params]
+    # the state and hyperparameters in place (callbacks may hold the param_groups' dicts)
+    optimizer_state = copy.deepcopy(dict(optimizer.state))
+    hyper = _hyperparameters(optimizer)
     training = module.training
     try:
         x, y = next(iter(batches(0)))
         x, y = x[:2], y[:2]
         module.train()
-        with trainer.precision.autocast():
-            with building("model", _node(cfg, "model"), "forward"):
-                out = module(x)
-            with building("loss", _node(cfg, "loss"), "loss"):
-                loss = trainer.loss_fn(out, y)
+
+        def forward():
+            with trainer.precision.autocast():
+                with building("model", _node(cfg, "model"), "forward"):
+                    out = module(x)
+                with building("loss", _node(cfg, "loss"), "loss"):
+                    return trainer.loss_fn(out, y)
+
+        loss = forward()
         if isinstance(loss, torch.Tensor) and loss.requires_grad:
             with building("model", _node(cfg, "model"), "backward"):
                 loss.float().sum().backward()
+
+            def closure():  # what LBFGS re-evaluates
+                with torch.enable_grad():
+                    optimizer.zero_grad()
+                    again = forward().float().sum()
+                    again.backward()
+                return again
+
+            with building("optim", _node(cfg, "optim"), "step"):
+                optimizer.step(closure) if trainer.uses_closure else optimizer.step()
     finally:
         with torch.no_grad():
             for b, saved in buffers:
                 b.copy_(saved)
-        for p, g in grads:
-            p.grad = g
+            for p, saved, grad in kept:
+                p.copy_(saved)
+                p.grad = grad
+        optimizer.state.clear()
+        optimizer.state.update(optimizer_state)
+        for group, saved in zip(optimizer.param_groups, hyper, strict=True):
+            group.update(saved)
         module.train(training)
         random.setstate(states[0])
         np.random.set_state(states[1])
@@ -162,6 +192,13 @@ def dry_run(trainer, loader, cfg=None) -> None:
         if cuda is not None:
             torch.cuda.set_rng_state_all(cuda)
     _scheduler_step(trainer, _node(cfg, "sched"))
+    return time.perf_counter() - started
+
+
+def _hyperparameters(optimizer) -> list[dict]:
+    return [
+        copy.deepcopy({k: v for k, v in g.items() if k != "params"}) for g in optimizer.param_groups
+    ]
 
 
 def _node(cfg, group: str):
@@ -174,9 +211,7 @@ def _scheduler_step(trainer, node=None) -> None:
     if scheduler is None:
         return
     optimizer = trainer.optimizer
-    hyper = [
-        copy.deepcopy({k: v for k, v in g.items() if k != "params"}) for g in optimizer.param_groups
-    ]
+    hyper = _hyperparameters(optimizer)
     state = copy.deepcopy(scheduler.state_dict())
     try:
         with warnings.catch_warnings(), building("sched", node, "step"):

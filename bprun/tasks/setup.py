@@ -152,7 +152,7 @@ def build_trainer(
             dist=dist,
         )
     if rehearse:  # what only a forward pass, the loss or a scheduler step rejects, before training
-        dry_run(trainer, data.train, cfg)
+        trainer.rehearsal_seconds = dry_run(trainer, data.train, cfg)
     return trainer, data
 
 
