@@ -7,7 +7,8 @@ string, a path that does not exist) or spelt with a typo (a letter dropped, doub
 swapped, in any part of the dotted name). The real command runs it, and must end
 
     exit 0 with a complete run folder (metrics.json, status completed), or
-    exit 1 with an `error:` line, no traceback, and no run folder left behind.
+    exit 1 with an `error:` line, no traceback, and no run folder left behind (unless
+    training started and failed, which metrics.json records: a loss that became NaN).
 
 Cases run in processes forked from one that has imported bprun, torch and Hydra already
 (`bprun.cli.main()` in the child, as the console script calls it), with
@@ -205,11 +206,20 @@ def judge(code: int, output: str, run_dir: Path, seconds: float) -> Outcome:
     elif code == 1:
         if not any(line.startswith("error: ") for line in output.splitlines()):
             problems.append("no error line: exit 1 without an `error:` line")
-        if folder_left:
+        if folder_left and not _recorded_failure(metrics):
             problems.append(f"folder left: exit 1 left {run_dir}")
     else:
         problems.append(f"exit {code}: " + _last_line(output))
     return Outcome(code, output, folder_left, complete, seconds, problems)
+
+
+def _recorded_failure(metrics: Path) -> bool:
+    """A run that trained and then failed (a loss that became NaN at lr=1e30) keeps its folder,
+    with metrics.json saying so: an outcome of training, not a command line refused."""
+    try:
+        return json.loads(metrics.read_text()).get("status") == "failed"
+    except (OSError, ValueError):
+        return False
 
 
 def _last_line(text: str) -> str:
