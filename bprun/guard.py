@@ -135,8 +135,7 @@ def dry_run(trainer, loader, cfg=None) -> float:
 
     started = time.perf_counter()
 
-    batches = getattr(loader, "batches", None)
-    if batches is None or not hasattr(loader, "x") or len(loader) == 0:
+    if not hasattr(loader, "x") or not hasattr(loader, "order") or len(loader) == 0:
         return 0.0
     module, optimizer = trainer.module, trainer.optimizer
     states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
@@ -149,8 +148,7 @@ def dry_run(trainer, loader, cfg=None) -> float:
     hyper = _hyperparameters(optimizer)
     training = module.training
     try:
-        x, y = next(iter(batches(0)))
-        x, y = x[:2], y[:2]
+        x, y = _first_rows(loader, 2)
         module.train()
 
         def forward():
@@ -193,6 +191,18 @@ def dry_run(trainer, loader, cfg=None) -> float:
             torch.cuda.set_rng_state_all(cuda)
     _scheduler_step(trainer, _node(cfg, "sched"))
     return time.perf_counter() - started
+
+
+def _first_rows(loader, n: int):
+    """The first `n` examples of the first training batch, through the loader's transform
+    (gathered alone: the loader's own batches gather a whole block of them)."""
+    import torch
+
+    order = loader.order(0)
+    index = order[:n] if order is not None else torch.arange(min(n, len(loader.x)))
+    x = loader.x.index_select(0, index.to(loader.x.device))
+    y = loader.y.index_select(0, index.to(loader.y.device))
+    return (x if loader.transform is None else loader.transform(x)), y
 
 
 def _hyperparameters(optimizer) -> list[dict]:
