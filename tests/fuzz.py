@@ -345,10 +345,12 @@ def _format(value) -> str:
     return "''" if text == "" else text
 
 
-def cases(n: int, seed: int) -> list[Case]:
-    rng = random.Random(seed)
+def cases(n: int, seed: int, part: tuple[int, int] = (1, 1)) -> list[Case]:
+    """Cases `part[0]-1, part[0]-1 + part[1], ...` of `n`: each from its own generator, so a
+    share is drawn (and composed) without the others."""
     options = group_options()
-    return [draw(rng, options) for _ in range(n)]
+    first, parts = part
+    return [draw(random.Random(f"{seed}/{i}"), options) for i in range(first - 1, n, parts)]
 
 
 def read_corpus(path: Path = CORPUS) -> list[Case]:
@@ -396,9 +398,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--show", action="store_true", help="print every case and its outcome")
     args = parser.parse_args(argv)
     prepare()
-    todo = read_corpus() if args.corpus else cases(args.n, args.seed)
-    i, k = (int(v) for v in args.part.split("/"))
-    todo = todo[i - 1 :: k]
+    part = tuple(int(v) for v in args.part.split("/"))
+    todo = read_corpus()[part[0] - 1 :: part[1]] if args.corpus else cases(args.n, args.seed, part)
     started = time.monotonic()
     failures = []
     with tempfile.TemporaryDirectory(prefix="bprun-fuzz-") as tmp:
