@@ -30,7 +30,7 @@ from bprun.engine.precision import check_precision, resolve_device
 from bprun.engine.settings import TrainerSettings
 from bprun.engine.trainer import Trainer
 from bprun.errors import BprunError
-from bprun.guard import building, dry_run
+from bprun.tasks.guard import building, dry_run
 from bprun.tracking.callbacks import tensorboard_callbacks
 
 log = logging.getLogger("bprun")
@@ -79,8 +79,8 @@ def build_trainer(
     `data_state`: what the dataset source fitted in the run a checkpoint comes from (table
     encodings, image statistics), reused as it is; the data's state goes into
     `extra_state["data"]` for the next checkpoint. Each part is built inside
-    `bprun.guard.building` and, with `rehearse`, one update is rehearsed (`bprun.guard.dry_run`,
-    which leaves the run as it was): whatever they raise is one `error:` line naming the group."""
+    `guard.building` and, with `rehearse`, one update is rehearsed (`guard.dry_run`, which
+    leaves the run as it was): whatever they raise is one `error:` line naming the group."""
     dist = dist or current()
     device = setup_device(s, dist)
     check_precision(s.precision, device)  # what the device cannot run fails before the data loads
