@@ -66,13 +66,14 @@ def describe(group: str, node, error: BaseException, phase=None, overrides=None)
     mine = [o.lstrip("+~") for o in line if key_of(o).split(".")[0] == group and "." in key_of(o)]
     message = _message(error)
     named = [o for o in mine if key_of(o).rsplit(".", 1)[-1] in message] or mine
-    text = f"{group}={option(group, node, line)} could not be built"
+    picked = option(group, node, line)
+    text = f"{group}={picked} could not be built"
     if mine:
         text += " with " + ", ".join(mine)
     text += f": {PHASES.get(phase, '')}{message}"
     if named:
         return text + f" (check {', '.join(dict.fromkeys(key_of(o) for o in named))})"
-    return text + f" (check {group}'s settings: bprun --cfg job {group}=... lists them)"
+    return text + f" (check {group}'s settings, which bprun --cfg job {group}={picked} lists)"
 
 
 def option(group: str, node, line: list[str]) -> str:
