@@ -141,6 +141,9 @@ def run_case(case: Case, workdir: Path, data_dir: Path, timeout: float = TIMEOUT
             fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
             os.dup2(fd, 1)
             os.dup2(fd, 2)
+            # and Python's streams onto them (pytest's capture may have replaced sys.stdout)
+            sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
+            sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
             os.chdir(workdir)
             soft, hard = resource.getrlimit(resource.RLIMIT_AS)
             mapped = _mapped_bytes()
