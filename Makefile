@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test test-fast lint bench tensorboard clean
+.PHONY: install run test test-fast lint bench fuzz tensorboard clean
 
 install: $(STAMP)
 
@@ -27,6 +27,13 @@ test-fast: install
 lint: install
 	$(BIN)/ruff check bprun tests hydra_plugins
 	$(BIN)/ruff format --check bprun tests hydra_plugins
+
+# A long search for command lines that end in a traceback or leave a folder behind
+# (tests/fuzz.py; `make test` runs a fixed slice): make fuzz N=2000 SEED=7
+N ?= 300
+SEED ?= 1
+fuzz: install
+	$(BIN)/python tests/fuzz.py --n $(N) --seed $(SEED)
 
 bench: install
 	$(BIN)/python -m bprun.bench $(ARGS)

@@ -592,11 +592,33 @@ def build_scheduler(
     for key in LENGTH_KEYS:
         if key in args and args[key] is None:
             args[key] = max(1, steps)
+    _check_schedule(args)
     make = _instantiate(args, "sched")
     try:
         return make(optimizer=optimizer), own["interval"]
     except (TypeError, ValueError) as e:
         raise BprunError(f"cannot build sched ({args['_target_']}): {e}") from None
+
+
+def _check_schedule(args: dict) -> None:
+    """Values torch's schedulers take without a word and then follow into a nonsense schedule
+    (a negative length, a factor of 0 or below, which zero or flip the learning rate)."""
+    for key in (*LENGTH_KEYS, "step_size"):
+        value = args.get(key)
+        if key in args and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            blank = " (or null: the run's length)" if key in LENGTH_KEYS else ""
+            raise BprunError(
+                f"sched.{key}={value} is a number of scheduler steps: give a whole number of at "
+                f"least 1{blank}"
+            )
+    gamma = args.get("gamma")
+    if "gamma" in args and (
+        isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma
+    ):
+        raise BprunError(
+            f"sched.gamma={gamma} multiplies the learning rate: give a factor above 0 "
+            "(below 1 to decay it)"
+        )
 
 
 def init_from(model: nn.Module, source: str) -> KeyReport:

@@ -98,6 +98,7 @@ def check_command_line(argv: list[str], multirun: bool = False) -> None:
     from bprun.tracking.trackers import check as check_trackers
 
     check_trackers(cfg)
+    check_run_folder(cfg, overrides, multirun)
     if cfg.get("task") == "meta":
         OmegaConf.to_object(cfg.meta)  # its values, checked by MetaSettings before torch loads
     attack = [o for o in overrides if key_of(o).split(".")[0] == "attack"]
@@ -115,6 +116,48 @@ def check_command_line(argv: list[str], multirun: bool = False) -> None:
             + (hint + " " if hint else "")
             + f"(choose one of {', '.join(TASKS)})"
         )
+
+
+def check_run_folder(cfg: DictConfig, overrides: list[str], multirun: bool = False) -> None:
+    """A run (or sweep) folder that cannot be made: under a file, or in a folder this user cannot
+    write to. Hydra would fail making it with a traceback."""
+    if cfg.get("task") == "eval" or any(key_of(o) == "trainer.resume" for o in overrides):
+        return  # these run in an existing run's folder
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    given = [o.split("=", 1)[1] for o in overrides if key_of(o) == key and "=" in o]
+    if given and "${" not in given[-1]:
+        _can_make(given[-1], f"{key}={given[-1]}", key)
+    elif not given:
+        out = str(cfg.paths.output_dir)
+        _can_make(out, f"paths.output_dir={out}", "paths.output_dir")
+
+
+def _can_make(folder: str, what: str, key: str) -> None:
+    import contextlib
+    from pathlib import Path
+
+    path = Path(folder).expanduser().absolute()
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    fix = f"choose another {key}"
+    if existing.exists() and not existing.is_dir():
+        raise BprunError(
+            f"{what}: cannot make the run folder {path}: {existing} is a file, not a folder: {fix}"
+        )
+    if path.exists():
+        return
+    try:  # the one sure test (root passes os.access, /proc refuses anyway): make it, remove it
+        path.mkdir(parents=True)
+    except OSError as e:
+        raise BprunError(
+            f"{what}: cannot make the run folder {path}: {e.strerror or e} in {existing}: {fix}"
+        ) from None
+    made = path
+    while made != existing:
+        with contextlib.suppress(OSError):
+            made.rmdir()
+        made = made.parent
 
 
 def check_metric_names(cfg: DictConfig) -> None:
@@ -234,13 +277,31 @@ def _bad_override(e: BaseException, overrides: list[str]) -> str:
     text = _first_line(cause) if cause is not None else _first_line(e)
     if key and "not in" in text:
         parent, _, leaf = key.rpartition(".")
-        base = compose([o for o in overrides if key_of(o) != key])
+        # without the override (and any other under the same missing key), which cannot compose
+        base = compose(
+            [o for o in overrides if key_of(o) != key and not key_of(o).startswith(key + ".")]
+        )
         node = OmegaConf.select(base, parent) if parent else base
         keys = list(node.keys()) if isinstance(node, DictConfig) else []
         if leaf in keys:  # the key exists: the override itself is what cannot work
             return f"{key}: {text}"
-        hint = did_you_mean(leaf, keys, f"{parent}." if parent else "")
         where = parent or "the config"
+        rest = next(
+            (key_of(o)[len(key) :] for o in overrides if key_of(o).startswith(key + ".")), ""
+        )
+        near = closest(leaf, keys)
+        hint = (
+            f"did you mean {' or '.join((f'{parent}.' if parent else '') + c + rest for c in near)}?"
+            if near
+            else ""
+        )
+        given = next(
+            (o for o in overrides if key_of(o) == key or key_of(o).startswith(key + ".")), key
+        )
+        typed = parent.split(".")[0] in TYPED
+        if not hint and not typed:  # a new key that the user's own code reads takes a +
+            keys_shown = ", ".join(map(str, keys[:12]))
+            hint = f"bprun --cfg job lists every setting ({keys_shown}); a new key that your own code reads takes a +: +{given.lstrip('+~')}"
         return f"{key} is not a setting of {where}: " + (
             hint or f"bprun --cfg job lists every setting ({', '.join(map(str, keys[:12]))})"
         )

@@ -1,5 +1,8 @@
 """Hydra schemas and plugins: registered before compose, so it validates keys and types."""
 
+from dataclasses import dataclass, field
+from typing import Any
+
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
@@ -17,6 +20,31 @@ SCHEMAS = {
     "attack": Attack,
     "search": SearchSettings,
 }
+
+
+@dataclass
+class Paths:
+    data_dir: str = "data"  # datasets are read and cached here
+    output_dir: str = "outputs"  # run folders go here
+
+
+@dataclass
+class Sweep:
+    skip_done: bool = False
+
+
+@dataclass
+class TopLevel:
+    """The top-level keys of conf/config.yaml, typed: `seed=abc` fails when the config is
+    composed, like a `trainer.*` setting, before anything is built. (`metrics` is checked
+    with its names by bprun.checks, which says how to write a list.)"""
+
+    task: str = "train"
+    seed: int = 0
+    metrics: Any = None
+    ckpt: str | None = None
+    paths: Paths = field(default_factory=Paths)
+    sweep: Sweep = field(default_factory=Sweep)
 
 
 def typed(cfg) -> None:
@@ -38,6 +66,7 @@ def register_configs() -> None:
     # The `search` node is always there (typed), so that `search=<name>` files and the
     # sweeper's `search.*` settings are checked when the config is composed.
     cs.store(name="search_schema", node={"search": SearchSettings})
+    cs.store(name="top_schema", node=TopLevel)
     register_plugins()
 
 

@@ -64,6 +64,9 @@ def commands(tmp: Path, data_dir: Path, device: str, threads: int, updates: int 
     return found
 
 
+REHEARSALS: list[float] = []  # bprun's dry run of one update before training, per command
+
+
 def run_one(argv: list[str], metrics: Path | None, threads: int) -> tuple[float, float]:
     """(wall seconds of the process, seconds its training took)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
@@ -74,7 +77,9 @@ def run_one(argv: list[str], metrics: Path | None, threads: int) -> tuple[float,
         tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
         raise SystemExit(f"error: {' '.join(argv[:3])} ... failed:\n" + "\n".join(tail))
     if metrics is not None:
-        fit = json.loads(metrics.read_text())["fit_time_s"]
+        summary = json.loads(metrics.read_text())
+        fit = summary["fit_time_s"]
+        REHEARSALS.append(summary.get("rehearsal_s") or 0.0)
     else:
         line = [x for x in proc.stdout.splitlines() if x.startswith("BENCH ")][-1]
         fit = json.loads(line[len("BENCH ") :])["fit_s"]
@@ -113,6 +118,9 @@ def main(argv=None, device: str = "cpu", threads: int = 1, rounds: int | None = 
     def ratio(values: dict, a: str, b: str) -> float:
         return statistics.median(x / y for x, y in zip(values[a], values[b], strict=True))
 
+    if REHEARSALS:  # part of bprun's start-up (outside training)
+        rehearsal = statistics.median(REHEARSALS[1:] or REHEARSALS)
+        print(f"of bprun's start-up, the rehearsed update:  {rehearsal:.3f} s")
     print(f"bprun / plain script, wall time:          {ratio(walls, 'bprun', 'plain'):.3f}")
     print(f"bprun / plain script, training time:      {ratio(fits, 'bprun', 'plain'):.3f}")
     if "lightning" in walls:

@@ -227,7 +227,6 @@ class Trainer:
         return {"stop_reason": self.stop_reason, "best": self.best, "history": self.history}
 
     def _run_epoch(self, train: InMemoryLoader, val: InMemoryLoader | None) -> None:
-        s = self.settings
         t0 = self._check_started = time.perf_counter()
         samples_before = self._check_samples = self.batch * train.batch_size
         self.model.train()

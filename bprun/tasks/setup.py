@@ -32,6 +32,7 @@ from bprun.engine.settings import TrainerSettings
 from bprun.engine.trainer import Trainer
 from bprun.errors import BprunError
 from bprun.optim import use_sparse_gradients
+from bprun.tasks.guard import building, dry_run
 from bprun.tracking.callbacks import tensorboard_callbacks
 
 log = logging.getLogger("bprun")
@@ -73,12 +74,15 @@ def build_trainer(
     callbacks: list | tuple = (),
     dist: DistContext | None = None,
     data_state: dict | None = None,
+    rehearse: bool = True,
 ):
     """(Trainer, data) for one config: data, model, loss, optimizer, scheduler and the
     callbacks of the instruments switched on (on rank 0 only: they write files).
     `data_state`: what the dataset source fitted in the run a checkpoint comes from (table
     encodings, image statistics), reused as it is; the data's state goes into
-    `extra_state["data"]` for the next checkpoint."""
+    `extra_state["data"]` for the next checkpoint. Each part is built inside
+    `guard.building` and, with `rehearse`, one update is rehearsed (`guard.dry_run`, which
+    leaves the run as it was): whatever they raise is one `error:` line naming the group."""
     dist = dist or current()
     device = setup_device(s, dist)
     check_precision(s.precision, device)  # what the device cannot run fails before the data loads
@@ -88,66 +92,77 @@ def build_trainer(
             "drop it on the CPU, where each rank keeps its own BatchNorm statistics"
         )
     warn_own_data_ignored(cfg)
-    data = build_data(
-        problem_hint(cfg.dataset, cfg.get("problem")),
-        device,
-        cfg.seed,
-        s.limit_train_batches,
-        s.limit_val_batches,
-        s.overfit_batches,
-        s.fast_dev_run,
-        data_state,
-        s.val_batches,
-    )
+    with building("dataset", cfg.dataset):
+        data = build_data(
+            problem_hint(cfg.dataset, cfg.get("problem")),
+            device,
+            cfg.seed,
+            s.limit_train_batches,
+            s.limit_val_batches,
+            s.overfit_batches,
+            s.fast_dev_run,
+            data_state,
+            s.val_batches,
+        )
     for loader in (data.train, data.val, data.test):
         if loader is not None:
             loader.shard(dist.rank, dist.world_size)
     if data.dataset.state:
         extra_state = {**(extra_state or {}), "data": data.dataset.state}
-    problem = build_problem(cfg.get("problem"), data.dataset, cfg.get("metrics"))
-    problem.use_loss(cfg.get("loss"))  # before the model: quantiles widen its output
+    with building("problem", cfg.get("problem")):
+        problem = build_problem(cfg.get("problem"), data.dataset, cfg.get("metrics"))
+        problem.use_loss(cfg.get("loss"))  # before the model: quantiles widen its output
     seed_everything(cfg.seed)  # after the data, whose generators may reseed global RNGs
-    model = build_model(cfg.model, data.dataset, problem)
-    if s.sync_batchnorm and dist.enabled:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = model.to(device)
+    with building("model", cfg.model):
+        model = build_model(cfg.model, data.dataset, problem)
+        if s.sync_batchnorm and dist.enabled:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = model.to(device)
     warn_slow_precision(s, model, device)
     if s.strategy == "fsdp" and dist.enabled:  # before the optimizer: it steps on the shards
-        model = fsdp.shard(model, s.fsdp, s.precision, device)
-    optimizer = build_optimizer(cfg.optim, model)
+        with building("trainer", cfg.trainer):
+            model = fsdp.shard(model, s.fsdp, s.precision, device)
+    with building("optim", cfg.optim):
+        optimizer = build_optimizer(cfg.optim, model)
     if use_sparse_gradients(model, optimizer):
         log.info("embeddings give sparse gradients (optim=sparse_adam updates the rows used)")
-    finetune = finetune_callbacks(model, s)  # after the optimizer: see finetune_callbacks
+    with building("trainer", cfg.trainer):
+        finetune = finetune_callbacks(model, s)  # after the optimizer: see finetune_callbacks
     updates_per_epoch = -(-len(data.train) // s.accumulate)
-    scheduler, interval = build_scheduler(
-        cfg.sched, optimizer, updates_per_epoch, s.max_epochs, s.max_updates
-    )
-    loss = build_loss(cfg.loss, problem, data).to(device)  # class weights are buffers
-    trainer = Trainer(
-        s,
-        model,
-        problem.criterion(loss),
-        optimizer,
-        scheduler,
-        scheduler_interval=interval,
-        device=device,
-        problem=problem,
-        run_dir=run_dir,
-        tracker=tracker,
-        extra_state=extra_state,
-        callbacks=[
-            *(tensorboard_callbacks(s, run_dir) if dist.is_main else ()),
-            *(diagnostic_callbacks(s, run_dir) if dist.is_main else ()),
-            *(problem.callbacks(data.dataset, s, run_dir) if dist.is_main else ()),
-            *averaging_callbacks(s, model),
-            *finetune,
-            # batch hooks, in this order: mix the batch, then attack the mixed batch
-            *mixing_callbacks(data.augment or {}, data.dataset, loss),
-            *adversarial_callbacks(s.adversarial, input_bounds(data, device)),
-            *callbacks,
-        ],
-        dist=dist,
-    )
+    with building("sched", cfg.sched):
+        scheduler, interval = build_scheduler(
+            cfg.sched, optimizer, updates_per_epoch, s.max_epochs, s.max_updates
+        )
+    with building("loss", cfg.loss):
+        loss = build_loss(cfg.loss, problem, data).to(device)  # class weights are buffers
+    with building("trainer", cfg.trainer):
+        trainer = Trainer(
+            s,
+            model,
+            problem.criterion(loss),
+            optimizer,
+            scheduler,
+            scheduler_interval=interval,
+            device=device,
+            problem=problem,
+            run_dir=run_dir,
+            tracker=tracker,
+            extra_state=extra_state,
+            callbacks=[
+                *(tensorboard_callbacks(s, run_dir) if dist.is_main else ()),
+                *(diagnostic_callbacks(s, run_dir) if dist.is_main else ()),
+                *(problem.callbacks(data.dataset, s, run_dir) if dist.is_main else ()),
+                *averaging_callbacks(s, model),
+                *finetune,
+                # batch hooks, in this order: mix the batch, then attack the mixed batch
+                *mixing_callbacks(data.augment or {}, data.dataset, loss),
+                *adversarial_callbacks(s.adversarial, input_bounds(data, device)),
+                *callbacks,
+            ],
+            dist=dist,
+        )
+    if rehearse:  # what only a forward pass, the loss or a scheduler step rejects, before training
+        trainer.rehearsal_seconds = dry_run(trainer, data.train, cfg)
     return trainer, data
 
 

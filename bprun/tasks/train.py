@@ -93,6 +93,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> float | No
     summary = {"status": "running", "monitor": s.monitor, "mode": s.mode, "run_dir": str(run_dir)}
     summary["problem"] = problem.kind
     summary["optimizer"] = {"name": type(trainer.optimizer).__name__, "impl": impl}
+    summary["rehearsal_s"] = getattr(trainer, "rehearsal_seconds", None)  # the dry run's cost
     try:
         trainer.fit(data.train, data.val)
         threshold = decision_threshold(problem, trainer.best)
