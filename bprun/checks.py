@@ -212,8 +212,8 @@ def check_metric_names(cfg: DictConfig) -> None:
 
 def did_you_mean_metric(word: str, known, prefix: str = "") -> str:
     """As `did_you_mean`, with the short name of a long one first (`accuracy` -> `acc`)."""
-    short = [k for k in known if len(k) > 2 and word.startswith(k)]
-    near = list(dict.fromkeys([*sorted(short, key=len, reverse=True), *closest(word, known)]))[:3]
+    short = sorted((k for k in known if len(k) > 2 and word.startswith(k)), key=len)
+    near = short[-1:] or closest(word, known)  # the longest short name, or the closest ones
     return f"did you mean {' or '.join(prefix + c for c in near)}?" if near else ""
 
 

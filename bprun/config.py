@@ -34,6 +34,48 @@ class Sweep:
 
 
 @dataclass
+class Cv:
+    """task=cv (bprun/tasks/cv.py)."""
+
+    folds: int = 5
+    group: str | None = None
+    seed: int = 0
+
+
+@dataclass
+class Generate:
+    """task=generate (bprun/tasks/generate.py)."""
+
+    prompt: str = "\n"
+    max_new_tokens: int = 500
+    temperature: float = 0.8
+    top_k: int | None = 200
+    top_p: float | None = None
+    num_samples: int = 1
+    seed: int = 1337
+    use_cache: bool = True
+
+
+@dataclass
+class Backtest:
+    """task=backtest (bprun/tasks/backtest.py)."""
+
+    folds: int = 3
+    window: str = "expanding"
+    refit: bool = True
+
+
+@dataclass
+class Recommend:
+    """task=recommend (bprun/tasks/recommend.py)."""
+
+    users: list[Any] = field(default_factory=list)
+    k: int = 10
+    cold_start: str | None = None
+    out: str | None = None
+
+
+@dataclass
 class TopLevel:
     """The top-level keys of conf/config.yaml, typed: `seed=abc` fails when the config is
     composed, like a `trainer.*` setting, before anything is built. (`metrics` is checked
@@ -45,6 +87,10 @@ class TopLevel:
     ckpt: str | None = None
     paths: Paths = field(default_factory=Paths)
     sweep: Sweep = field(default_factory=Sweep)
+    cv: Cv = field(default_factory=Cv)
+    generate: Generate = field(default_factory=Generate)
+    backtest: Backtest = field(default_factory=Backtest)
+    recommend: Recommend = field(default_factory=Recommend)
 
 
 def typed(cfg) -> None:

@@ -151,3 +151,69 @@ def one_cycle(
     return lr_scheduler.OneCycleLR(
         optimizer, max_lr=max_lr, total_steps=total_steps, cycle_momentum=cycle_momentum, **kwargs
     )
+
+
+class SparseAdam(torch.optim.Optimizer):
+    """Adam that takes sparse gradients as well as dense ones (`optim=sparse_adam`).
+
+    A sparse gradient (an `nn.Embedding(sparse=True)`'s: the rows a batch looked up) updates
+    those rows alone, their moments included, as `torch.optim.SparseAdam` does ("lazy Adam");
+    a dense one is a plain Adam step. torch's SparseAdam refuses dense gradients, and a model
+    of embeddings and layers (NCF) has both. Building this optimizer makes the model's
+    embeddings give sparse gradients (`sparse_gradients`, read by the run set-up).
+    """
+
+    sparse_gradients = True
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8):
+        if lr < 0 or eps < 0 or not all(0 <= b < 1 for b in betas):
+            raise BprunError(
+                f"optim=sparse_adam needs lr >= 0, eps >= 0 and betas in [0, 1), got lr={lr}, "
+                f"betas={list(betas)}, eps={eps}"
+            )
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                step = float(state["step"])
+                size = group["lr"] * (1 - beta2**step) ** 0.5 / (1 - beta1**step)
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                grad = p.grad
+                if grad.is_sparse:
+                    grad = grad.coalesce()
+                    rows, values = grad.indices()[0], grad.values()
+                    m_rows = m[rows].mul_(beta1).add_(values, alpha=1 - beta1)
+                    v_rows = v[rows].mul_(beta2).addcmul_(values, values, value=1 - beta2)
+                    m[rows], v[rows] = m_rows, v_rows
+                    p[rows] -= size * m_rows / (v_rows.sqrt() + group["eps"])
+                else:
+                    m.mul_(beta1).add_(grad, alpha=1 - beta1)
+                    v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                    p.addcdiv_(m, v.sqrt().add_(group["eps"]), value=-size)
+        return loss
+
+
+def use_sparse_gradients(model: nn.Module, optimizer) -> int:
+    """Switch the model's embeddings to sparse gradients when the optimizer takes them (see
+    `SparseAdam`); the number of embeddings switched."""
+    if not getattr(optimizer, "sparse_gradients", False):
+        return 0
+    embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+    for m in embeddings:
+        m.sparse = True
+    return len(embeddings)
