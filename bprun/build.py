@@ -431,6 +431,7 @@ def build_model(node: DictConfig, dataset: Dataset, problem=None) -> nn.Module:
         },
     )
     outputs = problem.output_size if problem is not None else dataset.num_classes
+    check_inputs(args, dataset, problem)
     extra = {}
     if getattr(dataset, "vocab_size", None) is not None:  # token ids in, for models taking them
         params = source_params(args)
@@ -475,6 +476,35 @@ def build_model(node: DictConfig, dataset: Dataset, problem=None) -> nn.Module:
     if spec is not None:
         spec.attach(model, dataset)
     return model
+
+
+def check_inputs(args: dict, dataset: Dataset, problem) -> None:
+    """A model that reads token ids or (user, item) ids (its class's `reads`) on data that holds
+    something else: one line naming the data it takes, before it is built."""
+    from hydra.utils import get_object
+
+    try:
+        reads = getattr(get_object(args.get("_target_") or ""), "reads", None)
+    except Exception:  # an unresolvable target: instantiate names it
+        return
+    name = args.get("_target_", "").rsplit(".", 1)[-1].lower()
+    inputs = getattr(dataset, "x_train", None)  # a task distribution (task=meta) has none
+    tokens = getattr(inputs, "dtype", None) in (torch.int64, torch.int32)
+    if reads == "tokens" and not tokens:
+        raise BprunError(
+            f"model={name} reads token ids, and this data holds other inputs: use it with "
+            "dataset=text or dataset=text_classification"
+        )
+    if reads != "tokens" and getattr(problem, "kind", None) == "lm":
+        raise BprunError(
+            f"model={name} does not read token ids, which a language model's data holds: use "
+            "model=gpt"
+        )
+    if reads == "interactions" and getattr(problem, "kind", None) != "ranking":
+        raise BprunError(
+            f"model={name} scores users and items, and this data holds no interactions: use it "
+            "with dataset=interactions (or dataset=interactions_demo)"
+        )
 
 
 def build_loss(node: DictConfig, problem, data: Data | None = None) -> nn.Module:

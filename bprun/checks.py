@@ -290,6 +290,9 @@ def _bad_override(e: BaseException, overrides: list[str]) -> str:
             (key_of(o)[len(key) :] for o in overrides if key_of(o).startswith(key + ".")), ""
         )
         near = closest(leaf, keys)
+        if rest:  # a dotted typo: only the candidates under which the rest of the key exists
+            near = [c for c in near if OmegaConf.select(base, f"{parent}.{c}{rest}".lstrip("."))
+                    is not None] or near  # fmt: skip
         hint = (
             f"did you mean {' or '.join((f'{parent}.' if parent else '') + c + rest for c in near)}?"
             if near

@@ -147,7 +147,9 @@ def one_cycle(
     if max_lr is None:
         max_lr = [g["lr"] for g in groups]
     if cycle_momentum is None:
-        cycle_momentum = all("betas" in g or g.get("momentum", 0) > 0 for g in groups)
+        cycle_momentum = all("betas" in g or g.get("momentum", 0) > 0 for g in groups) and (
+            "betas" in optimizer.defaults or "momentum" in optimizer.defaults  # OneCycleLR reads
+        )  # them there: an optimizer of mixed groups (optim=muon) keeps its momentum
     return lr_scheduler.OneCycleLR(
         optimizer, max_lr=max_lr, total_steps=total_steps, cycle_momentum=cycle_momentum, **kwargs
     )

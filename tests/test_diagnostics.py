@@ -277,10 +277,23 @@ def zoo() -> list[tuple[str, str]]:
     """bprun's own model families (torchvision's and timm's backward are theirs to check)."""
     library = {"torchvision", "timm"}
     names = sorted(p.stem for p in (CONF / "model").glob("*.yaml") if p.stem not in library)
-    return [(n, RECOMMENDERS.get(n, "digits" if n in IMAGE_ONLY else "mnist1d")) for n in names]
+    return [
+        (
+            n,
+            "text"
+            if n in TEXT
+            else RECOMMENDERS.get(n, "digits" if n in IMAGE_ONLY else "mnist1d"),
+        )
+        for n in names
+    ]
 
 
 RECOMMENDERS = {"mf": "interactions_demo", "ncf": "interactions_demo"}  # users and items
+# Models that read token ids: a small GPT on the embedded text corpus.
+TEXT = {
+    "gpt": ["dataset=text", "dataset.block_size=16", "model.n_layer=1", "model.n_head=2",
+            "model.n_embd=16", "model.dropout=0.0"],
+}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -293,7 +306,8 @@ def compose_cfg():
 @pytest.mark.slow
 @pytest.mark.parametrize(("model", "dataset"), zoo())
 def test_gradcheck_passes_on_every_model_in_the_zoo(model, dataset, compose_cfg, data_dir):
-    cfg = compose_cfg(f"model={model}", f"dataset={dataset}", f"paths.data_dir={data_dir}")
+    extra = TEXT.get(model, [f"dataset={dataset}"])
+    cfg = compose_cfg(f"model={model}", *extra, f"paths.data_dir={data_dir}")
     data = build_data(cfg.dataset, torch.device("cpu"), 0)
     torch.manual_seed(0)
     problem = build_problem(None, data.dataset)

@@ -47,13 +47,21 @@ def test_no_torch_before_the_config_is_valid(args, tmp_path):
     assert not list(tmp_path.glob("outputs/*/*/"))  # no run folder for help or a rejected line
 
 
+# The search's trial workers run jobs in-process as Hydra's launchers do (run_job, HydraConfig),
+# and apply each trial's overrides with Hydra's own override code (search/compose.py, checked
+# against Hydra's composition by tests/test_search_workers.py; hydra-core is pinned below 1.4).
+LAUNCHER_SIDE = {PACKAGE / "search" / "workers.py", PACKAGE / "search" / "compose.py"}
+
+
 def test_no_module_uses_hydra_internals():
     for path in sources():
+        if path in LAUNCHER_SIDE:
+            continue
         assert not any(m.startswith("hydra._internal") for m in imports_of(path)), path
 
 
 def test_only_the_command_line_tasks_and_plugins_read_hydra_config():
-    allowed = {PACKAGE / "cli.py", *(PACKAGE / "tasks").glob("*.py")}
+    allowed = {PACKAGE / "cli.py", *(PACKAGE / "tasks").glob("*.py"), *LAUNCHER_SIDE}
     allowed |= set((ROOT / "hydra_plugins").rglob("*.py"))
     for path in sources():
         if path not in allowed:

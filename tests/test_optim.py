@@ -72,6 +72,8 @@ EPOCHS = 20
 def make(nodes, optim: str, sched: str, lr_scale: float):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 3))
+    if optim == "muon":  # Muon trains hidden matrices (between the input layer and the head)
+        model = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), model[2])
     node = nodes["optim", optim].copy()
     if optim != "lbfgs":  # 20 updates at 10x the default lr move every optimizer measurably
         node.lr = node.lr * lr_scale
@@ -265,12 +267,15 @@ def test_optimizer_configs_say_what_their_names_say(nodes):
     assert nodes["optim", "nesterov"].momentum == 0.9 and nodes["optim", "nesterov"].nesterov
     assert nodes["optim", "sgd"].momentum == 0.0
     model = nn.Linear(2, 2)
+    hidden = nn.Sequential(nn.Linear(2, 4), nn.Linear(4, 4), nn.Linear(4, 2))  # for Muon
     for name in OPTIMS:
-        opt = build_optimizer(nodes["optim", name], model)
+        opt = build_optimizer(nodes["optim", name], hidden if name == "muon" else model)
         assert type(opt).__name__.lower().replace("_", "") in {
             "sgd": "sgd",
             "momentum": "sgd",
             "nesterov": "sgd",
+            "adamw_schedulefree": "schedulefreeadamw",  # the library's own name
+            "muon": "muonadamw",  # Muon for hidden matrices, AdamW for the rest
         }.get(name, name.replace("_", ""))
 
 

@@ -152,7 +152,8 @@ def test_a_server_down_mid_run_loses_nothing_once_it_is_back(server, tmp_path, d
     proc = subprocess.Popen(
         [BPRUN, "tracker=[tensorboard,mlflow]", f"tracker.mlflow.uri={server.uri}",
          "tracker.mlflow.experiment=outage", "tracker.mlflow.exit_timeout_s=240",
-         "trainer.max_epochs=30", f"paths.data_dir={data_dir}", "trainer.threads=1",
+         # sends every 0.5 s, and epochs long enough that the outage falls inside the run
+         "tracker.mlflow.flush_every_s=0.5", "dataset.batch_size=20", "trainer.max_epochs=30", f"paths.data_dir={data_dir}", "trainer.threads=1",
          "trainer.progress=false", f"hydra.run.dir={run_dir}"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
@@ -180,7 +181,7 @@ def test_a_server_down_mid_run_loses_nothing_once_it_is_back(server, tmp_path, d
     (run,) = runs_of(server.client(), "outage")
     assert run.info.status == "FINISHED"
     steps = [step for step, _ in history(server.client(), run.info.run_id, "val/loss")]
-    assert steps == [36 * epoch for epoch in range(1, 31)]
+    assert steps == [180 * epoch for epoch in range(1, 31)]  # 3600 examples in batches of 20
 
 
 def wandb_records(path: Path):

@@ -194,7 +194,8 @@ def test_limit_val_batches_and_save_top_k_all_or_none(bprun, tmp_path):
         f"hydra.run.dir={tmp_path}/all",
     )
     assert "3600 train / 200 val / 1000 test samples" in r.output
-    assert all(round(h["val/acc"] * 200, 6).is_integer() for h in r.metrics["history"])
+    hits = [h["val/acc"] * 200 for h in r.metrics["history"]]  # float32 metrics: within 1e-4
+    assert all(abs(n - round(n)) < 1e-4 for n in hits)
     kept = sorted(p.name[:9] for p in (r.run_dir / "checkpoints").glob("epoch=*.pt"))
     assert kept == ["epoch=001", "epoch=002", "epoch=003"]  # -1 keeps every one
 

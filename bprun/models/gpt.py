@@ -109,6 +109,8 @@ class GPT(nn.Module):
     averaged over the text's tokens (`pool=mean`) or the first token's taken (`pool=first`),
     and a linear head to `num_classes` outputs."""
 
+    reads = "tokens"  # token ids in (what bprun.build checks before building)
+
     def __init__(
         self,
         input_shape: tuple[int, ...],

@@ -16,6 +16,8 @@ from torch import nn
 class Recommender(nn.Module):
     """Splits the input into users and candidate items; subclasses score (users, items) pairs."""
 
+    reads = "interactions"  # (user, item) ids in (what bprun.build checks before building)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         users = x[:, 0].long()
         if x.shape[1] == 1:
