@@ -488,9 +488,9 @@ def check_inputs(args: dict, dataset: Dataset, problem) -> None:
     except Exception:  # an unresolvable target: instantiate names it
         return
     name = args.get("_target_", "").rsplit(".", 1)[-1].lower()
-    inputs = getattr(dataset, "x_train", None)  # a task distribution (task=meta) has none
+    inputs = getattr(dataset, "x_train", None)  # none: task=meta's tasks, generate's stand-in
     tokens = getattr(inputs, "dtype", None) in (torch.int64, torch.int32)
-    if reads == "tokens" and not tokens:
+    if reads == "tokens" and inputs is not None and not tokens:
         raise BprunError(
             f"model={name} reads token ids, and this data holds other inputs: use it with "
             "dataset=text or dataset=text_classification"
