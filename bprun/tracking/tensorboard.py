@@ -10,14 +10,31 @@ from pathlib import Path
 from torch.utils.tensorboard import SummaryWriter
 
 
+class GroupLrs:
+    """`lr/group<i>` of the watched param groups beside each logged `lr`, once per step (the
+    trainer logs lr twice at an epoch's last update): what every tracker logs alike."""
+
+    def __init__(self):
+        self.param_groups: list[dict] | None = None
+        self._step: int | None = None
+
+    def add(self, scalars: dict[str, float], step: int) -> dict[str, float]:
+        if "lr" not in scalars:
+            return scalars
+        if step == self._step:
+            return {k: v for k, v in scalars.items() if k != "lr"}
+        self._step = step
+        groups = enumerate(self.param_groups or ())
+        return {**scalars, **{f"lr/group{i}": g["lr"] for i, g in groups}}
+
+
 class Tracker:
     """Scalars to TensorBoard. `purge_step` drops events a crashed run logged after its checkpoint."""
 
     def __init__(self, run_dir: str | Path, purge_step: int | None = None):
         self.run_dir, self.purge_step = str(run_dir), purge_step
         self._writer: SummaryWriter | None = None
-        self.param_groups: list[dict] | None = None
-        self._lr_step: int | None = None
+        self.lrs = GroupLrs()
 
     @property
     def writer(self) -> SummaryWriter:
@@ -29,17 +46,10 @@ class Tracker:
 
     def watch_param_groups(self, param_groups: list[dict]) -> None:
         """Log `lr/group<i>` of these groups wherever `lr` is logged."""
-        self.param_groups = param_groups
+        self.lrs.param_groups = param_groups
 
     def log(self, scalars: dict[str, float], step: int) -> None:
-        if "lr" in scalars:
-            if step == self._lr_step:  # the trainer logs lr twice at an epoch's last update
-                scalars = {k: v for k, v in scalars.items() if k != "lr"}
-            else:
-                self._lr_step = step
-                for i, group in enumerate(self.param_groups or ()):
-                    self.writer.add_scalar(f"lr/group{i}", group["lr"], step)
-        for name, value in scalars.items():
+        for name, value in self.lrs.add(scalars, step).items():
             self.writer.add_scalar(name, value, step)
 
     def histogram(self, tag: str, values, step: int) -> None:

@@ -84,8 +84,9 @@ class Trackers:
         self.ids: dict = ids if ids is not None else {}
         self._opening = {"params": params or {}, "tags": tags or {}}
         self._begun = False
-        self.param_groups: list[dict] | None = None
-        self._lr_step: int | None = None
+        from bprun.tracking.tensorboard import GroupLrs  # torch: only once a run opens
+
+        self.lrs = GroupLrs()  # lr/group<i> added here once, for TensorBoard and the others
 
     @property
     def writer(self):
@@ -103,16 +104,10 @@ class Trackers:
 
     def watch_param_groups(self, param_groups: list[dict]) -> None:
         """Log `lr/group<i>` of these groups wherever `lr` is logged."""
-        self.param_groups = param_groups
+        self.lrs.param_groups = param_groups
 
     def log(self, scalars: dict[str, float], step: int) -> None:
-        if "lr" in scalars:
-            if step == self._lr_step:  # the trainer logs lr twice at an epoch's last update
-                scalars = {k: v for k, v in scalars.items() if k != "lr"}
-            else:
-                self._lr_step = step
-                groups = enumerate(self.param_groups or ())
-                scalars = {**scalars, **{f"lr/group{i}": g["lr"] for i, g in groups}}
+        scalars = self.lrs.add(scalars, step)
         if self.tensorboard is not None:
             self.tensorboard.log(scalars, step)
         if self.workers and scalars:
