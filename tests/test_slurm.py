@@ -239,11 +239,15 @@ def test_slurm_sweep_with_a_preempted_job_that_resumes(slurm, tmp_path, data_dir
         f"paths.data_dir={data_dir}",
         "trainer.threads=1",
         *[a for a in LONG if not a.startswith("trainer.max_epochs")],
-        "trainer.max_epochs=150",
+        "trainer.max_epochs=8",  # done in seconds: only the hold keeps it running
         SAME_TWICE,
         "trainer.devices=2",  # 2 SLURM tasks per job, one gloo rank each
+        "model._target_=held_model.HeldMLP",  # waits mid-training while `hold` exists
     ]
-    env = {**slurm, "OMP_NUM_THREADS": "1"}
+    hold = tmp_path / "hold"
+    hold.touch()
+    tests = str(Path(__file__).parent)
+    env = {**slurm, "OMP_NUM_THREADS": "1", "PYTHONPATH": tests, "BPRUN_TEST_HOLD": str(hold)}
     proc = subprocess.Popen(
         command,
         stdout=subprocess.PIPE,
@@ -257,6 +261,7 @@ def test_slurm_sweep_with_a_preempted_job_that_resumes(slurm, tmp_path, data_dir
         job = job_dir(sweep, 0)
         slurm_id = (job / launcher.JOB_ID_FILE).read_text().strip()  # <array>_<task>
         subprocess.run(["scontrol", "requeue", slurm_id], env=env, check=True, timeout=30)
+        hold.unlink()  # the job, held mid-training, meets the requeue's SIGTERM now
         # A requeued job waits for its begin time (about two minutes): start it once it
         # is pending again, so that the test does not sit out the wait.
         assert _wait(lambda: _state(slurm_id, env) == "PENDING", 60), _state(slurm_id, env)
@@ -267,7 +272,7 @@ def test_slurm_sweep_with_a_preempted_job_that_resumes(slurm, tmp_path, data_dir
     finally:
         end_session(proc)
     assert proc.returncode == 0, out[-3000:]
-    ends_like_the_job_not_stopped(sweep, job, "SIGTERM", epochs=150, out=out)
+    ends_like_the_job_not_stopped(sweep, job, "SIGTERM", epochs=8, out=out)
     # submitit's folder: the job's sbatch script, its pickles and the logs of its tasks
     submitit = sweep / ".submitit" / slurm_id
     assert (submitit / f"{slurm_id}_0_log.out").is_file()
