@@ -119,7 +119,7 @@ def test_no_window_crosses_a_cutoff(tmp_path):
 
 
 def test_known_covariates_reach_over_the_horizon(tmp_path):
-    ds = load(write(tmp_path, frame()))
+    ds = load(write(tmp_path, frame()), id_embedding=0)
     assert ds.input_shape == (2, W + H)
     assert torch.all(ds.x_train[:, 0, W:] == 0)  # the horizon's target is not an input
     assert ds.y_train.shape[1] == target_width(H)
