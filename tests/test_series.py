@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -403,6 +405,40 @@ def test_a_bad_file_is_one_error_line_and_no_run_folder(bprun, tmp_path):
 
 
 @pytest.mark.slow
+def test_the_demand_demo_beats_the_seasonal_naive(bprun):
+    r = bprun("experiment=demand_forecast", "trainer.max_epochs=3")
+    test = r.metrics["test"]
+    assert test["test/snaive_mase"] > 1.0 > 0.6 > test["test/mase"]
+    assert "does not beat the seasonal naive" not in r.output
+
+
+@pytest.mark.slow
+def test_backtest_sliding_refits_on_spans_of_one_length(bprun, tmp_path):
+    path = write(tmp_path, frame(days=60, stores=2))
+    r = bprun(
+        "task=backtest",
+        "dataset=series",
+        f"dataset.path={path}",
+        "dataset.time=date",
+        "dataset.target=demand",
+        "dataset.id=store",
+        f"dataset.window={W}",
+        f"dataset.horizon={H}",
+        "dataset.test_start=2024-02-18",
+        "model=linear_forecast",
+        "trainer.max_epochs=1",
+        "backtest.folds=2",
+        "backtest.window=sliding",
+    )
+    assert r.returncode == 0, r.output
+    assert "backtest, 2 folds (sliding window, refit=true)" in r.output
+    trained = re.findall(r"; (\d+) train, (\d+) val, (\d+) test windows", r.output)
+    # the whole test span first (the folds' plan), then each fold: the span slid, its length kept
+    assert len(trained) == 3 and trained[1] == trained[2]
+    assert (r.run_dir / "fold_1" / "checkpoints").exists()  # refit: a model of its own
+
+
+@pytest.mark.slow
 def test_backtest_writes_a_table_per_fold_and_the_mean(bprun, tmp_path):
     path = write(tmp_path, frame(days=60, stores=2))
     r = bprun(
@@ -439,6 +475,13 @@ def test_the_saved_state_rebuilds_the_same_windows(tmp_path):
     b = load_series(path=str(path), state=a.state)
     for part in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test"):
         assert torch.equal(getattr(a, part), getattr(b, part)), part
+
+
+def test_the_saved_state_refuses_series_it_never_saw(tmp_path):
+    a = load(write(tmp_path, frame()), id_embedding=2)
+    other = write(tmp_path, frame().replace({"store": {"s1": "s7"}}), "other.csv")
+    with pytest.raises(BprunError, match="series s7 were not in the training data"):
+        load_series(path=str(other), state=a.state)
 
 
 def test_quantile_loss_and_coverage_match_numpy():

@@ -151,6 +151,13 @@ def load_series(
         )
         fit(series, spec)
     else:  # cutoffs given explicitly move (a backtest's folds); the fitted scaling stays
+        unknown = [n for n in series if n not in spec["series"]]
+        if unknown:  # a model has no scaling (nor id vector) for them
+            raise BprunError(
+                f"{path}: series {', '.join(unknown[:5])} were not in the training data: "
+                f"evaluate the series the model knows ({', '.join(list(spec['series'])[:5])}"
+                f"{' ...' if len(spec['series']) > 5 else ''})"
+            )
         steps = bool(spec.get("steps"))
         for key, value in (("val_start", val_start), ("test_start", test_start)):
             if value is not None:
