@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -221,6 +222,19 @@ def test_id_embedding_gives_each_series_its_index_and_vector(tmp_path):
     assert load(write(tmp_path, frame(stores=3)), id_embedding=0).input_shape == (2, W + H)
 
 
+@pytest.mark.parametrize("name", ["mlp", "gru", "lstm", "transformer", "linear_forecast"])
+def test_every_forecaster_takes_the_id_and_the_calendar(tmp_path, name):
+    from bprun.build import build_model
+
+    ds = load(write(tmp_path, frame()), id_embedding=3, calendar=["dayofweek"])
+    node = OmegaConf.load(Path(__file__).parents[1] / "conf" / "model" / f"{name}.yaml")
+    model = build_model(node, ds, Forecast.from_data(ds))
+    out = model(ds.x_train[:4])
+    assert out.shape == (4, H)
+    out.sum().backward()
+    assert model.embedding.weight.grad.abs().sum() > 0  # the id reaches the forecast
+
+
 # ------------------------------------------------------------------ bad input
 def test_bad_calendar_and_id_embedding_settings(tmp_path):
     bad(tmp_path, frame(), "dataset.calendar names weekday: choose from auto", calendar=["weekday"])
@@ -279,6 +293,7 @@ def test_unsorted_rows_are_sorted_and_said(tmp_path, caplog):
 
 
 # ------------------------------------------------------------------ end to end
+@pytest.mark.slow
 @pytest.mark.slow
 def test_train_then_predict_on_a_csv(bprun, tmp_path):
     path = write(tmp_path, frame(days=60, stores=3))

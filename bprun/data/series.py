@@ -10,6 +10,10 @@ known up to the origin), then the known-in-advance covariates (`dataset.covariat
 calendar, a promotion plan). With known covariates the input runs `window + horizon` steps,
 the horizon's target and past covariates left at 0, so every model (mlp, gru, lstm,
 transformer, linear_forecast) sees the future it is told about and nothing else.
+`dataset.calendar` adds known covariates derived from the timestamps (`calendar`), which
+`task=predict` derives for the horizon itself. With `dataset.id_embedding`, a last channel
+holds the series' index in the training vocabulary (`state["ids"]`), which the model's
+`SeriesEmbedding` swaps for a learned vector.
 
 Splits are by time. `dataset.val_start` and `dataset.test_start` (timestamps), or else
 `dataset.val_fraction` and `dataset.test_fraction` of the time axis, are cutoffs: a training
