@@ -450,9 +450,15 @@ def build_model(node: DictConfig, dataset: Dataset, problem=None) -> nn.Module:
                 f"{problem.models_hint()}"
             )
         extra.update({k: v for k, v in wanted.items() if k in takes and k not in args})
-    model = _instantiate(
-        args, "model", input_shape=dataset.input_shape, num_classes=outputs, **extra
-    )
+    shape = dataset.input_shape
+    ids = getattr(problem, "id_embedding", None)  # (series, width): a global forecaster
+    if ids:
+        from bprun.models.forecast import SeriesEmbedding
+
+        shape = SeriesEmbedding.inner_shape(shape, ids[1])
+    model = _instantiate(args, "model", input_shape=shape, num_classes=outputs, **extra)
+    if ids:
+        model = SeriesEmbedding(model, *ids)
     reports = list(getattr(model, "weights_reports", []))
     if reports and own["init"] != "default":
         raise BprunError(

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from bprun.data.series import load_series, seasonal_naive, target_width
 from bprun.errors import BprunError
@@ -58,15 +62,16 @@ def write(tmp_path, f: pd.DataFrame, name: str = "s.csv"):
     return path
 
 
-def test_values_after_test_start_do_not_reach_training_or_validation(tmp_path):
+@pytest.mark.parametrize("extra", [{}, {"calendar": "auto", "id_embedding": "auto"}])
+def test_values_after_test_start_do_not_reach_training_or_validation(tmp_path, extra):
     f = frame()
-    a = load(write(tmp_path, f, "a.csv"))
+    a = load(write(tmp_path, f, "a.csv"), **extra)
     late = pd.to_datetime(f["date"]) >= "2024-02-01"
     g = f.copy()
     rng = np.random.default_rng(1)
     g.loc[late, "demand"] = rng.permutation(g.loc[late, "demand"].to_numpy()) * 7 + 100
     g.loc[late, "promo"] = 1 - g.loc[late, "promo"]
-    b = load(write(tmp_path, g, "b.csv"))
+    b = load(write(tmp_path, g, "b.csv"), **extra)
     for part in ("x_train", "y_train", "x_val", "y_val"):
         assert torch.equal(getattr(a, part), getattr(b, part)), part
     assert not torch.equal(a.y_test, b.y_test)  # the perturbation did reach the test span
@@ -119,7 +124,7 @@ def test_no_window_crosses_a_cutoff(tmp_path):
 
 
 def test_known_covariates_reach_over_the_horizon(tmp_path):
-    ds = load(write(tmp_path, frame()))
+    ds = load(write(tmp_path, frame()), id_embedding=0)
     assert ds.input_shape == (2, W + H)
     assert torch.all(ds.x_train[:, 0, W:] == 0)  # the horizon's target is not an input
     assert ds.y_train.shape[1] == target_width(H)
@@ -170,7 +175,75 @@ def test_linear_forecaster_maps_window_and_covariates():
     assert plain.covariates is None and plain(torch.randn(4, 1, W)).shape == (4, H)
 
 
+def test_calendar_is_the_sine_and_cosine_of_each_attribute_over_the_horizon(tmp_path):
+    ds = load(write(tmp_path, frame()), calendar=["dayofweek", "month"])
+    assert ds.state["calendar"] == ["dayofweek", "month"]
+    assert ds.input_shape == (2 + 4, W + H)  # target, promo, 2 per attribute
+    # the first training window starts on the first date; its horizon ends W + H - 1 days on
+    dates = pd.date_range("2024-01-01", periods=W + H, freq="D")
+    week = 2 * np.pi * dates.day_of_week.to_numpy() / 7
+    month = 2 * np.pi * (dates.month.to_numpy() - 1) / 12
+    want = np.stack([np.sin(week), np.cos(week), np.sin(month), np.cos(month)])
+    np.testing.assert_allclose(ds.x_train[0, 2:].numpy(), want, atol=1e-6)
+
+
+def test_calendar_auto_follows_the_frequency(tmp_path, caplog):
+    caplog.set_level("INFO", logger="bprun")
+    daily = load(write(tmp_path, frame()), calendar="auto")
+    assert daily.state["calendar"] == ["dayofweek", "dayofyear"]
+    assert "calendar covariates dayofweek, dayofyear for frequency D" in caplog.text
+    f = frame(days=40 * 24)
+    f["date"] = np.tile(pd.date_range("2024-01-01", periods=40 * 24, freq="h").astype(str), 2)
+    hourly = load(write(tmp_path, f, "h.csv"), val_start="2024-02-01", test_start="2024-02-05")
+    assert hourly.state["calendar"] == []  # null: none unless asked for
+    auto = load(write(tmp_path, f, "h.csv"), calendar="auto", val_start="2024-02-01")
+    assert auto.state["calendar"] == ["hour", "dayofweek"]
+
+
+def test_id_embedding_gives_each_series_its_index_and_vector(tmp_path):
+    from bprun.build import build_model
+    from bprun.models.forecast import SeriesEmbedding
+
+    ds = load(write(tmp_path, frame(stores=3)), id_embedding="auto")
+    assert ds.state["ids"] == ["s0", "s1", "s2"] and ds.state["id_embedding"] == 3
+    assert ds.input_shape == (3, W + H)  # target, promo, the series index
+    index = ds.x_train[:, -1]
+    assert set(index[:, 0].tolist()) == {0.0, 1.0, 2.0}
+    assert torch.equal(index, index[:, :1].expand_as(index))  # the same at every step
+    problem = Forecast.from_data(ds)
+    assert problem.id_embedding == (3, 3)
+    node = {"_target_": "bprun.models.MLP", "hidden": [8]}
+    model = build_model(OmegaConf.create(node), ds, problem)
+    assert isinstance(model, SeriesEmbedding) and model.embedding.weight.shape == (3, 3)
+    x = ds.x_train[:1].repeat(3, 1, 1)
+    x[:, -1] = torch.arange(3.0).view(3, 1)  # one window, told it belongs to each series
+    out = model(x)
+    assert not torch.allclose(out[0], out[1]) and not torch.allclose(out[1], out[2])
+    assert load(write(tmp_path, frame(stores=3)), id_embedding=0).input_shape == (2, W + H)
+
+
+@pytest.mark.parametrize("name", ["mlp", "gru", "lstm", "transformer", "linear_forecast"])
+def test_every_forecaster_takes_the_id_and_the_calendar(tmp_path, name):
+    from bprun.build import build_model
+
+    ds = load(write(tmp_path, frame()), id_embedding=3, calendar=["dayofweek"])
+    node = OmegaConf.load(Path(__file__).parents[1] / "conf" / "model" / f"{name}.yaml")
+    model = build_model(node, ds, Forecast.from_data(ds))
+    out = model(ds.x_train[:4])
+    assert out.shape == (4, H)
+    out.sum().backward()
+    assert model.embedding.weight.grad.abs().sum() > 0  # the id reaches the forecast
+
+
 # ------------------------------------------------------------------ bad input
+def test_bad_calendar_and_id_embedding_settings(tmp_path):
+    bad(tmp_path, frame(), "dataset.calendar names weekday: choose from auto", calendar=["weekday"])
+    bad(tmp_path, frame(), "dataset.id_embedding must be auto or a whole", id_embedding=-1)
+    f = frame().assign(date=lambda d: d.groupby("store").cumcount())
+    with pytest.raises(BprunError, match="needs timestamps, and dataset.time=date holds step"):
+        load(write(tmp_path, f), calendar=["month"], val_start=24, test_start=31)
+
+
 def bad(tmp_path, f, match, **kw):
     with pytest.raises(BprunError, match=match):
         load(write(tmp_path, f), **kw)
@@ -221,6 +294,7 @@ def test_unsorted_rows_are_sorted_and_said(tmp_path, caplog):
 
 # ------------------------------------------------------------------ end to end
 @pytest.mark.slow
+@pytest.mark.slow
 def test_train_then_predict_on_a_csv(bprun, tmp_path):
     path = write(tmp_path, frame(days=60, stores=3))
     common = [
@@ -232,6 +306,8 @@ def test_train_then_predict_on_a_csv(bprun, tmp_path):
         "dataset.covariates=[promo]",
         f"dataset.window={W}",
         f"dataset.horizon={H}",
+        "dataset.id_embedding=auto",
+        "dataset.calendar=[dayofweek]",
     ]
     r = bprun(*common, "model=linear_forecast", "trainer.max_epochs=40", "optim.lr=0.03")
     assert r.returncode == 0, r.output
@@ -273,6 +349,57 @@ def test_train_then_predict_on_a_csv(bprun, tmp_path):
     assert "error: " in e.output and "lacks the covariate column(s) promo" in e.output
     assert not (tmp_path / "pred2").exists()
 
+    stranger = write(
+        tmp_path, pd.concat([future, extra]).replace({"store": {"s2": "s9"}}), "s9.csv"
+    )
+    e = bprun("task=predict", f"ckpt={r.run_dir}", f"dataset.path={stranger}", check=False)
+    errors = [line for line in e.output.splitlines() if line.startswith("error:")]
+    assert e.returncode != 0 and len(errors) == 1
+    assert "series s9 was not in the training data" in errors[0] and "id embedding" in errors[0]
+
+
+def ar_frame(steps: int = 400) -> pd.DataFrame:
+    """Two series of one scale that differ in how they move: AR(1) with phi +0.8 and -0.8.
+    A window does not say which is which; the id does."""
+    rng = np.random.default_rng(0)
+    parts = []
+    for name, phi in (("up", 0.8), ("flip", -0.8)):
+        y = np.zeros(steps)
+        for t in range(1, steps):
+            y[t] = phi * y[t - 1] + rng.normal()
+        dates = pd.date_range("2024-01-01", periods=steps, freq="D").strftime("%Y-%m-%d")
+        parts.append(pd.DataFrame({"date": dates, "unit": name, "value": y}))
+    return pd.concat(parts, ignore_index=True)
+
+
+@pytest.mark.slow
+def test_a_global_model_tells_series_apart_by_their_id(bprun, tmp_path):
+    path = write(tmp_path, ar_frame())
+    common = [
+        "dataset=series",
+        f"dataset.path={path}",
+        "dataset.time=date",
+        "dataset.target=value",
+        "dataset.id=unit",
+        "dataset.window=1",
+        "dataset.horizon=1",
+        "dataset.season=1",
+        "model=mlp",
+        "model.hidden=[16]",
+        "trainer.max_epochs=15",
+        "optim.lr=0.01",
+    ]
+    without = bprun(*common, "dataset.id_embedding=0").metrics["test"]["test/mase"]
+    r = bprun(*common, "dataset.id_embedding=2", "dataset.calendar=[dayofweek]")
+    assert r.returncode == 0, r.output
+    # one value back, phi alone predicts: a shared phi near 0 helps neither series
+    assert r.metrics["test"]["test/mase"] < 0.8 * without
+    out = tmp_path / "pred"
+    p = bprun("task=predict", f"ckpt={r.run_dir}", f"hydra.run.dir={out}")
+    assert p.returncode == 0, p.output
+    got = pd.read_csv(out / "forecast.csv")  # the calendar of the horizon made by predict
+    assert got["time"].tolist() == ["2025-02-04", "2025-02-04"] and len(got) == 2
+
 
 def test_a_bad_file_is_one_error_line_and_no_run_folder(bprun, tmp_path):
     f = frame()
@@ -290,6 +417,40 @@ def test_a_bad_file_is_one_error_line_and_no_run_folder(bprun, tmp_path):
     errors = [line for line in r.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "duplicate (store, date) rows 1, 81" in errors[0]
     assert not r.run_dir.exists()
+
+
+@pytest.mark.slow
+def test_the_demand_demo_beats_the_seasonal_naive(bprun):
+    r = bprun("experiment=demand_forecast", "trainer.max_epochs=3")
+    test = r.metrics["test"]
+    assert test["test/snaive_mase"] > 1.0 > 0.6 > test["test/mase"]
+    assert "does not beat the seasonal naive" not in r.output
+
+
+@pytest.mark.slow
+def test_backtest_sliding_refits_on_spans_of_one_length(bprun, tmp_path):
+    path = write(tmp_path, frame(days=60, stores=2))
+    r = bprun(
+        "task=backtest",
+        "dataset=series",
+        f"dataset.path={path}",
+        "dataset.time=date",
+        "dataset.target=demand",
+        "dataset.id=store",
+        f"dataset.window={W}",
+        f"dataset.horizon={H}",
+        "dataset.test_start=2024-02-18",
+        "model=linear_forecast",
+        "trainer.max_epochs=1",
+        "backtest.folds=2",
+        "backtest.window=sliding",
+    )
+    assert r.returncode == 0, r.output
+    assert "backtest, 2 folds (sliding window, refit=true)" in r.output
+    trained = re.findall(r"; (\d+) train, (\d+) val, (\d+) test windows", r.output)
+    # the whole test span first (the folds' plan), then each fold: the span slid, its length kept
+    assert len(trained) == 3 and trained[1] == trained[2]
+    assert (r.run_dir / "fold_1" / "checkpoints").exists()  # refit: a model of its own
 
 
 @pytest.mark.slow
@@ -329,6 +490,13 @@ def test_the_saved_state_rebuilds_the_same_windows(tmp_path):
     b = load_series(path=str(path), state=a.state)
     for part in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test"):
         assert torch.equal(getattr(a, part), getattr(b, part)), part
+
+
+def test_the_saved_state_refuses_series_it_never_saw(tmp_path):
+    a = load(write(tmp_path, frame()), id_embedding=2)
+    other = write(tmp_path, frame().replace({"store": {"s1": "s7"}}), "other.csv")
+    with pytest.raises(BprunError, match="series s7 were not in the training data"):
+        load_series(path=str(other), state=a.state)
 
 
 def test_quantile_loss_and_coverage_match_numpy():

@@ -10,6 +10,10 @@ known up to the origin), then the known-in-advance covariates (`dataset.covariat
 calendar, a promotion plan). With known covariates the input runs `window + horizon` steps,
 the horizon's target and past covariates left at 0, so every model (mlp, gru, lstm,
 transformer, linear_forecast) sees the future it is told about and nothing else.
+`dataset.calendar` adds known covariates derived from the timestamps (`calendar`), which
+`task=predict` derives for the horizon itself. With `dataset.id_embedding`, a last channel
+holds the series' index in the training vocabulary (`state["ids"]`), which the model's
+`SeriesEmbedding` swaps for a learned vector.
 
 Splits are by time. `dataset.val_start` and `dataset.test_start` (timestamps), or else
 `dataset.val_fraction` and `dataset.test_fraction` of the time axis, are cutoffs: a training
@@ -49,6 +53,33 @@ SEASONS.update({"QS": 4, "min": 60, "s": 60})
 EXTRA = ("original", "seasonal_naive")  # horizon wide each
 TAIL = ("naive", "mean", "std", "scale")  # one each
 DEMO_FILE = "series_demo/demand.csv"
+# Calendar covariates: attribute -> its period. Each becomes two channels, the sine and cosine
+# of the attribute's phase (Darts' cyclic encoder), so December sits next to January.
+CALENDAR = {
+    "minute": 60,
+    "hour": 24,
+    "dayofweek": 7,
+    "day": 31,
+    "dayofyear": 366,
+    "weekofyear": 53,
+    "month": 12,
+    "quarter": 4,
+}
+# dataset.calendar=auto, by the frequency's base: the attributes that repeat within a year.
+AUTO_CALENDAR = {
+    "s": ["minute", "hour"],
+    "min": ["minute", "hour", "dayofweek"],
+    "h": ["hour", "dayofweek"],
+    "D": ["dayofweek", "dayofyear"],
+    "B": ["dayofweek", "dayofyear"],
+    "W": ["weekofyear"],
+    "M": ["month"],
+    "ME": ["month"],
+    "MS": ["month"],
+    "Q": ["quarter"],
+    "QE": ["quarter"],
+    "QS": ["quarter"],
+}
 
 
 def target_width(horizon: int) -> int:
@@ -73,6 +104,8 @@ def load_series(
     test_fraction: float = 0.2,
     fill: str | None = None,
     skip_short: bool = False,
+    calendar: list[str] | str | None = None,
+    id_embedding: int | str = 0,
     start: str | None = None,
     end: str | None = None,
     data_dir: str = "data",
@@ -103,6 +136,8 @@ def load_series(
             season,
             fill,
             skip_short,
+            calendar,
+            id_embedding,
         )
     else:
         spec = dict(state)
@@ -110,14 +145,23 @@ def load_series(
     series = clip(prepare(frame, spec, path), spec, start, end)
     if state is None:
         spec["freq"], spec["season"] = infer_frequency(series, spec, path)
+        spec["calendar"] = calendar_features(spec["calendar"], spec)
     check_regular(series, spec, path)
     series = drop_short(series, spec, path)
     if state is None:
+        spec["ids"], spec["id_embedding"] = series_ids(series, spec)
         spec["val_start"], spec["test_start"] = cutoffs(
             series, spec, val_start, test_start, val_fraction, test_fraction
         )
         fit(series, spec)
     else:  # cutoffs given explicitly move (a backtest's folds); the fitted scaling stays
+        unknown = [n for n in series if n not in spec["series"]]
+        if unknown:  # a model has no scaling (nor id vector) for them
+            raise BprunError(
+                f"{path}: series {', '.join(unknown[:5])} were not in the training data: "
+                f"evaluate the series the model knows ({', '.join(list(spec['series'])[:5])}"
+                f"{' ...' if len(spec['series']) > 5 else ''})"
+            )
         steps = bool(spec.get("steps"))
         for key, value in (("val_start", val_start), ("test_start", test_start)):
             if value is not None:
@@ -152,7 +196,20 @@ def load_series(
 
 
 def make_spec(
-    path, time, target, id_, covariates, past, window, horizon, freq, season, fill, skip_short
+    path,
+    time,
+    target,
+    id_,
+    covariates,
+    past,
+    window,
+    horizon,
+    freq,
+    season,
+    fill,
+    skip_short,
+    calendar=None,
+    id_embedding=0,
 ) -> dict:
     """The settings, checked, as plain values: the start of the source's `state`."""
     if not path:
@@ -168,6 +225,20 @@ def make_spec(
         raise BprunError(f"dataset.fill must be ffill, zero, interpolate or null, got {fill}")
     if season is not None and (not isinstance(season, int) or season < 1):
         raise BprunError(f"dataset.season must be a whole number of at least 1, got {season}")
+    if id_embedding != "auto" and (
+        isinstance(id_embedding, bool) or not isinstance(id_embedding, int) or id_embedding < 0
+    ):
+        raise BprunError(
+            f"dataset.id_embedding must be auto or a whole number (0: none), got {id_embedding}"
+        )
+    if calendar is not None and calendar != "auto":
+        calendar = [calendar] if isinstance(calendar, str) else list(calendar)
+        unknown = [c for c in calendar if c not in CALENDAR]
+        if unknown:
+            raise BprunError(
+                f"dataset.calendar names {', '.join(map(str, unknown))}: choose from auto or "
+                f"[{', '.join(CALENDAR)}]"
+            )
     return {
         "time": time,
         "target": [target] if isinstance(target, str) else list(target),
@@ -180,6 +251,8 @@ def make_spec(
         "season": season,
         "fill": fill,
         "skip_short": bool(skip_short),
+        "calendar": calendar,
+        "id_embedding": id_embedding,
     }
 
 
@@ -312,6 +385,70 @@ def infer_frequency(series: dict, spec: dict, path: str) -> tuple[str, int]:
                 "forecast (set dataset.season=<steps> to change it)"
             )
     return freq, int(season)
+
+
+def calendar_features(calendar, spec: dict) -> list[str]:
+    """The calendar attributes to derive: dataset.calendar, or `auto`'s by the frequency."""
+    if not calendar:
+        return []
+    if spec.get("steps"):
+        if calendar == "auto":
+            log.info("series: the time column holds step numbers, so no calendar is derived")
+            return []
+        raise BprunError(
+            f"dataset.calendar={calendar} needs timestamps, and dataset.time={spec['time']} holds "
+            "step numbers: write dates in it, or set dataset.calendar=null"
+        )
+    if calendar == "auto":
+        calendar = AUTO_CALENDAR.get(spec["freq"].split("-")[0], [])
+        log.info(
+            f"series: calendar covariates {', '.join(calendar) or 'none'} for frequency "
+            f"{spec['freq']} (dataset.calendar=[...] to choose)"
+        )
+    return list(calendar)
+
+
+def calendar(index, names: list[str]) -> np.ndarray:
+    """(len(index), 2 * len(names)): the sine and cosine of each attribute's phase."""
+    import pandas as pd
+
+    index = pd.DatetimeIndex(index)
+    columns = []
+    for name in names:
+        if name == "weekofyear":
+            value = index.isocalendar().week.to_numpy() - 1
+        else:  # pandas counts days, months and quarters from 1
+            attribute = {"dayofweek": "day_of_week", "dayofyear": "day_of_year"}.get(name, name)
+            first = 1 if name in ("day", "dayofyear", "month", "quarter") else 0
+            value = getattr(index, attribute).to_numpy() - first
+        phase = 2 * np.pi * value.astype(np.float64) / CALENDAR[name]
+        columns += [np.sin(phase), np.cos(phase)]
+    return np.stack(columns, 1) if columns else np.zeros((len(index), 0))
+
+
+def series_ids(series: dict, spec: dict) -> tuple[list[str], int]:
+    """(the series' names, the id embedding's width; 0: none). `auto` takes fastai's rule for
+    a categorical's width, 1.6 * n ** 0.56, at most 16 (0 for a single series).
+
+    Off unless asked for: a global model over per-series scaled windows is what NeuralForecast
+    and Darts train by default, and on the embedded demo (stores that differ in level and
+    growth, which the scaling and the window already carry) the embedding lowers no error:
+    it learns each series' offset in the training span, which its trend then leaves behind.
+    It pays where series of one scale behave differently (see the README)."""
+    names, dim = list(series), spec["id_embedding"]
+    if dim == "auto":
+        dim = min(16, round(1.6 * len(names) ** 0.56)) if len(names) > 1 else 0
+    if dim:
+        log.info(
+            f"series: a {dim}-wide embedding of the id of each of the {len(names)} series makes "
+            "the model global (dataset.id_embedding=0 to leave it out)"
+        )
+    return names, int(dim)
+
+
+def known_channels(spec: dict) -> int:
+    """Channels of covariates known over the horizon: the file's and two per calendar item."""
+    return len(spec["covariates"]) + 2 * len(spec.get("calendar") or [])
 
 
 def _grid(index, freq: str, steps: bool):
@@ -468,7 +605,8 @@ def _mase_scale(y: np.ndarray, m: int) -> float:
 
 
 def encode(s, spec: dict, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(scaled target, scaled past covariates (n, p), scaled known covariates (n, k))."""
+    """(scaled target, scaled past covariates (n, p), known covariates (n, k)): the file's,
+    scaled, then the calendar of the series' timestamps."""
     st = spec["series"][name]
     y = (s["__target__"].to_numpy() - st["mean"]) / st["std"]
 
@@ -478,12 +616,17 @@ def encode(s, spec: dict, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray
         c = spec["columns"]
         return np.stack([(s[k].to_numpy() - c[k]["mean"]) / c[k]["std"] for k in cols], 1)
 
-    return y, scaled(spec["past_covariates"]), scaled(spec["covariates"])
+    known = scaled(spec["covariates"])
+    if spec.get("calendar"):
+        known = np.concatenate([known, calendar(s.index, spec["calendar"])], 1)
+    return y, scaled(spec["past_covariates"]), known
 
 
-def input_window(y, past, known, origin: int, spec: dict) -> np.ndarray:
+def input_window(y, past, known, origin: int, spec: dict, name: str) -> np.ndarray:
     """One input (channels, steps) at `origin`: the window before it, and with known
-    covariates the horizon after it (target and past covariates 0 there)."""
+    covariates the horizon after it (target and past covariates 0 there). With an id
+    embedding, a last channel holds the series' index in `spec["ids"]` at every step (the
+    model's `SeriesEmbedding` swaps it for the learned vector)."""
     w, h = spec["window"], spec["horizon"]
     lo = origin - w
     rows = [y[lo:origin], *past[lo:origin].T]
@@ -491,6 +634,8 @@ def input_window(y, past, known, origin: int, spec: dict) -> np.ndarray:
         pad = np.zeros(h)
         rows = [np.concatenate([r, pad]) for r in rows]
         rows += list(known[lo : origin + h].T)
+    if spec.get("id_embedding"):
+        rows.append(np.full(len(rows[0]), spec["ids"].index(name), dtype=np.float64))
     return np.stack(rows).astype(np.float32)
 
 
@@ -531,10 +676,11 @@ def windows(series: dict, spec: dict) -> dict:
                     [raw[origin - 1], st["mean"], st["std"], st["scale"]],
                 ]
             )
-            out[split][0].append(input_window(y, past, known, origin, spec))
+            out[split][0].append(input_window(y, past, known, origin, spec, name))
             out[split][1].append(row)
-    channels = 1 + len(spec["past_covariates"]) + len(spec["covariates"])
-    length = w + (h if spec["covariates"] else 0)
+    known = known_channels(spec)
+    channels = 1 + len(spec["past_covariates"]) + known + bool(spec.get("id_embedding"))
+    length = w + (h if known else 0)
     result = {}
     for split, (xs, ys) in out.items():
         x = torch.from_numpy(np.stack(xs)) if xs else torch.zeros(0, channels, length)

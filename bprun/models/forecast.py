@@ -53,3 +53,26 @@ class LinearForecaster(nn.Module):
             rest = torch.cat([x[:, 0, self.window :], x[:, 1:].flatten(1)], dim=1)
             out = out + self.covariates(rest)
         return out
+
+
+class SeriesEmbedding(nn.Module):
+    """A global forecaster over many series: the input's last channel holds each example's
+    series index (`bprun.data.series`, with an id embedding), swapped here for a learned
+    `dim`-wide vector repeated at every step, the static categorical of pytorch-forecasting
+    and NeuralForecast. `model` is built for the input with those `dim` channels in place of
+    the index, so any forecaster (mlp, gru, lstm, transformer, linear_forecast) takes it."""
+
+    def __init__(self, model: nn.Module, count: int, dim: int):
+        super().__init__()
+        self.model = model
+        self.embedding = nn.Embedding(count, dim)
+
+    @staticmethod
+    def inner_shape(input_shape: tuple[int, ...], dim: int) -> tuple[int, ...]:
+        channels, steps = input_shape
+        return (channels - 1 + dim, steps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids = x[:, -1, 0].round().long()
+        vectors = self.embedding(ids).unsqueeze(-1).expand(-1, -1, x.shape[-1])
+        return self.model(torch.cat([x[:, :-1], vectors.to(x.dtype)], dim=1))

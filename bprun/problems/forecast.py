@@ -83,11 +83,20 @@ class Forecast(Problem):
     loss_kind = "regression"
     names = KINDS["forecast"][1]
 
-    def __init__(self, num_classes: int = 0, metrics=None, classes=None, window: int = 0):
+    def __init__(
+        self,
+        num_classes: int = 0,
+        metrics=None,
+        classes=None,
+        window: int = 0,
+        id_embedding: tuple[int, int] | None = None,
+    ):
         self.quantiles: list[float] = []
         self._metrics_given = metrics
         super().__init__(num_classes, metrics, classes)
         self.horizon, self.window = self.num_classes, window
+        # (series, width): the model embeds the series index the data's last channel holds
+        self.id_embedding = id_embedding
 
     def use_loss(self, node) -> None:
         """`loss=quantile`: one horizon per quantile; the median (or the quantile nearest it)
@@ -122,8 +131,15 @@ class Forecast(Problem):
 
     @classmethod
     def from_data(cls, dataset, **settings) -> Forecast:
-        state = dataset.state or {}
-        return cls(num_classes=dataset.num_classes, window=state.get("window", 0), **settings)
+        return cls(num_classes=dataset.num_classes, **cls.from_spec(dataset.state), **settings)
+
+    @staticmethod
+    def from_spec(spec: dict | None) -> dict:
+        """The settings a series source's `state` fixes: its window and its id embedding."""
+        spec = spec or {}
+        dim = spec.get("id_embedding") or 0
+        ids = (len(spec["ids"]), dim) if dim else None
+        return {"window": spec.get("window", 0), "id_embedding": ids}
 
     def describe_kind(self) -> str:
         return f"forecast ({self.horizon} steps)"

@@ -65,10 +65,14 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> None:
     ts.check_regular(series, spec, file, future_ok=True)
     inputs, stamps, names = [], [], []
     for name, s in series.items():
-        if name not in spec["series"]:
+        if name not in spec["series"]:  # nor, for a global model, a learned id vector
+            known = list(spec["series"])
             raise BprunError(
-                f"{file}: series {name} was not in the training data, so it has no scaling: "
-                f"the model knows {', '.join(list(spec['series'])[:10])}"
+                f"{file}: series {name} was not in the training data, so the model has no "
+                f"scaling{' nor id embedding' if spec.get('id_embedding') else ''} for it: "
+                f"forecast the {len(known)} series it knows "
+                f"({', '.join(known[:10])}{' ...' if len(known) > 10 else ''}), or train on a "
+                "file that holds this one"
             )
         last = s["__target__"].last_valid_index()
         origin = 0 if last is None else s.index.get_loc(last) + 1
@@ -87,12 +91,14 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> None:
                 )
         if len(future) < h:  # the horizon's times follow the frequency
             future = _future(s.index[origin - 1], h, spec)
+        # the horizon's rows, made where the file stops: the calendar is derived over them
+        s = s.reindex(s.index[:origin].append(pd.Index(future)))
         y, past, known = ts.encode(s, spec, name)
-        inputs.append(ts.input_window(y, past, known, origin, spec))
+        inputs.append(ts.input_window(y, past, known, origin, spec, name))
         stamps.append(list(future))
         names.append(name)
 
-    problem = Forecast(num_classes=h, window=w)
+    problem = Forecast(num_classes=h, **Forecast.from_spec(spec))
     problem.use_loss(saved.get("loss"))
     model = build_model(
         saved.model,
