@@ -1,7 +1,7 @@
 """What pruning and workers buy a search: `python -m bprun.bench --search`.
 
-Runs the shipped MNIST-1D search (`bprun -m search=mlp_lr`, TPE, the study
-maximising val/acc) end to end as a user runs it, `--trials` trials, `--n-jobs`
+Runs a shipped MNIST-1D search (`bprun -m search=mlp_lr`, or `--space mlp`:
+width, dropout, batch size too; TPE, the study maximising val/acc) end to end as a user runs it, `--trials` trials, `--n-jobs`
 at a time, in three modes: pruning off (`search.pruner=none`, a launcher job per
 trial), pruning on, and pruning on with worker processes (`search.workers`).
 Each mode runs with `--seeds` sampler seeds; within a seed the modes run one
@@ -45,7 +45,7 @@ def search(out: Path, mode: str, seed: int, a) -> dict:
     name = f"bench_{mode.replace('+', '_')}_{seed}"
     extra = MODES[mode] or [f"search.workers={a.n_jobs}"]
     args = [
-        str(exe), "-m", "search=mlp_lr", f"hydra.sweep.dir={out}", f"paths.data_dir={a.data_dir}",
+        str(exe), "-m", f"search={a.space}", f"hydra.sweep.dir={out}", f"paths.data_dir={a.data_dir}",
         f"search.pruner={a.pruner}", f"search.n_trials={a.trials}", f"search.n_jobs={a.n_jobs}",
         f"search.study_name={name}", f"search.seed={seed}", "trainer.monitor=val/acc",
         "trainer.mode=max", f"trainer.max_epochs={a.epochs}", "trainer.checkpoint.enabled=false",
@@ -149,6 +149,7 @@ def _fmt(v, spec: str = "6.1f", unit: str = " s") -> str:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("overrides", nargs="*", help="extra overrides for every trial")
+    p.add_argument("--space", default="mlp_lr", help="the shipped search (default mlp_lr)")
     p.add_argument("--trials", type=int, default=16, help="trials per search (default 16)")
     p.add_argument("--epochs", type=int, default=20, help="epochs per trial (default 20)")
     p.add_argument("--seeds", type=int, default=3, help="sampler seeds per mode (default 3)")
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(a.out)
     shutil.rmtree(out, ignore_errors=True)
     print(
-        f"{a.trials}-trial searches of search=mlp_lr, {a.epochs} epochs a trial, {a.n_jobs} at a "
+        f"{a.trials}-trial searches of search={a.space}, {a.epochs} epochs a trial, {a.n_jobs} at a "
         f"time on {cores()} cores, search.pruner={a.pruner} when on; target val/acc {a.target}; "
         f"seeds 0..{a.seeds - 1}",
         flush=True,
