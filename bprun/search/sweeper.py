@@ -261,7 +261,7 @@ class SearchRun:
         if ret.hydra_cfg is not None:
             folder = Path(ret.hydra_cfg.hydra.runtime.output_dir).absolute()
         metrics = read_json(folder / "metrics.json") or {}
-        for key in ("wall_time_s", "fit_time_s"):  # the task's whole run, its training loop
+        for key in ("wall_time_s", "fit_time_s", "fit_cpu_s"):  # the run, its training loop
             if isinstance(metrics.get(key), (int, float)):
                 timing[key.replace("_time", "")] = metrics[key]
         for key, seconds in (metrics.get("search_storage_s") or {}).items():

@@ -187,7 +187,7 @@ def _execute(idx, overrides, hydra_context, composer, task_function, singleton):
     from hydra.core.utils import run_job, setup_globals
     from omegaconf import open_dict
 
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     setup_globals()
     Singleton.set_state(singleton)
     sweep_config = composer.compose(list(overrides))
@@ -202,7 +202,11 @@ def _execute(idx, overrides, hydra_context, composer, task_function, singleton):
         job_dir_key="hydra.sweep.dir",
         job_subdir_key="hydra.sweep.subdir",
     )
-    timing = {"compose_s": composed - start, "job_s": time.perf_counter() - composed}
+    timing = {
+        "compose_s": composed - start,
+        "job_s": time.perf_counter() - composed,
+        "cpu_s": time.process_time() - cpu_start,  # the worker's CPU seconds on the trial
+    }
     return ret, timing
 
 
