@@ -85,7 +85,7 @@ class PruningCallback(Callback):
         self.open_s = time.perf_counter() - start
 
     def on_validation(self, trainer, metrics: dict, val_loader) -> None:
-        if self.by_updates:  # a check mid-epoch (the trainer calls this at epoch ends too)
+        if self.by_updates:  # a check every N updates (and then never at an epoch's end)
             self._report(trainer, metrics, int(metrics["update"]))
 
     def on_epoch_end(self, trainer, metrics: dict) -> None:
