@@ -18,6 +18,7 @@ from optuna.trial import TrialState
 from search_helpers import FAST, counted, finished, load, param_sets
 
 from bprun.errors import BprunError
+from bprun.search.settings import SearchSettings
 from bprun.search.space import parse_space
 from bprun.sweep.summary import summarize
 
@@ -582,3 +583,64 @@ def test_mysql_study_lock_takes_and_gives_back_a_named_lock(tmp_path, monkeypatc
             with lock.held():
                 pass
         assert calls == [("get", f"bprun:{lock.key}")]
+
+
+@pytest.mark.slow
+def test_reports_every_n_updates_and_a_pruned_trial_stops_mid_epoch(tmp_path, data_dir):
+    """search.report_every_n_updates=N: trials validate and report every N updates (step =
+    the update count), and a pruned trial stops at the check that pruned it, mid-epoch;
+    metrics.json and trial.json say at which update."""
+    sweep = tmp_path / "sweep"
+    # Trials 0 and 1 draw a good and a bad lr: the second is worse than the first at its
+    # first report, 5 updates into its first epoch.
+    r = run(
+        search_args(
+            sweep,
+            data_dir,
+            "search.n_trials=2",
+            "search.n_jobs=1",
+            "search.workers=1",
+            *GOOD_OR_BAD_LR,
+            "search.n_warmup_steps=0",
+            "search.report_every_n_updates=5",
+            "trainer.max_epochs=2",
+        )
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    trials = load(sweep / "optuna.journal", "mlp_lr").trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.PRUNED]
+    complete, pruned = trials
+    per_epoch = json.loads((sweep / "0" / "metrics.json").read_text())["updates"] // 2
+    assert per_epoch > 10  # so that update 5 lies well inside the first epoch
+    # The study got a report every 5 updates, across the epoch boundary.
+    assert sorted(complete.intermediate_values) == list(range(5, 2 * per_epoch + 1, 5))
+    assert list(pruned.intermediate_values) == [5]
+    metrics = json.loads((sweep / "1" / "metrics.json").read_text())
+    assert metrics["status"] == "pruned" and metrics["updates"] == 5
+    assert "after update 5 (epoch 1)" in metrics["stop_reason"]
+    record = json.loads((sweep / "1" / "trial.json").read_text())
+    assert record["state"] == "pruned" and record["pruned_at"] == {"epoch": 1, "update": 5}
+    overrides = OmegaConf.load(sweep / "1" / ".hydra" / "overrides.yaml")
+    assert "trainer.val_every_n_updates=5" in overrides
+
+
+def test_report_every_n_updates_must_agree_with_the_trainers_checks(bprun, tmp_path):
+    r = bprun(
+        "-m",
+        "search=mlp_lr",
+        "search.report_every_n_updates=5",
+        "trainer.val_every_n_updates=7",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        check=False,
+    )
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1] == (
+        "error: search.report_every_n_updates=5 has the trials validate every 5 updates, but "
+        "trainer.val_every_n_updates=7: drop one, or set them equal"
+    )
+    assert not (tmp_path / "sweep" / "optuna.journal").exists()
+
+
+def test_report_every_n_updates_below_one_is_refused():
+    with pytest.raises(BprunError, match=r"search.report_every_n_updates=0: must be at least 1"):
+        SearchSettings(report_every_n_updates=0).validate()

@@ -133,5 +133,19 @@ def test_a_workers_trial_config_equals_hydras_own_composition():
             kept = OmegaConf.to_yaml(composer.compose(overrides))
             assert kept == OmegaConf.to_yaml(loader.load_sweep_config(master, overrides))
         assert len(composer.bases) == 2  # one per optimizer after the first trial
+        # Trials that set the same keys (as a search's do) start from the first one's config:
+        # one composition for the two.
+        composer = TrialComposer(loader, master)
+        composed = []
+        compose = loader.load_sweep_config
+        loader.load_sweep_config = lambda *a: composed.append(a) or compose(*a)
+        try:
+            for lr in (0.1, 0.2):
+                overrides = ["optim=adamw", f"optim.lr={lr}", f"search.trial={lr * 10:.0f}"]
+                kept = OmegaConf.to_yaml(composer.compose(overrides))
+                assert kept == OmegaConf.to_yaml(compose(master, overrides))
+        finally:
+            del loader.load_sweep_config
+        assert len(composed) == 1
         with pytest.raises(Exception, match="optim.lrr"):
             composer.compose(["optim=adamw", "optim.lrr=0.1"])

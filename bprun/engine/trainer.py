@@ -213,6 +213,7 @@ class Trainer:
         s = self.settings
         anomaly = torch.autograd.detect_anomaly() if s.detect_anomaly else contextlib.nullcontext()
         start = self._last_written = time.perf_counter()
+        cpu_start = time.process_time()
         with StopSignals() as self.signals, anomaly:
             for fn in self._on_fit_start:
                 fn(self, train)
@@ -224,6 +225,9 @@ class Trainer:
             self.stop_reason = f"max_epochs={s.max_epochs} reached"
         log.info(f"stopped: {self.stop_reason}")
         self.fit_seconds = time.perf_counter() - start
+        # This process's CPU seconds in fit, which a loaded machine does not inflate as it
+        # does the wall time (a search's bench reads it).
+        self.fit_cpu_seconds = time.process_time() - cpu_start
         return {"stop_reason": self.stop_reason, "best": self.best, "history": self.history}
 
     def _run_epoch(self, train: InMemoryLoader, val: InMemoryLoader | None) -> None:

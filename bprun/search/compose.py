@@ -24,23 +24,28 @@ class TrialComposer:
     def __init__(self, loader, master: DictConfig):
         self.loader, self.master = loader, master
         self.parser = OverridesParser.create()
-        self.bases: dict[tuple[str, ...], DictConfig] = {}
+        # Per set of group choices: a composed config, and the value keys already set in it.
+        self.bases: dict[tuple[str, ...], tuple[DictConfig, frozenset]] = {}
         self.groups: set[str] | None = None  # known once one config was composed
 
     def compose(self, overrides: list[str]) -> DictConfig:
+        hydra_overrides = list(OmegaConf.to_container(self.master.hydra.overrides.hydra))
+        parsed = self.parser.parse_overrides([*hydra_overrides, *overrides])
         if self.groups is None:  # the first trial: learn the config's groups from it
             cfg = self.loader.load_sweep_config(self.master, list(overrides))
             self.groups = set(cfg.hydra.runtime.choices)
+            # ... and keep it as the base of its group choices, its values in: a later trial
+            # that sets every one of those keys (a search's trials set the same ones) replaces
+            # them all, and spares a composition.
+            baked = frozenset(o.key_or_group for o in parsed if self._is_value(o))
+            self.bases[self._key(parsed, hydra_overrides)] = (copy.deepcopy(cfg), baked)
             return cfg
-        hydra_overrides = list(OmegaConf.to_container(self.master.hydra.overrides.hydra))
-        parsed = self.parser.parse_overrides([*hydra_overrides, *overrides])
         values = [o for o in parsed if self._is_value(o)]
-        chosen = {id(o) for o in values}
-        key = tuple(o.input_line for o in parsed[len(hydra_overrides) :] if id(o) not in chosen)
-        if key not in self.bases:
-            self.bases[key] = self.loader.load_sweep_config(self.master, list(key))
-            self.groups |= set(self.bases[key].hydra.runtime.choices)
-        cfg = copy.deepcopy(self.bases[key])
+        key = self._key(parsed, hydra_overrides)
+        if key not in self.bases or not self.bases[key][1] <= {o.key_or_group for o in values}:
+            self.bases[key] = (self.loader.load_sweep_config(self.master, list(key)), frozenset())
+            self.groups |= set(self.bases[key][0].hydra.runtime.choices)
+        cfg = copy.deepcopy(self.bases[key][0])
         ConfigLoaderImpl._apply_overrides_to_config(values, cfg)
         app = [o for o in parsed if not o.is_hydra_override()]
         job = cfg.hydra.job
@@ -54,6 +59,10 @@ class TrialComposer:
             )
         OmegaConf.copy_cache(from_config=self.master, to_config=cfg)
         return cfg
+
+    def _key(self, parsed: list, hydra_overrides: list) -> tuple[str, ...]:
+        """The trial's overrides that are not plain values: its group choices and the like."""
+        return tuple(o.input_line for o in parsed[len(hydra_overrides) :] if not self._is_value(o))
 
     def _is_value(self, o) -> bool:
         """A plain `key=value` of a config value (not a group, not Hydra's, not +/~/++)."""

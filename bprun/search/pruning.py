@@ -46,10 +46,12 @@ class PruningCallback(Callback):
     def __init__(self, settings, monitor: str, max_epochs: int):
         self.settings, self.monitor, self.max_epochs = settings, monitor, max_epochs
         self.trial = None
-        self.pruned = False
+        self.pruned_at: dict | None = None  # {"epoch", "update"} of the report that stopped it
+        self.by_updates = False  # report at each validation check, step = update count
         self.open_s = self.report_s = 0.0  # the storage round trips: opening, reporting
 
     def on_fit_start(self, trainer, train_loader) -> None:
+        self.by_updates = trainer.settings.val_every_n_updates is not None
         if not _is_rank0():
             return
         start = time.perf_counter()
@@ -59,7 +61,11 @@ class PruningCallback(Callback):
         from bprun.search.study import make_pruner, open_study, storage_spec
 
         spec = storage_spec(self.settings, Path("."))
-        study = open_study(self.settings, spec, pruner=make_pruner(self.settings, self.max_epochs))
+        steps = 1  # the pruner's steps per epoch
+        if self.by_updates:
+            steps = max(1, math.ceil(len(train_loader) / trainer.settings.accumulate))
+        pruner = make_pruner(self.settings, self.max_epochs, steps)
+        study = open_study(self.settings, spec, pruner=pruner)
         number = self.settings.trial
         try:
             trial_id = study._storage.get_trial_id_from_study_id_trial_number(
@@ -78,26 +84,35 @@ class PruningCallback(Callback):
         self.trial = optuna.trial.Trial(study, trial_id)
         self.open_s = time.perf_counter() - start
 
+    def on_validation(self, trainer, metrics: dict, val_loader) -> None:
+        if self.by_updates:  # a check every N updates (and then never at an epoch's end)
+            self._report(trainer, metrics, int(metrics["update"]))
+
     def on_epoch_end(self, trainer, metrics: dict) -> None:
+        if not self.by_updates:
+            self._report(trainer, metrics, int(metrics["epoch"]))
+
+    def _report(self, trainer, metrics: dict, step: int) -> None:
         prune = False
         if self.trial is not None:
             value = metrics.get(self.monitor)
             if value is not None and math.isfinite(value):
                 start = time.perf_counter()
-                self.trial.report(float(value), step=int(metrics["epoch"]))
+                self.trial.report(float(value), step=step)
                 prune = self.trial.should_prune()
                 self.report_s += time.perf_counter() - start
         if _agreed(prune):
-            self.pruned = True
-            trainer.stop_reason = (
-                f"pruned by search.pruner={self.settings.pruner} after epoch {metrics['epoch']}"
-            )
+            epoch, update = int(metrics["epoch"]), int(metrics["update"])
+            self.pruned_at = {"epoch": epoch, "update": update}
+            where = f"update {update} (epoch {epoch})" if self.by_updates else f"epoch {epoch}"
+            trainer.stop_reason = f"pruned by search.pruner={self.settings.pruner} after {where}"
 
     def on_summary(self, trainer, summary: dict) -> None:
         if self.trial is not None:  # read back into the trial's trial.json
             summary["search_storage_s"] = {"open": self.open_s, "reports": self.report_s}
-        if self.pruned and summary["status"] == "completed":
+        if self.pruned_at is not None and summary["status"] == "completed":
             summary["status"] = "pruned"  # stopped on purpose: the search tells the trial so
+            summary["search_pruned_at"] = self.pruned_at
 
 
 def _is_rank0() -> bool:

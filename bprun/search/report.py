@@ -17,7 +17,9 @@ log = logging.getLogger("bprun")
 MIN_TRIALS_FOR_IMPORTANCE = 5  # complete trials before importances mean anything
 
 
-def trial_record(trial, error: str = "", timing: dict | None = None) -> dict:
+def trial_record(
+    trial, error: str = "", timing: dict | None = None, pruned_at: dict | None = None
+) -> dict:
     value = trial.value if trial.values else None
     record = {
         "number": trial.number,
@@ -27,14 +29,18 @@ def trial_record(trial, error: str = "", timing: dict | None = None) -> dict:
         "error": error,
         "released": trial.user_attrs.get(RELEASED, ""),
     }
+    if pruned_at and record["state"] == "pruned":  # the epoch and update it stopped after
+        record["pruned_at"] = pruned_at
     if timing:  # seconds: asking, composing, the job, its training loop, telling
         record["timing"] = {k: round(v, 4) for k, v in timing.items()}
     return record
 
 
-def write_trial(folder: Path, trial, error: str = "", timing: dict | None = None) -> None:
+def write_trial(
+    folder: Path, trial, error: str = "", timing: dict | None = None, pruned_at=None
+) -> None:
     if folder.is_dir():
-        record = trial_record(trial, error, timing)
+        record = trial_record(trial, error, timing, pruned_at)
         (folder / "trial.json").write_text(json.dumps(record, indent=2) + "\n")
 
 

@@ -34,6 +34,12 @@ class SearchSettings:
     # without ever stopping the best trial, replayed on the shipped search's learning curves
     # (README, "Where a trial's time goes").
     n_warmup_steps: int = 1
+    # Report the monitored validation metric to the trial (and ask the pruner) every N
+    # updates rather than once per epoch, for long epochs: the trials validate every N
+    # updates (it sets trainer.val_every_n_updates), the pruner's steps count updates, and
+    # its epoch settings (n_warmup_steps, min_resource, Hyperband's budget) are turned into
+    # updates with the trial's updates per epoch. None: once per epoch.
+    report_every_n_updates: int | None = None
     min_resource: int = 1  # successive_halving / hyperband: epochs before the first rung
     reduction_factor: int = 3  # successive_halving / hyperband
     # While a trial runs its search stamps it with its clock every heartbeat_s seconds; a
@@ -76,6 +82,11 @@ class SearchSettings:
             raise BprunError(
                 f"search.grace_s={self.grace_s}: must be at least twice search.heartbeat_s "
                 f"({self.heartbeat_s}), or a live search's trials could be taken for stopped"
+            )
+        if self.report_every_n_updates is not None and self.report_every_n_updates < 1:
+            raise BprunError(
+                f"search.report_every_n_updates={self.report_every_n_updates}: must be at least "
+                "1 (leave it unset to report once per epoch)"
             )
         if self.workers is not None and self.workers < 0:
             raise BprunError(f"search.workers={self.workers}: must be 0 or more")

@@ -96,24 +96,29 @@ def _storage_error(spec: str, e: Exception) -> BprunError:
     )
 
 
-def make_pruner(settings: SearchSettings, max_epochs: int):
+def make_pruner(settings: SearchSettings, max_epochs: int, steps_per_epoch: int = 1):
+    """The study's pruner. Its settings count epochs; a trial that reports every N updates
+    (search.report_every_n_updates) reports at update counts, so its pruner gets them in
+    updates (`steps_per_epoch`: the trial's updates per epoch). Hyperband's brackets depend
+    on max/min resource only, so the search's pruner (in epochs) and a trial's (in updates)
+    put a trial in the same bracket."""
     import optuna
 
-    p = settings
+    p, k = settings, steps_per_epoch
     if p.pruner == "median":
-        return optuna.pruners.MedianPruner(p.pruner_startup_trials, p.n_warmup_steps)
+        return optuna.pruners.MedianPruner(p.pruner_startup_trials, p.n_warmup_steps * k)
     if p.pruner == "percentile":
         return optuna.pruners.PercentilePruner(
-            p.percentile, p.pruner_startup_trials, p.n_warmup_steps
+            p.percentile, p.pruner_startup_trials, p.n_warmup_steps * k
         )
     if p.pruner == "successive_halving":
         return optuna.pruners.SuccessiveHalvingPruner(
-            min_resource=p.min_resource, reduction_factor=p.reduction_factor
+            min_resource=p.min_resource * k, reduction_factor=p.reduction_factor
         )
     if p.pruner == "hyperband":
         return optuna.pruners.HyperbandPruner(
-            min_resource=p.min_resource,
-            max_resource=max(max_epochs, p.min_resource),
+            min_resource=p.min_resource * k,
+            max_resource=max(max_epochs, p.min_resource) * k,
             reduction_factor=p.reduction_factor,
         )
     return optuna.pruners.NopPruner()

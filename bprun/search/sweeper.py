@@ -63,6 +63,7 @@ class SearchRun:
         launcher = OmegaConf.select(self.config, "hydra.launcher._target_")
         workers.check_launcher(self.settings, launcher)
         self.settings.check_epochs(self.config.trainer.max_epochs)
+        self.report_overrides = self._report_overrides()
         self.workers = workers.pool_size(self.settings, launcher)
         if self.settings.trial_timeout is not None and not self.workers:
             raise BprunError(
@@ -80,6 +81,19 @@ class SearchRun:
         self.interrupted: Interrupted | None = None
         self.error: BaseException | None = None  # what stopped a slot's thread
         self._marked, self._marking = 0, threading.Lock()  # released trials marked so far
+
+    def _report_overrides(self) -> list[str]:
+        """search.report_every_n_updates=N: the trials validate (and report) every N updates."""
+        every = self.settings.report_every_n_updates
+        if every is None:
+            return []
+        own = self.config.trainer.val_every_n_updates
+        if own is not None and own != every:
+            raise BprunError(
+                f"search.report_every_n_updates={every} has the trials validate every {every} "
+                f"updates, but trainer.val_every_n_updates={own}: drop one, or set them equal"
+            )
+        return [f"trainer.val_every_n_updates={every}"]
 
     def _check_space(self) -> None:
         """Compose one trial's config now, so an unknown key fails before any trial runs."""
@@ -222,7 +236,11 @@ class SearchRun:
         """Run the trial, tell the study how it ended, write its trial.json (with where its
         time went: `timing`, seconds)."""
         number = trial.number
-        overrides = [*self.space.overrides(trial.params), f"search.trial={number}"]
+        overrides = [
+            *self.space.overrides(trial.params),
+            *self.report_overrides,
+            f"search.trial={number}",
+        ]
         if self.settings.storage is None:
             overrides.append(f"search.storage={_quote(self.spec)}")
         folder = self.sweep_dir / str(number)
@@ -243,11 +261,12 @@ class SearchRun:
         if ret.hydra_cfg is not None:
             folder = Path(ret.hydra_cfg.hydra.runtime.output_dir).absolute()
         metrics = read_json(folder / "metrics.json") or {}
-        for key in ("wall_time_s", "fit_time_s"):  # the task's whole run, its training loop
+        for key in ("wall_time_s", "fit_time_s", "fit_cpu_s"):  # the run, its training loop
             if isinstance(metrics.get(key), (int, float)):
                 timing[key.replace("_time", "")] = metrics[key]
         for key, seconds in (metrics.get("search_storage_s") or {}).items():
             timing[f"job_storage_{key}_s"] = seconds  # the job's own round trips to the study
+        pruned_at = metrics.get("search_pruned_at")
         error = ""
         if ret.status == JobStatus.FAILED:
             exc = ret._return_value
@@ -270,7 +289,7 @@ class SearchRun:
         self.search.tell(number, state, value)
         told = self.search.trial(number)
         timing["tell_s"] = time.perf_counter() - start
-        report.write_trial(folder, told, error, timing)
+        report.write_trial(folder, told, error, timing, pruned_at)
         return ret
 
     def _finish(self) -> None:

@@ -182,19 +182,18 @@ def _serve(conn, parent: int) -> None:
 
 def _execute(idx, overrides, hydra_context, composer, task_function, singleton):
     """Hydra's joblib launcher's execute_job, timed: compose the trial's config (from the
-    worker's composed configs, see bprun.search.compose), run the job."""
-    from hydra.core.hydra_config import HydraConfig
+    worker's composed configs, see bprun.search.compose), run the job (run_job sets the
+    HydraConfig itself, twice: a third time here only copied the config once more)."""
     from hydra.core.utils import run_job, setup_globals
     from omegaconf import open_dict
 
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     setup_globals()
     Singleton.set_state(singleton)
     sweep_config = composer.compose(list(overrides))
     with open_dict(sweep_config):
         sweep_config.hydra.job.id = f"{sweep_config.hydra.job.name}_{idx}"
         sweep_config.hydra.job.num = idx
-    HydraConfig.instance().set_config(sweep_config)
     composed = time.perf_counter()
     ret = run_job(
         hydra_context=hydra_context,
@@ -203,7 +202,11 @@ def _execute(idx, overrides, hydra_context, composer, task_function, singleton):
         job_dir_key="hydra.sweep.dir",
         job_subdir_key="hydra.sweep.subdir",
     )
-    timing = {"compose_s": composed - start, "job_s": time.perf_counter() - composed}
+    timing = {
+        "compose_s": composed - start,
+        "job_s": time.perf_counter() - composed,
+        "cpu_s": time.process_time() - cpu_start,  # the worker's CPU seconds on the trial
+    }
     return ret, timing
 
 

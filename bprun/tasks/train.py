@@ -119,6 +119,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> float | No
             updates=trainer.update,
             wall_time_s=time.time() - started,
             fit_time_s=getattr(trainer, "fit_seconds", None),
+            fit_cpu_s=getattr(trainer, "fit_cpu_seconds", None),
             history=trainer.history,
         )
         if resumed:

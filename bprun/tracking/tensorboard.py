@@ -62,6 +62,10 @@ class Tracker:
         """A matplotlib figure as an image (IMAGES tab); the figure stays open."""
         self.writer.add_figure(tag, figure, step, close=False)
 
+    def image(self, tag: str, pixels, step: int = 0) -> None:
+        """An (H, W, 3) uint8 image (IMAGES tab)."""
+        self.writer.add_image(tag, pixels, step, dataformats="HWC")
+
     def close(self) -> None:
         if self._writer is not None:
             self._writer.flush()

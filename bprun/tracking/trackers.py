@@ -123,6 +123,12 @@ class Trackers:
         if self.tensorboard is not None:
             self.tensorboard.figure(tag, figure, step)
 
+    def image(self, tag: str, pixels, step: int = 0) -> None:
+        """An (H, W, 3) uint8 image already rendered (a confusion matrix): TensorBoard's IMAGES
+        tab; the others get its PNG among the run folder's files at the end."""
+        if self.tensorboard is not None:
+            self.tensorboard.image(tag, pixels, step)
+
     def text(self, tag: str, text: str, step: int = 0) -> None:
         if self.tensorboard is not None:
             self.tensorboard.text(tag, text, step)
