@@ -57,7 +57,7 @@ def resume_overrides(argv: list[str]) -> list[str]:
 
     target = resume[-1].split("=", 1)[1]
     path = ckpt_io.resolve_checkpoint(target)
-    saved = (ckpt_io.load_checkpoint(path).get("extra") or {}).get("overrides")
+    saved = (ckpt_io.load_checkpoint(path, weights=False).get("extra") or {}).get("overrides")
     if saved is None:
         raise BprunError(f"trainer.resume={target}: {path} records no command line to resume with")
     run = _run_folder_of(path)
