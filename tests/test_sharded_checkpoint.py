@@ -51,7 +51,10 @@ def resume(run_dir: Path, *args: str) -> str:
     return finish(
         subprocess.Popen(
             [BPRUN, f"trainer.resume={run_dir}", *args],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=run_dir.parent,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=run_dir.parent,
             env={**os.environ, "OMP_NUM_THREADS": "1"},
         )  # fmt: skip
     )

@@ -181,7 +181,9 @@ class _single_process_quiet(warnings.catch_warnings):
 
     def __enter__(self):
         super().__enter__()
-        warnings.filterwarnings("ignore", message=".*assuming the intent is to .* in a single process")
+        warnings.filterwarnings(
+            "ignore", message=".*assuming the intent is to .* in a single process"
+        )
         return self
 
 
