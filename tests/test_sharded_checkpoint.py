@@ -153,7 +153,7 @@ def test_an_export_of_a_run_without_checkpoints_is_one_line(bprun, tmp_path):
     r = bprun("task=export", f"ckpt={tmp_path / 'empty'}", check=False)
     errors = [line for line in r.output.splitlines() if "error" in line.lower()]
     assert r.returncode == 1 and "Traceback" not in r.output, r.output
-    assert len(errors) == 1 and "has no checkpoint" in errors[0], r.output
+    assert len(errors) == 1 and "has no checkpoints/last.pt" in errors[0], r.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]  # no run folder made
 
 

@@ -51,7 +51,7 @@ def resolve_checkpoint(path: str | Path, what: str = "trainer.resume") -> Path:
         last = last_checkpoint(path)
         if last is None:
             raise BprunError(
-                f"{what}={path}: the folder has no checkpoint (checkpoints/last.pt or "
+                f"{what}={path}: the folder has no checkpoints/last.pt (nor a sharded "
                 "checkpoints/last/); give a run folder that saved checkpoints, or a .pt file"
             )
         return last
