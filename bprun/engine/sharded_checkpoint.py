@@ -20,7 +20,6 @@ import shutil
 import warnings
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from bprun.errors import BprunError
@@ -185,8 +184,3 @@ class _single_process_quiet(warnings.catch_warnings):
             "ignore", message=".*assuming the intent is to .* in a single process"
         )
         return self
-
-
-def full_state_dict(folder: Path) -> dict[str, torch.Tensor]:
-    """The model's full state dict alone."""
-    return consolidate(folder, optimizer=False)["model"]
