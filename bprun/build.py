@@ -31,6 +31,7 @@ from bprun.data.choice import (
 from bprun.data.sampler import BalancedSampler, SeededSampler
 from bprun.data.stream import StreamLoader, TensorRows
 from bprun.engine.checkpoint import load_checkpoint, resolve_checkpoint
+from bprun.engine.sharded_checkpoint import is_sharded
 from bprun.errors import BprunError
 from bprun.losses import class_weights
 from bprun.models import init_weights
@@ -666,12 +667,15 @@ def init_from(model: nn.Module, source: str) -> KeyReport:
     path = Path(source).expanduser()
     if path.is_dir():
         path = resolve_checkpoint(path, "model.init_from")
-        entries = (load_checkpoint(path).get("topk") or {}).get("entries") or []
-        if entries and (path.parent / entries[0][1]).is_file():
+        entries = (load_checkpoint(path, weights=False).get("topk") or {}).get("entries") or []
+        if entries and (path.parent / entries[0][1]).exists():
             path = path.parent / entries[0][1]
     elif not path.exists():
         raise BprunError(
             f"model.init_from={path}: no such file or folder; give a bprun run folder or a .pt file"
         )
-    state = read_state_dict(path, "model.init_from")
+    if is_sharded(path):  # a sharded checkpoint's folder: its model, gathered here
+        state = load_checkpoint(path)["model"]
+    else:
+        state = read_state_dict(path, "model.init_from")
     return load_matching(model, state, str(path), "model.init_from")

@@ -57,7 +57,7 @@ def resume_overrides(argv: list[str]) -> list[str]:
 
     target = resume[-1].split("=", 1)[1]
     path = ckpt_io.resolve_checkpoint(target)
-    saved = (ckpt_io.load_checkpoint(path).get("extra") or {}).get("overrides")
+    saved = (ckpt_io.load_checkpoint(path, weights=False).get("extra") or {}).get("overrides")
     if saved is None:
         raise BprunError(f"trainer.resume={target}: {path} records no command line to resume with")
     run = _run_folder_of(path)
@@ -66,12 +66,12 @@ def resume_overrides(argv: list[str]) -> list[str]:
 
 
 # Tasks that work on a saved run and write beside its checkpoint, in its folder.
-IN_RUN_FOLDER = ("eval", "generate", "recommend")
+IN_RUN_FOLDER = ("eval", "generate", "recommend", "export")
 
 
 def eval_overrides(argv: list[str]) -> list[str]:
-    """`task=eval ckpt=X` (and generate, recommend): the run folder of X is the job's folder
-    (eval.json, samples.txt, recommendations.csv go beside the checkpoint); no new run folder,
+    """`task=eval ckpt=X` (and generate, recommend, export): the run folder of X is the job's folder
+    (eval.json, samples.txt, recommendations.csv, model.pt go beside the checkpoint); no new run folder,
     and Hydra leaves the run's `.hydra/` as it is."""
     task = next((t for t in IN_RUN_FOLDER if f"task={t}" in argv), None)
     if task is None or "-m" in argv or "--multirun" in argv:

@@ -66,6 +66,14 @@ class Backtest:
 
 
 @dataclass
+class Export:
+    """task=export (bprun/tasks/export.py)."""
+
+    format: str = "pt"
+    out: str | None = None
+
+
+@dataclass
 class Recommend:
     """task=recommend (bprun/tasks/recommend.py)."""
 
@@ -91,6 +99,7 @@ class TopLevel:
     generate: Generate = field(default_factory=Generate)
     backtest: Backtest = field(default_factory=Backtest)
     recommend: Recommend = field(default_factory=Recommend)
+    export: Export = field(default_factory=Export)
 
 
 def typed(cfg) -> None:

@@ -128,8 +128,10 @@ def launch(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> float | None
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
         code = failure.exitcode
-        last = run_dir / "checkpoints" / "last.pt"
-        kept = f"; last checkpoint {last}" if last.exists() else ""
+        from bprun.engine.checkpoint import last_checkpoint
+
+        last = last_checkpoint(run_dir)
+        kept = f"; last checkpoint {last}" if last is not None else ""
         if code < 0:  # killed by a signal before it could say anything
             name = signal.Signals(-code).name
             raise BprunError(f"rank {rank} was killed by {name}; the job stopped{kept}") from None

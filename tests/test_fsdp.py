@@ -14,6 +14,7 @@ import torch
 from conftest import BPRUN
 from torch import nn
 
+from bprun.engine import checkpoint as ckpt_io
 from bprun.engine.fsdp import repeated_blocks, shard_units
 from bprun.errors import BprunError
 
@@ -38,7 +39,8 @@ def bprun(run_dir: Path, *args: str, data_dir: Path, check: bool = True):
 
 
 def state(run_dir: Path) -> dict:
-    return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    """The run's last checkpoint (under FSDP a sharded folder), consolidated here."""
+    return ckpt_io.load_checkpoint(ckpt_io.resolve_checkpoint(run_dir))
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from bprun.engine import sharded_checkpoint as sharded
 from bprun.errors import BprunError
 from bprun.io import atomic_write, safe_load
 
@@ -25,29 +26,82 @@ def atomic_save(obj, path: str | Path) -> Path:
     return atomic_write(path, lambda f: torch.save(obj, f))
 
 
+def last_checkpoint(run: Path) -> Path | None:
+    """A run folder's last checkpoint: `checkpoints/last.pt` or, sharded, `checkpoints/last/`
+    (the newer where a run switched formats on resume); None when it has none."""
+    found = []
+    for folder in (run / "checkpoints", run):
+        file, shards = folder / "last.pt", sharded.previous(folder / "last")
+        if file.is_file():
+            found.append((file.stat().st_mtime, file))
+        if sharded.is_sharded(shards):
+            found.append(((shards / sharded.STATE).stat().st_mtime, shards))
+        if found:
+            return max(found)[1]
+    return None
+
+
 def resolve_checkpoint(path: str | Path, what: str = "trainer.resume") -> Path:
-    """A run folder means its checkpoints/last.pt; a file is taken as it is."""
+    """A run folder means its last checkpoint; a file or a sharded checkpoint's folder is taken
+    as it is."""
     path = Path(path).expanduser()
     if not path.exists():
         raise BprunError(f"{what}={path}: no such file or folder; give a run folder or a .pt file")
-    if path.is_dir():
-        for candidate in (path / "checkpoints" / "last.pt", path / "last.pt"):
-            if candidate.is_file():
-                return candidate
-        raise BprunError(
-            f"{what}={path}: the folder has no checkpoints/last.pt; "
-            "give a run folder that saved checkpoints, or a .pt file"
-        )
+    if path.is_dir() and not sharded.is_sharded(path):
+        last = last_checkpoint(path)
+        if last is None:
+            raise BprunError(
+                f"{what}={path}: the folder has no checkpoints/last.pt (nor a sharded "
+                "checkpoints/last/); give a run folder that saved checkpoints, or a .pt file"
+            )
+        return last
     return path
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """Read a checkpoint safely; any problem becomes a one-line BprunError."""
+def load_checkpoint(path: str | Path, weights: bool = True) -> dict:
+    """Read a checkpoint safely; any problem becomes a one-line BprunError.
+
+    A sharded checkpoint is consolidated in this process, laid out as a `.pt` one; with
+    `weights=False` its model and optimizer are left on disk (a sharded resume reads each
+    rank's part itself), and the state has no `model` entry.
+    """
     path = Path(path)
+    if sharded.is_sharded(path):
+        return sharded.consolidate(path) if weights else sharded.read_state(path)
+    if path.suffix == ".safetensors":
+        return _exported(path)
     ckpt = safe_load(path)
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise BprunError(f"{path} is not a bprun checkpoint (no 'model' entry)")
     return ckpt
+
+
+def _exported(path: Path) -> dict:
+    """A `task=export export.format=safetensors` file: the weights, and the run's record in
+    the file's metadata."""
+    import json
+
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            record = (f.metadata() or {}).get("bprun")
+            model = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise BprunError(
+            f"cannot read {path}: not a valid .safetensors file ({str(e)[:120]})"
+        ) from None
+    if record is None:
+        raise BprunError(f"{path} holds weights only (no run record): use it as model.weights")
+    return {**json.loads(record), "model": model}
+
+
+def remove(path: Path) -> None:
+    """Delete a checkpoint, a file or a sharded one's folder."""
+    if path.is_dir():
+        sharded.remove(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def load_model_state(module: nn.Module, state: dict, path: str | Path) -> None:

@@ -46,6 +46,10 @@ class Checkpointing:
     # At an epoch's end, write last.pt only when this many seconds passed since the last
     # write (0 or null: every epoch). It is always written when training ends and on signals.
     last_every_n_seconds: float | None = 10.0
+    # dcp: a folder per checkpoint, each rank writing its own shards (torch.distributed.checkpoint;
+    # resumes on any number of ranks); full: one .pt file of the whole state, written by rank 0.
+    # auto: dcp under trainer.strategy=fsdp, else full.
+    format: str = "auto"
 
 
 @dataclass
@@ -243,6 +247,7 @@ class TrainerSettings:
         _at_least("trainer.grad_watch.patience", self.grad_watch.patience, 1)
         _at_least("trainer.devices", self.devices, 1)
         _one_of("trainer.strategy", self.strategy, ("ddp", "fsdp"))
+        _one_of("trainer.checkpoint.format", self.checkpoint.format, ("auto", "dcp", "full"))
         if self.strategy == "fsdp":
             self._check_fsdp()
         for key, value in (

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from bprun.data.loader import InMemoryLoader
 from bprun.engine import checkpoint as ckpt_io
+from bprun.engine import sharded_checkpoint
 from bprun.engine.callbacks import implemented
 from bprun.engine.distributed import SINGLE, DistContext
 from bprun.engine.early_stopping import EarlyStopper
@@ -154,6 +155,9 @@ class Trainer:
         self.checkpointing = (
             s.checkpoint.enabled and self.ckpt_dir is not None and not s.fast_dev_run
         )
+        # Sharded checkpoints: each rank writes its own part, a folder per checkpoint.
+        fmt = s.checkpoint.format
+        self.sharded_checkpoints = fmt == "dcp" or (fmt == "auto" and self.sharded)
         self.topk = (
             ckpt_io.TopK(
                 self.ckpt_dir, s.checkpoint.monitor, s.checkpoint.mode, s.checkpoint.save_top_k
@@ -617,7 +621,10 @@ class Trainer:
             self.optimizer.eval()  # what follows loads averaged weights into the model
             self._optimizer_eval = True
         best = self.topk.best if self.topk is not None else None
-        if best is not None and best.exists():
+        if best is not None and sharded_checkpoint.is_sharded(best):
+            sharded_checkpoint.load(best, self.module)  # each rank reads its own shards
+            self._load_callbacks(sharded_checkpoint.read_state(best), best)
+        elif best is not None and best.exists():
             state = ckpt_io.load_checkpoint(best)
             self._load_model(state["model"], best)
             self._load_callbacks(state, best)
@@ -660,10 +667,12 @@ class Trainer:
             model_state, optim_state = full_state(self.module, self.optimizer)
         else:
             model_state, optim_state = self.module.state_dict(), self.optimizer.state_dict()
+        return {"model": model_state, "optimizer": optim_state, **self.run_state()}
+
+    def run_state(self) -> dict:
+        """The checkpoint's state besides the model and the optimizer."""
         return {
             "format": ckpt_io.FORMAT_VERSION,
-            "model": model_state,
-            "optimizer": optim_state,
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "rng": ckpt_io.rng_state(),
@@ -692,10 +701,20 @@ class Trainer:
             cb.load_state_dict(saved.get(cb.state_key), path)
 
     def load_state_dict(self, state: dict, path: str | Path = "checkpoint") -> None:
-        self._check_optimizer_impl(state["optimizer"], path)
-        if self.sharded:
+        """Restore a checkpoint's state. One read with `load_checkpoint(weights=False)` from
+        a sharded checkpoint has no model: each rank then reads its part of `path` itself."""
+        if "model" not in state and sharded_checkpoint.is_sharded(path):
+            sharded_checkpoint.load(
+                Path(path),
+                self.module,
+                self.optimizer,
+                lambda groups: self._check_optimizer_impl({"param_groups": groups}, path),
+            )
+        elif self.sharded:
+            self._check_optimizer_impl(state["optimizer"], path)
             load_full_state(self.module, self.optimizer, state["model"], state["optimizer"])
         else:
+            self._check_optimizer_impl(state["optimizer"], path)
             ckpt_io.load_model_state(self.module, state["model"], path)
             self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state.get("scheduler") is not None:
@@ -756,18 +775,33 @@ class Trainer:
         """Write a checkpoint. Under DDP every rank calls this (each contributes its RNG
         state), rank 0 writes, and no rank goes on before the file is complete."""
         self._flush_train_log()  # never save state that follows a non-finite loss
-        with self.eval_weights():
-            state = _cloned(self.state_dict()) if self._swaps_weights else self.state_dict()
-        self._check_finite(state)  # nor weights that a finite loss's update blew up
-        if self.dist.enabled:
-            state["rng_ranks"] = self.dist.gather(state["rng"])
-        if self.dist.is_main:
-            ckpt_io.atomic_save(state, path)
-        self.dist.barrier()
+        if self.sharded_checkpoints:
+            path = self._save_sharded(path)
+        else:
+            with self.eval_weights():
+                state = _cloned(self.state_dict()) if self._swaps_weights else self.state_dict()
+            self._check_finite(state)  # nor weights that a finite loss's update blew up
+            if self.dist.enabled:
+                state["rng_ranks"] = self.dist.gather(state["rng"])
+            if self.dist.is_main:
+                ckpt_io.atomic_save(state, path)
+            self.dist.barrier()
         self._last_saved = path
-        if path.name == "last.pt":
+        if path.stem == "last":
             self._last_written = time.perf_counter()
         return path
+
+    def _save_sharded(self, path: Path) -> Path:
+        """`path` as a sharded checkpoint's folder (`last.pt` -> `last/`): every rank writes
+        its own shards of the model and optimizer, rank 0 the rest."""
+        with self.eval_weights():
+            whole = {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
+            self._check_finite(whole)  # under FSDP: each rank its own shards
+            state = self.run_state()
+            if self.dist.enabled:
+                state["rng_ranks"] = self.dist.gather(state["rng"])
+            folder = sharded_checkpoint.folder_for(path)
+            return sharded_checkpoint.save(folder, self.module, self.optimizer, state, self.dist)
 
     def _check_finite(self, state: dict) -> None:
         if self.sharded:  # the gathered state is rank 0's alone: each rank checks its shards
@@ -802,11 +836,10 @@ class Trainer:
             )
         if not self.topk.wants(value):
             return
-        name = self.topk.file_name(self.epoch, self.update, value)
-        self.save(self.ckpt_dir / name)
-        for old in self.topk.add(value, name):
+        saved = self.save(self.ckpt_dir / self.topk.file_name(self.epoch, self.update, value))
+        for old in self.topk.add(value, saved.name):
             if self.dist.is_main:
-                old.unlink(missing_ok=True)
+                ckpt_io.remove(old)
 
     def _agree_on_signals(self) -> None:
         """A signal that reached any rank stops all of them at the same update.

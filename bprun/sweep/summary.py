@@ -136,10 +136,12 @@ def is_done(folder: Path) -> bool:
 
 
 def resumable(folder: Path) -> bool:
-    """A job stopped part-way (not failed) that saved checkpoints/last.pt."""
+    """A job stopped part-way (not failed) that saved checkpoints/last.pt (or, sharded,
+    a complete checkpoints/last/)."""
     metrics = read_json(folder / "metrics.json") or {}
     stopped = metrics.get("status") in ("interrupted", "running")
-    return stopped and (folder / "checkpoints" / "last.pt").is_file()
+    last = folder / "checkpoints"
+    return stopped and ((last / "last.pt").is_file() or (last / "last" / ".metadata").is_file())
 
 
 def job_folders(sweep_dir: Path) -> list[Path]:

@@ -43,6 +43,10 @@ TASKS = {
         "bprun.tasks.generate",
         "sample text from a language model (ckpt=<run>), write samples.txt",
     ),
+    "export": (
+        "bprun.tasks.export",
+        "a run's weights as one file (ckpt=<run>, export.format=pt|safetensors)",
+    ),
     "meta": (
         "bprun.tasks.meta",
         "MAML on a task distribution (dataset=sine_tasks), write metrics.json",

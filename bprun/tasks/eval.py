@@ -90,7 +90,7 @@ def saved_run(ckpt: str):
     state = ckpt_io.load_checkpoint(path)
     if Path(ckpt).is_dir() and state.get("topk") and state["topk"]["entries"]:
         best = path.parent / state["topk"]["entries"][0][1]
-        if best.is_file():
+        if best.exists():  # a file, or a sharded checkpoint's folder
             path, state = best, ckpt_io.load_checkpoint(best)
     config = (state.get("extra") or {}).get("config")
     if not config:

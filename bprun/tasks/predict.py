@@ -41,7 +41,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> None:
     state = ckpt_io.load_checkpoint(path)
     if Path(cfg.ckpt).is_dir() and (state.get("topk") or {}).get("entries"):
         best = path.parent / state["topk"]["entries"][0][1]
-        if best.is_file():
+        if best.exists():  # a file, or a sharded checkpoint's folder
             path, state = best, ckpt_io.load_checkpoint(best)
     extra = state.get("extra") or {}
     spec = extra.get("data")

@@ -32,7 +32,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> float | No
     started = time.time()
     s = trainer_settings(cfg)
     resumed = ckpt_io.resolve_checkpoint(s.resume) if s.resume else None
-    state = ckpt_io.load_checkpoint(resumed) if resumed else None
+    state = ckpt_io.load_checkpoint(resumed, weights=False) if resumed else None
     if state is not None and (done := finished(state, s)):
         log.info(
             f"{run_dir} is finished ({done}); nothing to do. To train on, resume with a larger "
