@@ -1,4 +1,4 @@
-"""K-FAC, Muon, Adafactor, SOAP and schedule-free AdamW: the maths, the split, resume, errors."""
+"""K-FAC, Muon, Adafactor, Shampoo, SOAP and schedule-free AdamW: the maths, the split, resume, errors."""
 
 from __future__ import annotations
 
@@ -107,11 +107,31 @@ def test_kfac_damping_must_be_positive(damping):
         build_optimizer(node("kfac", f"optim.damping={damping}"), nn.Linear(3, 2))
 
 
-@pytest.mark.parametrize("optim", ["soap", "adamw_schedulefree"])
-def test_a_missing_library_names_the_extra_to_install(optim, monkeypatch):
-    monkeypatch.setitem(sys.modules, "pytorch_optimizer", None)  # import fails as if absent
+@pytest.mark.parametrize(
+    "optim, library",
+    [("soap", "pytorch_optimizer"), ("adamw_schedulefree", "pytorch_optimizer"),
+     ("shampoo", "heavyball")],
+)  # fmt: skip
+def test_a_missing_library_names_the_extra_to_install(optim, library, monkeypatch):
+    monkeypatch.setitem(sys.modules, library, None)  # import fails as if absent
     with pytest.raises(BprunError, match=r"pip install 'bprun\[optim\]'"):
         build_optimizer(node(optim), nn.Linear(3, 2))
+
+
+def test_shampoo_state_loads_as_weights_only_and_carries_no_pickle(tmp_path):
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 2))
+    opt = build_optimizer(node("shampoo"), model)
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(8, 6)).square().mean().backward()
+        opt.step()
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    saved = torch.load(tmp_path / "opt.pt", weights_only=True)
+    assert "precond_schedule" not in saved["heavyball"]  # heavyball would unpickle it
+    assert saved["state"], "the Kronecker factors are in the state"
+    again = build_optimizer(node("shampoo"), model)
+    again.load_state_dict(saved)
+    assert again.precond_schedule == opt.precond_schedule == 1 / 2  # rebuilt from the config
 
 
 def test_bad_optimizer_input_on_the_command_line_is_one_error_line(bprun):
@@ -124,12 +144,13 @@ def test_bad_optimizer_input_on_the_command_line_is_one_error_line(bprun):
 
 # Each new optimizer, killed mid-run and resumed, ends on the uninterrupted run's weights:
 # K-FAC's factors and inverses (refreshed every 3 updates, so the kill lands between two),
-# Muon's and AdamW's moments, Adafactor's factored moments, SOAP's eigenbases, and
+# Muon's and AdamW's moments, Adafactor's factored moments, Shampoo's factors and eigenbases, SOAP's eigenbases, and
 # schedule-free's averaged weights (checkpoints hold them; resume swaps back).
 NEW_OPTIMIZERS = {
     "kfac": ["optim.inverse_every=3", "optim.factor_every=2"],
     "muon": [],
     "adafactor": [],
+    "shampoo": ["optim.precondition_frequency=3"],
     "soap": ["optim.precondition_frequency=3"],
     "adamw_schedulefree": [],
 }

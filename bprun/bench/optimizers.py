@@ -29,7 +29,7 @@ MODELS = {
     "transformer": ["model=transformer"],
 }
 TARGETS = {"cnn": 1.0, "transformer": 1.75}
-OPTIMS = ["adam", "adamw", "kfac", "muon", "adafactor", "soap", "adamw_schedulefree"]
+OPTIMS = ["adam", "adamw", "kfac", "muon", "adafactor", "shampoo", "soap", "adamw_schedulefree"]
 
 
 def run_one(model: str, optim: str, seed: int, args, data_dir: str) -> dict:
