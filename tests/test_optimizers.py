@@ -66,6 +66,63 @@ def test_kfac_step_is_the_explicit_kronecker_factored_natural_gradient():
         torch.set_default_dtype(torch.float32)
 
 
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+
+
+def _global_batch():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(16, 4, generator=g), torch.randint(0, 3, (16,), generator=g)
+
+
+def _ddp_rank(rank: int, world: int, store: str, out: str) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        net = _net()
+        ddp = DistributedDataParallel(net)
+        x, y = _global_batch()
+        share = slice(rank * 8, (rank + 1) * 8)  # each rank half of the global batch
+        kfac = _kfac_steps_on(ddp, net, x[share], y[share])
+        torch.save(kfac, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _kfac_steps_on(wrapped, net, x, y, steps=4):
+    opt = KFAC(net.parameters(), net, lr=0.1, momentum=0.9, inverse_every=2)
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(wrapped(x), y).backward()  # DDP averages the gradients
+        opt.step()
+    factors = {k: v for k, v in opt.state[net[0].weight].items() if k.startswith("kfac_")}
+    return factors, net.state_dict()
+
+
+@pytest.mark.slow
+def test_kfac_under_ddp_holds_one_set_of_factors_and_trains_like_one_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_rank, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    x, y = _global_batch()
+    net = _net()
+    one_factors, one_weights = _kfac_steps_on(net, net, x, y)
+    assert set(ranks[0][0]) == {"kfac_A", "kfac_G", "kfac_A_inv", "kfac_G_inv"}
+    for name, value in ranks[0][0].items():
+        # all-reduced: the ranks' factors and inverses are the same tensors, bit for bit,
+        # and those of the whole global batch in one process
+        assert torch.equal(value, ranks[1][0][name]), name
+        torch.testing.assert_close(value, one_factors[name], rtol=1e-5, atol=1e-6)
+    for name, value in one_weights.items():
+        assert torch.equal(ranks[0][1][name], ranks[1][1][name]), name
+        torch.testing.assert_close(ranks[0][1][name], value, rtol=1e-5, atol=1e-6)
+
+
 def test_kfac_lists_the_layers_it_leaves_to_sgd(caplog):
     model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2))
     with caplog.at_level("INFO", logger="bprun"):
