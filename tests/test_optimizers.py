@@ -243,3 +243,17 @@ def test_sigkill_then_resume_is_exact(optim, bprun, data_dir, tmp_path):
         assert torch.equal(got[k], expected[k]), f"{optim}: {k} differs after the resume"
     resumed = json.loads((run_dir / "metrics.json").read_text())
     assert resumed["test"] == reference.metrics["test"]
+
+
+def test_the_bench_counts_updates_to_the_target_on_the_char_gpt(capsys):
+    from bprun.bench.optimizers import main
+
+    # a target every run meets at its first validation (update 2), one no run can meet
+    main(["--models=gpt", "--optims=adamw", "--seeds=1", "--updates=4", "--val-every=2",
+          "--target=10"])  # fmt: skip
+    main(["--models=gpt", "--optims=muon", "--seeds=1", "--updates=2", "--val-every=2",
+          "--target=0.01"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "gpt on the embedded corpus (chars): target val/loss 10.0, 4 updates" in out
+    assert "| adamw | 1/1 | 2 ± 0 |" in out
+    assert "| muon | 0/1 | - | - |" in out
