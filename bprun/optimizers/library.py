@@ -4,9 +4,9 @@ heavyball.
 
 Shampoo is heavyball's `KLShampoo` (Lin et al. 2025: Shampoo whose Kronecker factors are
 accumulated with the KL correction, applied as the factors' inverse square roots to a momentum
-of the gradient). pytorch-optimizer's `Shampoo` (4.1) produces non-finite statistics on the
-MNIST-1D CNN within an epoch (with the default matrix_eps; at 1e-4 and a refresh every 10
-updates it stays at chance) and its `ScalableShampoo` keeps Python objects in its state, which
+of the gradient). pytorch-optimizer's `Shampoo` (4.1) produced non-finite statistics on the
+MNIST-1D CNN within an epoch (and did not train a small Conv1d network with its defaults or
+with a larger matrix_eps), and its `ScalableShampoo` keeps Python objects in its state, which
 checkpoints read with `torch.load(weights_only=True)` refuse.
 
 Schedule-free AdamW keeps two sets of weights: the ones gradients are taken at, and their
