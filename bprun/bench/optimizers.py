@@ -1,7 +1,7 @@
 """Optimizers side by side, AlgoPerf-style: updates and training time to a target validation
 loss, and the final validation loss, over several seeds.
 
-    python -m bprun.bench.optimizers                      # the default: ~20 minutes on 2 cores
+    python -m bprun.bench.optimizers                      # the default: ~15 minutes on 2 cores
     python -m bprun.bench.optimizers --models gpt --optims adamw,muon
     python -m bprun.bench.optimizers --models cnn --updates 360 --seeds 5 --optims adam,kfac
 
