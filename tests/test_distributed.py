@@ -239,3 +239,19 @@ def test_refused_before_any_rank_starts(bprun, args, message):
     r = bprun("trainer.devices=2", "trainer.device=cpu", *args, check=False)
     assert r.returncode == 1 and f"error: {message}" in r.output
     assert "Traceback" not in r.output and "starting 2 ranks" not in r.output
+
+
+def test_kfac_two_ranks_train_like_one_process(bprun, tmp_path):
+    """K-FAC's factors are all-reduced: two ranks on half batches end on the weights of one
+    process on the whole batch (the factors' means over the ranks are the global batch's)."""
+    args = ["dataset=digits", "model.hidden=[32]", "optim=kfac", "trainer.max_epochs=1"]
+    ddp = bprun(*args, *DDP, f"hydra.run.dir={tmp_path}/ddp")
+    one = bprun(*args, *ONE, f"hydra.run.dir={tmp_path}/one")
+    assert "K-FAC preconditions 2 layers" in ddp.output
+    saved = {
+        name: torch.load(run.run_dir / "checkpoints" / "last.pt", weights_only=True)
+        for name, run in (("ddp", ddp), ("one", one))
+    }
+    assert saved["ddp"]["progress"]["update"] == saved["one"]["progress"]["update"] > 80
+    for name, value in saved["one"]["model"].items():
+        torch.testing.assert_close(saved["ddp"]["model"][name], value, rtol=1e-4, atol=1e-5)

@@ -1,4 +1,4 @@
-"""K-FAC, Muon, Adafactor, SOAP and schedule-free AdamW: the maths, the split, resume, errors."""
+"""K-FAC, Muon, Adafactor, Shampoo, SOAP and schedule-free AdamW: the maths, the split, resume, errors."""
 
 from __future__ import annotations
 
@@ -66,6 +66,63 @@ def test_kfac_step_is_the_explicit_kronecker_factored_natural_gradient():
         torch.set_default_dtype(torch.float32)
 
 
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+
+
+def _global_batch():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(16, 4, generator=g), torch.randint(0, 3, (16,), generator=g)
+
+
+def _ddp_rank(rank: int, world: int, store: str, out: str) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        net = _net()
+        ddp = DistributedDataParallel(net)
+        x, y = _global_batch()
+        share = slice(rank * 8, (rank + 1) * 8)  # each rank half of the global batch
+        kfac = _kfac_steps_on(ddp, net, x[share], y[share])
+        torch.save(kfac, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _kfac_steps_on(wrapped, net, x, y, steps=4):
+    opt = KFAC(net.parameters(), net, lr=0.1, momentum=0.9, inverse_every=2)
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(wrapped(x), y).backward()  # DDP averages the gradients
+        opt.step()
+    factors = {k: v for k, v in opt.state[net[0].weight].items() if k.startswith("kfac_")}
+    return factors, net.state_dict()
+
+
+@pytest.mark.slow
+def test_kfac_under_ddp_holds_one_set_of_factors_and_trains_like_one_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_rank, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    x, y = _global_batch()
+    net = _net()
+    one_factors, one_weights = _kfac_steps_on(net, net, x, y)
+    assert set(ranks[0][0]) == {"kfac_A", "kfac_G", "kfac_A_inv", "kfac_G_inv"}
+    for name, value in ranks[0][0].items():
+        # all-reduced: the ranks' factors and inverses are the same tensors, bit for bit,
+        # and those of the whole global batch in one process
+        assert torch.equal(value, ranks[1][0][name]), name
+        torch.testing.assert_close(value, one_factors[name], rtol=1e-5, atol=1e-6)
+    for name, value in one_weights.items():
+        assert torch.equal(ranks[0][1][name], ranks[1][1][name]), name
+        torch.testing.assert_close(ranks[0][1][name], value, rtol=1e-5, atol=1e-6)
+
+
 def test_kfac_lists_the_layers_it_leaves_to_sgd(caplog):
     model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2))
     with caplog.at_level("INFO", logger="bprun"):
@@ -107,11 +164,31 @@ def test_kfac_damping_must_be_positive(damping):
         build_optimizer(node("kfac", f"optim.damping={damping}"), nn.Linear(3, 2))
 
 
-@pytest.mark.parametrize("optim", ["soap", "adamw_schedulefree"])
-def test_a_missing_library_names_the_extra_to_install(optim, monkeypatch):
-    monkeypatch.setitem(sys.modules, "pytorch_optimizer", None)  # import fails as if absent
+@pytest.mark.parametrize(
+    "optim, library",
+    [("soap", "pytorch_optimizer"), ("adamw_schedulefree", "pytorch_optimizer"),
+     ("shampoo", "heavyball")],
+)  # fmt: skip
+def test_a_missing_library_names_the_extra_to_install(optim, library, monkeypatch):
+    monkeypatch.setitem(sys.modules, library, None)  # import fails as if absent
     with pytest.raises(BprunError, match=r"pip install 'bprun\[optim\]'"):
         build_optimizer(node(optim), nn.Linear(3, 2))
+
+
+def test_shampoo_state_loads_as_weights_only_and_carries_no_pickle(tmp_path):
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 2))
+    opt = build_optimizer(node("shampoo"), model)
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(8, 6)).square().mean().backward()
+        opt.step()
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    saved = torch.load(tmp_path / "opt.pt", weights_only=True)
+    assert "precond_schedule" not in saved["heavyball"]  # heavyball would unpickle it
+    assert saved["state"], "the Kronecker factors are in the state"
+    again = build_optimizer(node("shampoo"), model)
+    again.load_state_dict(saved)
+    assert again.precond_schedule == opt.precond_schedule == 1 / 2  # rebuilt from the config
 
 
 def test_bad_optimizer_input_on_the_command_line_is_one_error_line(bprun):
@@ -124,12 +201,13 @@ def test_bad_optimizer_input_on_the_command_line_is_one_error_line(bprun):
 
 # Each new optimizer, killed mid-run and resumed, ends on the uninterrupted run's weights:
 # K-FAC's factors and inverses (refreshed every 3 updates, so the kill lands between two),
-# Muon's and AdamW's moments, Adafactor's factored moments, SOAP's eigenbases, and
+# Muon's and AdamW's moments, Adafactor's factored moments, Shampoo's factors and eigenbases, SOAP's eigenbases, and
 # schedule-free's averaged weights (checkpoints hold them; resume swaps back).
 NEW_OPTIMIZERS = {
     "kfac": ["optim.inverse_every=3", "optim.factor_every=2"],
     "muon": [],
     "adafactor": [],
+    "shampoo": ["optim.precondition_frequency=3"],
     "soap": ["optim.precondition_frequency=3"],
     "adamw_schedulefree": [],
 }
@@ -165,3 +243,17 @@ def test_sigkill_then_resume_is_exact(optim, bprun, data_dir, tmp_path):
         assert torch.equal(got[k], expected[k]), f"{optim}: {k} differs after the resume"
     resumed = json.loads((run_dir / "metrics.json").read_text())
     assert resumed["test"] == reference.metrics["test"]
+
+
+def test_the_bench_counts_updates_to_the_target_on_the_char_gpt(capsys):
+    from bprun.bench.optimizers import main
+
+    # a target every run meets at its first validation (update 2), one no run can meet
+    main(["--models=gpt", "--optims=adamw", "--seeds=1", "--updates=4", "--val-every=2",
+          "--target=10"])  # fmt: skip
+    main(["--models=gpt", "--optims=muon", "--seeds=1", "--updates=2", "--val-every=2",
+          "--target=0.01"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "gpt on the embedded corpus (chars): target val/loss 10.0, 4 updates" in out
+    assert "| adamw | 1/1 | 2 ± 0 |" in out
+    assert "| muon | 0/1 | - | - |" in out
