@@ -30,7 +30,7 @@ from bprun.data.choice import (
 )
 from bprun.data.sampler import BalancedSampler, SeededSampler
 from bprun.data.stream import StreamLoader, TensorRows
-from bprun.engine.checkpoint import load_checkpoint, resolve_checkpoint
+from bprun.engine.checkpoint import load_checkpoint, resolve_checkpoint, upgraded
 from bprun.errors import BprunError
 from bprun.losses import class_weights
 from bprun.models import init_weights
@@ -667,5 +667,5 @@ def init_from(model: nn.Module, source: str) -> KeyReport:
         raise BprunError(
             f"model.init_from={path}: no such file or folder; give a bprun run folder or a .pt file"
         )
-    state = read_state_dict(path, "model.init_from")
+    state = upgraded(model, read_state_dict(path, "model.init_from"))
     return load_matching(model, state, str(path), "model.init_from")
