@@ -104,7 +104,7 @@ def test_the_transformer_split_over_two_ranks_trains_as_one_process_does(tmp_pat
         (["trainer.strategy=fsdp_tp", "trainer.devices=2"], "set trainer.tp=2 or more"),
         ([*TP, "model.heads=3", "model.dim=12"], "trainer.tp=2 does not divide model.heads=3"),
         ([*TP, "model=mlp"], "MLP has no tensor-parallel plan (model=gpt and model=transformer have one)"),
-        ([*TP, "model.mlp_ratio=1.25"], "trainer.tp=2 does not divide the MLP width 20"),
+        ([*TP, "model.mlp_ratio=1.5625"], "trainer.tp=2 does not divide the MLP width=25"),
     ],
 )
 def test_bad_tensor_parallel_settings_are_one_line(args, says, tmp_path, data_dir):
