@@ -20,7 +20,6 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-
 TP = 2  # the tensor-parallel group of the fsdp_tp rows
 
 
