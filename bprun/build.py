@@ -30,7 +30,7 @@ from bprun.data.choice import (
 )
 from bprun.data.sampler import BalancedSampler, SeededSampler
 from bprun.data.stream import StreamLoader, TensorRows
-from bprun.engine.checkpoint import load_checkpoint, resolve_checkpoint
+from bprun.engine.checkpoint import load_checkpoint, resolve_checkpoint, upgraded
 from bprun.engine.sharded_checkpoint import is_sharded
 from bprun.errors import BprunError
 from bprun.losses import class_weights
@@ -678,4 +678,5 @@ def init_from(model: nn.Module, source: str) -> KeyReport:
         state = load_checkpoint(path)["model"]
     else:
         state = read_state_dict(path, "model.init_from")
+    state = upgraded(model, state)
     return load_matching(model, state, str(path), "model.init_from")

@@ -9,6 +9,9 @@ class BprunError(Exception):
     """A problem with the user's input: the message names it and says what to do."""
 
     exit_code = 1
+    # Raised alike by every rank of a multi-process run (a model the settings do not fit,
+    # found once each rank builds it): rank 0 alone prints it, so the mistake is one line.
+    every_rank = False
 
 
 class Interrupted(BprunError):

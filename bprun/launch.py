@@ -65,6 +65,10 @@ def check(cfg: DictConfig) -> None:
             f"run task={cfg.task} with trainer.devices=1"
         )
     OmegaConf.to_object(cfg.trainer)  # TrainerSettings.validate(): its refusals, once, here
+    if cfg.trainer.get("strategy") == "fsdp_tp":
+        from bprun.engine import tensor_parallel
+
+        tensor_parallel.check(cfg.model, cfg.trainer.tp)  # the model's plan, once, here
     if str(OmegaConf.select(cfg, "optim._target_")).endswith("LBFGS"):
         raise BprunError(
             "optim=lbfgs re-evaluates each rank's own loss to decide its steps, so "
@@ -250,7 +254,8 @@ def _as_rank(body) -> None:
     try:
         body()
     except BprunError as e:
-        log.error(f"error: {e}")
+        if not e.every_rank or not dist.is_initialized() or dist.get_rank() == 0:
+            log.error(f"error: {e}")
         code = e.exit_code
     except KeyboardInterrupt:
         log.error("aborted")

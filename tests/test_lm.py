@@ -90,7 +90,7 @@ def test_gpt_layout_and_initialisation():
     no_decay = {id(p) for g in groups if g["weight_decay"] == 0 for p in g["params"]}
     assert id(model.wte.weight) in no_decay and id(model.wpe.weight) in no_decay
     assert id(model.blocks[0].ln_1.weight) in no_decay
-    assert id(model.blocks[0].attn.qkv.weight) not in no_decay
+    assert id(model.blocks[0].attn.q.weight) not in no_decay
 
 
 # ---------------------------------------------------------------- end to end

@@ -138,7 +138,7 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
     opt = build_optimizer(node("muon"), model)
     names = {id(p): n for n, p in model.named_parameters()}
     by = {g["algorithm"]: {names[id(p)] for p in g["params"]} for g in opt.param_groups}
-    assert "encoder.layers.0.self_attn.in_proj_weight" in by["muon"]
+    assert "encoder.layers.0.self_attn.q.weight" in by["muon"]
     assert "encoder.layers.1.linear2.weight" in by["muon"]
     assert {"embed.weight", "head.weight", "head.bias", "norm.weight", "pos"} <= by["adamw"]
     assert all(

@@ -1,10 +1,12 @@
-"""Benchmark: what a rank holds under DDP and under FSDP2, at 1, 2 and 4 ranks.
+"""Benchmark: what a rank holds under DDP, FSDP2 and FSDP2 with tensor parallelism (tp=2),
+at 1, 2 and 4 ranks.
 
     python -m bprun.bench --fsdp [--ranks 1,2,4] [--model "transformer model.dim=256"]
 
 Each configuration starts its ranks (gloo on the CPU, one thread each), builds the model as
 `bprun` does (`model.<name>` on MNIST-1D's shape), applies DDP or `fully_shard` to each
-repeated block and the root, takes one AdamW step and reports, per rank, the bytes of
+repeated block and the root (fsdp_tp: each layer split over 2 ranks first, then `fully_shard`
+over the dp groups), takes one AdamW step and reports, per rank, the bytes of
 parameters, gradients and optimizer state the rank holds. FSDP at N ranks must hold at most
 1.1/N of DDP's. With CUDA, peak device memory per rank is reported too.
 """
@@ -17,6 +19,12 @@ import socket
 import torch
 import torch.multiprocessing as mp
 from torch import nn
+
+TP = 2  # the tensor-parallel group of the fsdp_tp rows
+
+
+def _strategies(world: int) -> tuple[str, ...]:
+    return ("ddp", "fsdp", "fsdp_tp") if world % TP == 0 else ("ddp", "fsdp")
 
 
 def _free_port() -> int:
@@ -44,17 +52,21 @@ def _model(spec: str) -> nn.Module:
 def _rank(rank: int, world: int, port: int, strategy: str, name: str, out) -> None:
     import torch.distributed as dist
 
-    from bprun.engine import fsdp
+    from bprun.engine import fsdp, tensor_parallel
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         model = _model(name)
-        if strategy == "fsdp":
+        if strategy in ("fsdp", "fsdp_tp"):
             from bprun.engine.settings import FSDP
 
-            model = fsdp.shard(model, FSDP(), "32", torch.device("cpu"))
+            mesh = None
+            if strategy == "fsdp_tp":
+                mesh = tensor_parallel.device_mesh("cpu", world, TP)
+                tensor_parallel.parallelize(model, mesh["tp"])
+            model = fsdp.shard(model, FSDP(), "32", torch.device("cpu"), mesh and mesh["dp"])
             net = model
         else:
             net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
@@ -71,7 +83,7 @@ def main(args) -> dict:
     ranks = [int(r) for r in str(args.ranks).split(",")]
     results = mp.get_context("spawn").Manager().dict()
     for world in ranks:
-        for strategy in ("ddp", "fsdp"):
+        for strategy in _strategies(world):
             port = _free_port()
             ctx = mp.get_context("spawn")
             procs = [
@@ -90,11 +102,11 @@ def main(args) -> dict:
     table = {}
     for world in ranks:
         ddp_total = sum(results[("ddp", world, 0)].values())
-        for strategy in ("ddp", "fsdp"):
+        for strategy in _strategies(world):
             b = results[(strategy, world, 0)]
             total = sum(b.values())
             ratio = total / ddp_total
-            bound = 1.1 / world if strategy == "fsdp" else 1.0
+            bound = 1.0 if strategy == "ddp" else 1.1 / world
             table[(strategy, world)] = {**b, "total": total, "ratio": ratio}
             print(
                 f"{world:>5} {strategy:>8} {b['parameters']:>10,} {b['gradients']:>10,} "

@@ -5,7 +5,7 @@
     python -m bprun.bench --ddp [--devices 2] [--device cpu]   (see ddp.py)
     python -m bprun.bench --data      the data paths (bprun/bench/data.py)
     python -m bprun.bench --metrics   the problem's metrics against a training epoch (metrics.py)
-    python -m bprun.bench --fsdp      bytes per rank under DDP and FSDP at 1, 2, 4 ranks (fsdp.py)
+    python -m bprun.bench --fsdp      bytes per rank under DDP, FSDP and FSDP+TP at 1, 2, 4 ranks (fsdp.py)
     python -m bprun.bench --lm        GPT training and KV-cache generation (bprun/bench/lm.py)
 
 For each model on MNIST-1D (the shipped `mlp` and `cnn` configs, and

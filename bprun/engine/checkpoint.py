@@ -106,6 +106,7 @@ def remove(path: Path) -> None:
 
 def load_model_state(module: nn.Module, state: dict, path: str | Path) -> None:
     """load_state_dict with a message that lists exactly what does not match."""
+    state = upgraded(module, state)
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -125,6 +126,17 @@ def load_model_state(module: nn.Module, state: dict, path: str | Path) -> None:
             "use the model config the checkpoint was trained with"
         )
     module.load_state_dict(state)
+
+
+def upgraded(module: nn.Module, state: dict) -> dict:
+    """`state` with the keys of an older layout in the module's: each submodule whose
+    parameters changed shape over time (the GPT's fused query/key/value, now split) converts
+    what it finds in its `upgrade_state(state, prefix)`."""
+    for name, sub in module.named_modules():
+        upgrade = getattr(sub, "upgrade_state", None)
+        if upgrade is not None:
+            state = upgrade(state, f"{name}." if name else "")
+    return state
 
 
 def unwrap(model: nn.Module) -> nn.Module:

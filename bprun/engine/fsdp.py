@@ -54,13 +54,14 @@ def shard_units(model: nn.Module, patterns: list[str] | None) -> list[str]:
     return [n for n in units if not any(n.startswith(f"{o}.") for o in units if o != n)]
 
 
-def shard(model: nn.Module, settings, precision: str, device: torch.device) -> nn.Module:
+def shard(model: nn.Module, settings, precision: str, device: torch.device, mesh=None) -> nn.Module:
     """Apply `fully_shard` to each unit, then the root; returns the model (sharded in place).
     `settings` is `TrainerSettings.fsdp`; bf16-mixed gives bf16 parameters in the forward and
-    backward with float32 gradient reductions."""
+    backward with float32 gradient reductions. `mesh`: the (1-D) mesh to shard over, the dp
+    dimension under tensor parallelism; None: every rank."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
-    kwargs = {"reshard_after_forward": settings.reshard_after_forward}
+    kwargs = {"reshard_after_forward": settings.reshard_after_forward, "mesh": mesh}
     if precision == "bf16-mixed":
         kwargs["mp_policy"] = MixedPrecisionPolicy(
             param_dtype=torch.bfloat16, reduce_dtype=torch.float32
@@ -193,6 +194,25 @@ def _named(state: dict, names: list[str]) -> dict:
             {**g, "params": [names[int(i)] for i in g["params"]]} for g in state["param_groups"]
         ],
     }
+
+
+def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
+    """`clip_grad_norm_` over sharded parameters that live on different meshes (under
+    tensor parallelism the split layers on the (dp, tp) mesh, the replicated ones on dp
+    alone), which torch's cannot stack: one total norm per mesh, gathered, then combined."""
+    from torch.nn.utils import clip_grads_with_norm_, get_total_norm
+
+    groups: dict = {}
+    for p in params:
+        if p.grad is not None:
+            groups.setdefault(getattr(p, "device_mesh", None), []).append(p)
+    norms = [plain(get_total_norm([p.grad for p in g])) for g in groups.values()]
+    if not norms:
+        return torch.tensor(0.0)
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    for group in groups.values():
+        clip_grads_with_norm_(group, max_norm, total)
+    return total
 
 
 def plain(t):

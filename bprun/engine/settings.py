@@ -204,13 +204,38 @@ class TrainerSettings:
     # CPU, NCCL with one GPU per rank). dataset.batch_size is per rank.
     devices: int = 1
     sync_batchnorm: bool = False  # BatchNorm statistics over all ranks (CUDA only)
-    # How the ranks share the model: ddp (each holds all of it) or fsdp (FSDP2: parameters,
-    # gradients and optimizer state sharded, each repeated block its own unit; see fsdp).
+    # How the ranks share the model: ddp (each holds all of it), fsdp (FSDP2: parameters,
+    # gradients and optimizer state sharded, each repeated block its own unit; see fsdp), or
+    # fsdp_tp (each layer split over groups of `tp` ranks, FSDP2 across the groups; see
+    # tensor_parallel).
     strategy: str = "ddp"
     fsdp: FSDP = field(default_factory=FSDP)
+    tp: int = 1  # tensor-parallel ranks per group (trainer.strategy=fsdp_tp)
 
     def __post_init__(self) -> None:
         self.validate()
+
+    def _check_tp(self) -> None:
+        """tp > 1 runs under fsdp_tp alone (refused, not mapped, with ddp or fsdp: the
+        strategy says how the ranks share the model), on a number of ranks it divides."""
+        if self.tp > 1 and self.strategy != "fsdp_tp":
+            raise BprunError(
+                f"trainer.tp={self.tp} splits each layer over {self.tp} ranks, which "
+                f"trainer.strategy={self.strategy} does not do: set trainer.strategy=fsdp_tp"
+            )
+        if self.strategy != "fsdp_tp":
+            return
+        if self.tp < 2:
+            raise BprunError(
+                "trainer.strategy=fsdp_tp splits layers over trainer.tp ranks: set trainer.tp=2 "
+                "or more, or use trainer.strategy=fsdp"
+            )
+        if self.devices % self.tp or self.devices < 2:
+            raise BprunError(
+                f"trainer.tp={self.tp} does not divide trainer.devices={self.devices}: the ranks "
+                f"form groups of {self.tp}, so set trainer.devices to a multiple of it "
+                f"(e.g. trainer.devices={self.tp})"
+            )
 
     def _check_fsdp(self) -> None:
         """What FSDP2 cannot combine with, said before anything runs."""
@@ -226,7 +251,8 @@ class TrainerSettings:
         ):
             if on:
                 raise BprunError(
-                    f"{key} is not supported with trainer.strategy=fsdp: set it to {fix}, or "
+                    f"{key} is not supported with trainer.strategy={self.strategy}: set it to "
+                    f"{fix}, or "
                     "use trainer.strategy=ddp"
                 )
 
@@ -246,9 +272,11 @@ class TrainerSettings:
         _at_least("trainer.checkpoint.save_top_k", self.checkpoint.save_top_k, -1)
         _at_least("trainer.grad_watch.patience", self.grad_watch.patience, 1)
         _at_least("trainer.devices", self.devices, 1)
-        _one_of("trainer.strategy", self.strategy, ("ddp", "fsdp"))
+        _one_of("trainer.strategy", self.strategy, ("ddp", "fsdp", "fsdp_tp"))
         _one_of("trainer.checkpoint.format", self.checkpoint.format, ("auto", "dcp", "full"))
-        if self.strategy == "fsdp":
+        _at_least("trainer.tp", self.tp, 1)
+        self._check_tp()
+        if self.strategy in ("fsdp", "fsdp_tp"):
             self._check_fsdp()
         for key, value in (
             ("trainer.max_updates", self.max_updates),

@@ -36,7 +36,14 @@ from bprun.engine import sharded_checkpoint
 from bprun.engine.callbacks import implemented
 from bprun.engine.distributed import SINGLE, DistContext
 from bprun.engine.early_stopping import EarlyStopper
-from bprun.engine.fsdp import full_state, is_sharded, load_full_state, no_gradient_sync, plain
+from bprun.engine.fsdp import (
+    clip_grad_norm,
+    full_state,
+    is_sharded,
+    load_full_state,
+    no_gradient_sync,
+    plain,
+)
 from bprun.engine.optim_impl import impl_of
 from bprun.engine.precision import Precision
 from bprun.engine.settings import TrainerSettings
@@ -401,7 +408,8 @@ class Trainer:
                         min(last * loader.batch_size, loader.num_samples)
                         - first * loader.batch_size
                     )
-                    scale = loader.local_len(b) * self.dist.world_size / window
+                    # (the data's shards: the ranks, or the dp groups under tensor parallelism)
+                    scale = loader.local_len(b) * loader.sampler.world_size / window
                 final = (b + 1) % k == 0 or b + 1 == n
                 if final or not self.dist.enabled:
                     self._backward(x, y, scale)
@@ -482,7 +490,8 @@ class Trainer:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)  # clip true gradients, not scaled ones
         if clip.algorithm == "norm":
-            norm = nn.utils.clip_grad_norm_(self.params, clip.max)
+            clip_norm = clip_grad_norm if self.sharded else nn.utils.clip_grad_norm_
+            norm = clip_norm(self.params, clip.max)
         else:
             norm = nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
             nn.utils.clip_grad_value_(self.params, clip.max)

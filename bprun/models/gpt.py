@@ -6,8 +6,10 @@ input embedding tied to the output layer, and GPT-2's initialisation: N(0, 0.02)
 zero biases, and the residual projections scaled by 1/sqrt(2 n_layer).
 
 Layout for sharding plans: the blocks are `blocks` (an `nn.ModuleList`); each has
-`attn.qkv` (the fused query/key/value projection, column-parallel) and `attn.proj`
-(row-parallel), `mlp.fc` (column-parallel) and `mlp.proj` (row-parallel).
+`attn.q`, `attn.k`, `attn.v` (column-parallel) and `attn.proj` (row-parallel), `mlp.fc`
+(column-parallel) and `mlp.proj` (row-parallel): `tensor_parallel_plan`. The query, key and
+value are three Linears, not one fused one, so that a column split gives each rank whole heads
+of each; checkpoints of the fused layout (`attn.qkv`) still load (`upgrade_state`).
 
 `generate` samples with a key/value cache: the prompt is read once, and each new token
 costs one position, not the whole context.
@@ -45,16 +47,32 @@ class Rotary(nn.Module):
 class CausalSelfAttention(nn.Module):
     def __init__(self, n_embd: int, n_head: int, dropout: float, bias: bool, rotary=None):
         super().__init__()
-        self.n_head, self.dropout = n_head, dropout
-        self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=bias)
+        self.head_dim, self.dropout = n_embd // n_head, dropout
+        self.q = nn.Linear(n_embd, n_embd, bias=bias)
+        self.k = nn.Linear(n_embd, n_embd, bias=bias)
+        self.v = nn.Linear(n_embd, n_embd, bias=bias)
         self.proj = nn.Linear(n_embd, n_embd, bias=bias)
         self.resid_dropout = nn.Dropout(dropout)
         self.rotary = [rotary]  # shared by the blocks; a list keeps it out of the submodules
 
+    @staticmethod
+    def upgrade_state(state: dict, prefix: str) -> dict:
+        """A checkpoint of the fused projection (`qkv`, rows q | k | v) in the split layout."""
+        for kind in ("weight", "bias"):
+            fused = state.get(f"{prefix}qkv.{kind}")
+            if fused is not None:
+                state = {k: v for k, v in state.items() if k != f"{prefix}qkv.{kind}"}
+                for name, part in zip("qkv", fused.chunk(3), strict=True):
+                    state[f"{prefix}{name}.{kind}"] = part
+        return state
+
     def forward(self, x: torch.Tensor, cache=None, pos: int = 0, mask=None) -> torch.Tensor:
-        b, t, c = x.shape
-        q, k, v = self.qkv(x).split(c, dim=2)
-        q, k, v = (z.view(b, t, self.n_head, c // self.n_head).transpose(1, 2) for z in (q, k, v))
+        b, t, _ = x.shape
+        # The head count is read from the projections' width: under tensor parallelism each
+        # rank holds n_head / tp of the heads, and its q, k and v only their columns.
+        q, k, v = (
+            z(x).view(b, t, -1, self.head_dim).transpose(1, 2) for z in (self.q, self.k, self.v)
+        )
         rotary = self.rotary[0]
         if rotary is not None:
             q, k = rotary(q, pos), rotary(k, pos)
@@ -72,7 +90,7 @@ class CausalSelfAttention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0,
             is_causal=t > 1 and mask is None,
         )
-        y = y.transpose(1, 2).contiguous().view(b, t, c)
+        y = y.transpose(1, 2).contiguous().view(b, t, -1)
         return self.resid_dropout(self.proj(y))
 
 
@@ -150,6 +168,7 @@ class GPT(nn.Module):
             raise BprunError("model=gpt needs a vocabulary: use it with dataset=text")
         self.block_size, self.vocab_size = block_size, num_classes
         self.n_layer, self.n_head, self.n_embd = n_layer, n_head, n_embd
+        self.local_heads = n_head  # the heads this process computes (n_head / tp under TP)
         self.wte = nn.Embedding(num_classes, n_embd)
         self.wpe = None if rope else nn.Embedding(block_size, n_embd)
         rotary = Rotary(n_embd // n_head, block_size) if rope else None
@@ -208,8 +227,32 @@ class GPT(nn.Module):
         w = keep.unsqueeze(-1).to(x.dtype)
         return self.head((x * w).sum(1) / w.sum(1))
 
+    @staticmethod
+    def tensor_parallel_sizes(settings) -> dict[str, int]:
+        """What a tensor-parallel split must divide (the MLP and the width follow the heads)."""
+        return {"model.n_head": settings.get("n_head", 6)}
+
+    def tensor_parallel_plan(self, tp: int) -> dict[str, str]:
+        """Each block's heads and MLP columns split over `tp` ranks (Megatron's layout); the
+        embeddings, norms and the tied output layer stay replicated. From then on a rank
+        computes (and caches the keys and values of) n_head / tp heads."""
+        if self.n_head % tp:
+            raise BprunError(
+                f"trainer.tp={tp} does not divide model.n_head={self.n_head}: each rank computes "
+                f"an equal share of it, so use a trainer.tp that divides {self.n_head}"
+            )
+        self.local_heads = self.n_head // tp
+        return {
+            "blocks.*.attn.q": "colwise",
+            "blocks.*.attn.k": "colwise",
+            "blocks.*.attn.v": "colwise",
+            "blocks.*.attn.proj": "rowwise",
+            "blocks.*.mlp.fc": "colwise",
+            "blocks.*.mlp.proj": "rowwise",
+        }
+
     def new_cache(self, batch: int, device, dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        shape = (batch, self.n_head, self.block_size, self.n_embd // self.n_head)
+        shape = (batch, self.local_heads, self.block_size, self.n_embd // self.n_head)
         return [
             (
                 torch.empty(shape, device=device, dtype=dtype),

@@ -100,6 +100,8 @@ class SampleText:
         model = trainer.module
         if trainer.tracker is None or not hasattr(model, "generate"):
             return
+        if getattr(trainer, "sharded", False):  # rank 0 alone cannot run a sharded forward
+            return
         ids = self.tokenizer.encode("\n") or [0]
         idx = torch.tensor([ids[-1:]], dtype=torch.long, device=trainer.device)
         g = torch.Generator(device=trainer.device).manual_seed(self.seed)

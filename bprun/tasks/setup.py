@@ -22,7 +22,7 @@ from bprun.build import (
 from bprun.data.augment import pixel_bounds
 from bprun.data.mixing import mixing_callbacks
 from bprun.diagnostics import diagnostic_callbacks
-from bprun.engine import fsdp
+from bprun.engine import fsdp, tensor_parallel
 from bprun.engine.adversarial import adversarial_callbacks
 from bprun.engine.averaging import averaging_callbacks
 from bprun.engine.distributed import SINGLE, DistContext, current
@@ -104,9 +104,10 @@ def build_trainer(
             data_state,
             s.val_batches,
         )
+    tp = s.tp if dist.enabled else 1  # the ranks of a tensor-parallel group read one batch
     for loader in (data.train, data.val, data.test):
         if loader is not None:
-            loader.shard(dist.rank, dist.world_size)
+            loader.shard(*tensor_parallel.data_shard(dist.rank, dist.world_size, tp))
     if data.dataset.state:
         extra_state = {**(extra_state or {}), "data": data.dataset.state}
     with building("problem", cfg.get("problem")):
@@ -119,9 +120,13 @@ def build_trainer(
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = model.to(device)
     warn_slow_precision(s, model, device)
-    if s.strategy == "fsdp" and dist.enabled:  # before the optimizer: it steps on the shards
-        with building("trainer", cfg.trainer):
-            model = fsdp.shard(model, s.fsdp, s.precision, device)
+    if s.strategy in ("fsdp", "fsdp_tp") and dist.enabled:  # before the optimizer: it steps
+        with building("trainer", cfg.trainer):  # on the shards
+            mesh = None
+            if s.strategy == "fsdp_tp":
+                mesh = tensor_parallel.device_mesh(device.type, dist.world_size, tp)
+                model = tensor_parallel.parallelize(model, mesh["tp"])
+            model = fsdp.shard(model, s.fsdp, s.precision, device, mesh and mesh["dp"])
     with building("optim", cfg.optim):
         optimizer = build_optimizer(cfg.optim, model)
     if use_sparse_gradients(model, optimizer):
