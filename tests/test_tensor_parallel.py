@@ -14,6 +14,7 @@ import torch
 from conftest import BPRUN
 
 from bprun.data.text import embedded_corpus
+from bprun.engine import checkpoint as ckpt_io
 from bprun.engine.checkpoint import load_model_state
 from bprun.models.gpt import GPT
 
@@ -46,7 +47,8 @@ def bprun(run_dir: Path, *args: str, data_dir: Path, check: bool = True):
 
 
 def last(run_dir: Path) -> dict:
-    return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    """The run's last checkpoint (under TP a sharded folder), consolidated here."""
+    return ckpt_io.load_checkpoint(ckpt_io.resolve_checkpoint(run_dir))
 
 
 def assert_same_weights(tp_run: Path, one_run: Path) -> None:
