@@ -47,8 +47,9 @@ def state(run_dir: Path) -> dict:
 def runs(tmp_path_factory, data_dir) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("fsdp")
     found = {"fsdp": root / "fsdp", "one": root / "one"}
-    bprun(found["fsdp"], *FSDP, data_dir=data_dir)
-    bprun(found["one"], *ONE, data_dir=data_dir)
+    ema = "trainer.ema.decay=0.9"  # an average of the weights, sharded like them under FSDP
+    bprun(found["fsdp"], *FSDP, ema, data_dir=data_dir)
+    bprun(found["one"], *ONE, ema, data_dir=data_dir)
     return found
 
 
@@ -61,8 +62,14 @@ def test_sharded_training_equals_one_process_over_the_same_global_batches(runs):
     for key, moments in one["optimizer"]["state"].items():  # Adam's moments, gathered in full
         for k, v in moments.items():
             assert torch.allclose(sharded["optimizer"]["state"][key][k], v, atol=1e-5), (key, k)
+    averaged, averaged_one = (s["callbacks"]["averaging"] for s in (sharded, one))
+    assert averaged["count"] == averaged_one["count"] > 0
+    assert averaged["weights"].keys() == averaged_one["weights"].keys()
+    for name, value in averaged_one["weights"].items():  # the EMA, gathered from the shards
+        assert torch.allclose(averaged["weights"][name], value, atol=1e-5), name
     m = json.loads((runs["fsdp"] / "metrics.json").read_text())
     m1 = json.loads((runs["one"] / "metrics.json").read_text())
+    assert "val_ema/acc" in m["best"] or "val_ema/acc" in json.dumps(m)
     assert m["world_size"] == 2 and m["updates"] == m1["updates"]
     assert m["test"]["test/acc"] == pytest.approx(m1["test"]["test/acc"], abs=1e-4)
 
@@ -80,6 +87,15 @@ def test_a_sharded_checkpoint_resumes_on_one_process_and_evaluates(runs, tmp_pat
     )  # fmt: skip
     after = state(run)
     assert after["progress"]["epoch"] == 3 and after["world_size"] == 1
+    # the same third epoch on 2 ranks: the gathered EMA is sharded back and averages on
+    again = tmp_path / "again"
+    shutil.copytree(runs["fsdp"], again)
+    bprun(tmp_path / "z", f"trainer.resume={again}", "trainer.max_epochs=3", *FSDP,
+          data_dir=data_dir)  # fmt: skip
+    two = state(again)["callbacks"]["averaging"]
+    assert two["count"] == after["callbacks"]["averaging"]["count"]
+    for name, value in after["callbacks"]["averaging"]["weights"].items():
+        assert torch.allclose(two["weights"][name], value, atol=1e-5), name
     proc = bprun(tmp_path / "y", "task=eval", f"ckpt={runs['fsdp']}", data_dir=data_dir)
     ev = json.loads(next((runs["fsdp"] / "checkpoints").glob("eval.json")).read_text())
     m = json.loads((runs["fsdp"] / "metrics.json").read_text())
@@ -105,7 +121,15 @@ def test_repeated_blocks_are_the_shard_units():
     "args, says",
     [
         (["trainer.strategy=fsdp"], "trainer.strategy=fsdp shards the model over ranks"),
-        (["trainer.strategy=fsdp", "trainer.devices=2", "trainer.ema.decay=0.9"], "not supported"),
+        (
+            [
+                "trainer.strategy=fsdp",
+                "trainer.devices=2",
+                "trainer.ema.decay=0.9",
+                "trainer.ema.device=cpu",
+            ],
+            "trainer.ema.device=cpu is not supported",
+        ),  # fmt: skip
         (["trainer.strategy=fdsp"], "trainer.strategy='fdsp' is not known"),
     ],
 )

@@ -9,6 +9,10 @@ average is swapped into the model, validated (`val_ema/*`, `val_swa/*`, which
 swapped out. Checkpoints hold it, resume restores it exactly, and the test
 split is evaluated with it.
 
+Under FSDP (`trainer.strategy=fsdp`) the average is sharded as the model is: each rank averages
+its own shards of the parameters (DTensors), and a checkpoint gathers them in full, so it
+loads on any number of ranks (every rank calls `state_dict` and `load_state_dict`).
+
 torch.optim.swa_utils.AveragedModel is not used: its update reads its counter
 on the host (`if self.n_averaged == 0`), one synchronisation per update, and it
 keeps a second module; `update_bn` is used as it is.
@@ -24,6 +28,7 @@ import torch
 from torch import nn
 
 from bprun.engine.callbacks import Callback
+from bprun.engine.fsdp import placed_like, plain
 from bprun.engine.settings import TrainerSettings
 from bprun.errors import BprunError
 
@@ -142,7 +147,7 @@ class WeightAveraging(Callback):
             "kind": self.kind,
             "count": self.count,
             "base_lrs": self.base_lrs,
-            "weights": dict(self.average),
+            "weights": {k: plain(v) for k, v in self.average.items()},  # sharded: gathered
         }
 
     def load_state_dict(self, state: dict | None, path: str | Path = "checkpoint") -> None:
@@ -169,7 +174,7 @@ class WeightAveraging(Callback):
                 "use the model config the checkpoint was trained with"
             )
         for k, avg in self.average.items():
-            avg.copy_(weights[k])
+            avg.copy_(placed_like(weights[k], avg))
         self.count = int(state["count"])
         base = state.get("base_lrs")
         self.base_lrs = [float(b) for b in base] if base is not None else None

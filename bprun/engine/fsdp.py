@@ -218,3 +218,13 @@ def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
 def plain(t):
     """A DTensor's full value (a clipping norm, say); other tensors as they are."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def placed_like(full: torch.Tensor, like):
+    """`full` laid out as `like`: sharded over its mesh when `like` is a DTensor (a collective:
+    every rank passes the same value, as when all read one checkpoint), as it is otherwise."""
+    if not hasattr(like, "device_mesh"):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full.to(like.device), like.device_mesh, like.placements)

@@ -244,7 +244,11 @@ class TrainerSettings:
                 "trainer.strategy=fsdp shards the model over ranks: set trainer.devices=2 or more"
             )
         for on, key, fix in (
-            (self.ema.decay is not None, "trainer.ema.decay", "null"),
+            (
+                self.ema.decay is not None and self.ema.device == "cpu",
+                "trainer.ema.device=cpu",
+                "null (the average is sharded with the model)",
+            ),
             (self.swa.start_epoch is not None, "trainer.swa.start_epoch", "null"),
             (self.sync_batchnorm, "trainer.sync_batchnorm", "false"),
             (self.precision == "16-mixed", "trainer.precision=16-mixed", "bf16-mixed"),
