@@ -55,8 +55,10 @@ def check(cfg) -> None:
                 f"tracker={name} needs the {module} package: pip install 'bprun[track]'"
             )
         for key in ("buffer", "exit_timeout_s", "flush_every_s"):
+            if key not in settings:
+                continue
             value = settings.get(key)
-            if value is not None and (not isinstance(value, (int, float)) or value < 0):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise BprunError(f"tracker.{name}.{key} must be a number >= 0, got {value!r}")
     if "mlflow" in picked:
         from bprun.tracking.mlflow_tracker import check_uri
