@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import subprocess
@@ -20,6 +21,21 @@ BPRUN = str(_script) if _script.exists() else "bprun"
 # Two cores are shared by pytest and the bprun processes it starts.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
+
+
+# The `bprun` fixture's commands run in processes forked from a server that imported bprun
+# once (tests/forkserver.py); BPRUN_TEST_FORK=0 starts each as its own process instead.
+FORK = os.environ.get("BPRUN_TEST_FORK", "1") != "0" and hasattr(os, "fork")
+_SERVERS: list = []
+
+
+def _server():
+    if not _SERVERS:
+        from forkserver import ForkServer
+
+        _SERVERS.append(ForkServer(BPRUN))
+        atexit.register(_SERVERS[0].close)
+    return _SERVERS[0]
 
 
 def job_dir(sweep: Path, n) -> Path:
@@ -74,14 +90,20 @@ def bprun(tmp_path, data_dir):
                     run_dir = run_dir.parent.parent
         if "-m" in args:
             extra.append(f"hydra.sweep.dir={tmp_path / 'sweep'}")
-        proc = subprocess.run(
-            [BPRUN, *(["-m"] if "-m" in args else []), *extra, *[a for a in args if a != "-m"]],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            cwd=cwd or tmp_path,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-        )
+        argv = [*(["-m"] if "-m" in args else []), *extra, *[a for a in args if a != "-m"]]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        if FORK:  # forked from a process that imported bprun once: the command less its imports
+            code, out, err = _server().run(argv, cwd or tmp_path, env, timeout, tmp_path / ".cmd")
+            proc = subprocess.CompletedProcess([BPRUN, *argv], code, out, err)
+        else:
+            proc = subprocess.run(
+                [BPRUN, *argv],
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                cwd=cwd or tmp_path,
+                env=env,
+            )
         result = Result(proc, run_dir)
         if check and proc.returncode != 0:
             raise AssertionError(

@@ -69,6 +69,7 @@ def shampoo(params, compile: bool = False, **kwargs):
     `compile: false` runs heavyball's kernels eagerly: torch.compile of them takes minutes
     on a CPU. heavyball reads this switch process-wide (`heavyball.utils.compile_mode`).
     """
+    _check_numbers(kwargs)
     heavyball = _heavyball()
     if not compile:
         heavyball.utils.compile_mode = None
@@ -76,3 +77,27 @@ def shampoo(params, compile: bool = False, **kwargs):
     optimizer = heavyball.KLShampoo(params, **kwargs)
     optimizer.register_state_dict_post_hook(_drop_pickled_schedule)
     return optimizer
+
+
+# Shampoo's settings that must be numbers (heavyball takes any value and fails inside a step),
+# with their least value; the counts must be integers.
+_NUMBERS = {"lr": 0, "shampoo_beta": 0, "eps": 0, "weight_decay": 0, "init_factor": 0}
+_NUMBERS.update({"dampening": 0, "warmup_steps": 0, "precondition_frequency": 1})
+_NUMBERS.update({"max_precond_dim": 1})
+_COUNTS = ("warmup_steps", "precondition_frequency", "max_precond_dim")
+
+
+def _check_numbers(settings: dict) -> None:
+    for key, least in _NUMBERS.items():
+        if key not in settings:
+            continue
+        value = settings[key]
+        kind = int if key in _COUNTS else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kind) or value < least:
+            what = "an integer" if key in _COUNTS else "a number"
+            raise BprunError(f"optim.{key}={value!r} must be {what} >= {least} (check optim.{key})")
+    betas = settings.get("betas", (0.9, 0.95))
+    if len(betas) != 2 or not all(
+        isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas
+    ):
+        raise BprunError(f"optim.betas={list(betas)} must be two numbers in [0, 1)")
