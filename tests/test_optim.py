@@ -276,6 +276,7 @@ def test_optimizer_configs_say_what_their_names_say(nodes):
             "nesterov": "sgd",
             "adamw_schedulefree": "schedulefreeadamw",  # the library's own name
             "muon": "muonadamw",  # Muon for hidden matrices, AdamW for the rest
+            "shampoo": "klshampoo",  # heavyball's KL-corrected Shampoo
         }.get(name, name.replace("_", ""))
 
 
