@@ -93,7 +93,7 @@ def bprun(tmp_path, data_dir):
         argv = [*(["-m"] if "-m" in args else []), *extra, *[a for a in args if a != "-m"]]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         if FORK:  # forked from a process that imported bprun once: the command less its imports
-            code, out, err = _server().run(argv, cwd or tmp_path, env, timeout, tmp_path / ".cmd")
+            code, out, err = _server().run(argv, cwd or tmp_path, env, timeout)
             proc = subprocess.CompletedProcess([BPRUN, *argv], code, out, err)
         else:
             proc = subprocess.run(

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -49,9 +51,10 @@ class ForkServer:
                 raise RuntimeError(f"the fork server did not start: {ready!r}")
         return self.proc
 
-    def run(self, argv: list[str], cwd: Path, env: dict, timeout: float, folder: Path):
-        """(exit code, stdout, stderr) of `bprun <argv>`; TimeoutExpired past `timeout`."""
-        folder.mkdir(parents=True, exist_ok=True)
+    def run(self, argv: list[str], cwd: Path, env: dict, timeout: float):
+        """(exit code, stdout, stderr) of `bprun <argv>`; TimeoutExpired past `timeout`.
+        The output files are the server's, outside the test's folders."""
+        folder = Path(tempfile.mkdtemp(prefix="bprun-test-command-"))
         out, err = folder / "stdout.txt", folder / "stderr.txt"
         request = {
             "argv": [self.script, *argv],
@@ -66,6 +69,7 @@ class ForkServer:
         proc.stdin.flush()
         reply = json.loads(proc.stdout.readline())
         stdout, stderr = out.read_text(errors="replace"), err.read_text(errors="replace")
+        shutil.rmtree(folder, ignore_errors=True)
         if reply.get("timeout"):
             raise subprocess.TimeoutExpired(argv, timeout, stdout, stderr)
         return reply["code"], stdout, stderr
