@@ -81,7 +81,8 @@ class ForkServer:
 
 
 # ---------------------------------------------------------------------- the server
-def _prepare() -> None:
+def prepare() -> None:
+    """Import once what every command needs, before the first fork."""
     import importlib
 
     import torch
@@ -166,7 +167,7 @@ def _wait(pid: int, timeout: float) -> dict:
 
 
 def serve() -> None:
-    _prepare()
+    prepare()
     replies = sys.stdout
     print("ready", file=replies, flush=True)
     while line := sys.stdin.readline():

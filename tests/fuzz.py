@@ -98,26 +98,13 @@ class Outcome:
 
 
 def prepare() -> None:
-    """Import what every case needs once, in the process cases are forked from."""
+    """Import what every case needs once, in the process cases are forked from: what the
+    tests' fork server imports (tests/forkserver.py)."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    import torch
+    sys.path.insert(0, str(Path(__file__).parent))
+    from forkserver import prepare as imports
 
-    torch.set_num_threads(1)
-    import importlib
-
-    import bprun.cli  # noqa: F401  (registers the schemas and plugins)
-
-    for name in (
-        "bprun.tasks.train",
-        "bprun.problems.classification",
-        "bprun.problems.regression",
-        "bprun.tracking.tensorboard",
-        "torch.utils.tensorboard",
-        "torchmetrics",
-        "torchmetrics.classification",
-        "torchmetrics.regression",
-    ):
-        importlib.import_module(name)
+    imports()
 
 
 def run_case(case: Case, workdir: Path, data_dir: Path, timeout: float = TIMEOUT_S) -> Outcome:
