@@ -4,6 +4,13 @@ The command line prints its message as one line (no traceback) and exits
 non-zero; everything else is a bug and keeps its traceback.
 """
 
+import os
+
+
+def debugging() -> bool:
+    """The user asked for tracebacks (HYDRA_FULL_ERROR=1 or BPRUN_DEBUG=1)."""
+    return any(os.environ.get(v, "") not in ("", "0") for v in ("HYDRA_FULL_ERROR", "BPRUN_DEBUG"))
+
 
 class BprunError(Exception):
     """A problem with the user's input: the message names it and says what to do."""

@@ -74,6 +74,28 @@ def test_an_error_in_a_models_own_forward_names_its_class(bprun, tmp_path):
     assert "first forward pass" in line and "ValueError: Picky takes images" in line
 
 
+def test_a_language_models_first_forward_pass_is_rehearsed(bprun, tmp_path):
+    """Token windows are rehearsed like in-memory rows: a model that fails on them fails
+    before the run folder, in one line naming its class."""
+    (tmp_path / "mylm.py").write_text(
+        "import torch\n"
+        "class Causal(torch.nn.Module):\n"
+        "    reads = 'tokens'\n"
+        "    def __init__(self, input_shape, num_classes, **settings):\n"
+        "        super().__init__()\n"
+        "        self.emb = torch.nn.Embedding(num_classes, 4)\n"
+        "    def forward(self, x):\n"
+        "        raise ValueError(f'Causal needs a context of 32, got {x.shape[1]}')\n"
+    )
+    (tmp_path / "corpus.txt").write_text("to be or not to be, that is the question. " * 50)
+    line = fails(bprun(
+        "experiment=char_gpt_cpu", f"dataset.path={tmp_path / 'corpus.txt'}",
+        "dataset.block_size=16", "model._target_=mylm.Causal", check=False,
+    ))  # fmt: skip
+    assert line.startswith("error: model=mylm.Causal could not be built with ")
+    assert "first forward pass" in line and "a context of 32, got 16" in line
+
+
 def test_debug_shows_the_traceback(bprun, monkeypatch):
     monkeypatch.setenv("BPRUN_DEBUG", "1")
     result = bprun("sched=onecycle", "sched.div_factor=0", check=False)
@@ -119,3 +141,28 @@ def test_the_rehearsed_update_leaves_the_run_as_it_was(tmp_path, data_dir, monke
         ]
 
     assert strip(with_it["history"]) == strip(without["history"])
+
+
+@pytest.mark.slow
+def test_a_compiler_that_fails_under_trainer_compile_is_one_error_line(tmp_path, data_dir):
+    """inductor's C++ step failing (here a g++ that exits 1, as one killed for memory does) ends
+    with one line naming trainer.compile, not a traceback from inside the compiler."""
+    import os
+    import subprocess
+
+    from conftest import BPRUN
+
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "g++").write_text("#!/bin/sh\necho 'g++: fatal error: Killed' >&2\nexit 1\n")
+    (fake / "g++").chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
+           "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}  # fmt: skip
+    run = [BPRUN, "trainer.compile=true", "trainer.max_updates=3", "model.hidden=[8]",
+           f"paths.data_dir={data_dir}", f"hydra.run.dir={tmp_path / 'run'}"]  # fmt: skip
+    out = subprocess.run(run, capture_output=True, text=True, env=env, timeout=300)
+    text = out.stdout + out.stderr
+    assert out.returncode == 1 and "Traceback" not in text, text[-3000:]
+    lines = [ln for ln in text.splitlines() if ln.startswith("error: ")]
+    assert len(lines) == 1 and lines[0].startswith("error: trainer.compile=true: torch.compile")
+    assert "set trainer.compile=false" in lines[0]

@@ -73,6 +73,7 @@ def shard(model: nn.Module, settings, precision: str, device: torch.device, mesh
     for name in units:
         fully_shard(modules[name], **kwargs)
     fully_shard(model, **kwargs)
+    share_running_stats(model, mesh)
     shown = ", ".join(units[:4]) + (f", ... ({len(units)} in all)" if len(units) > 4 else "")
     local, full = parameter_bytes(model)
     log.info(
@@ -81,6 +82,44 @@ def shard(model: nn.Module, settings, precision: str, device: torch.device, mesh
         "gradients (optimizer state likewise sharded)"
     )
     return model
+
+
+def share_running_stats(model: nn.Module, mesh=None) -> None:
+    """Before each training forward, give every rank rank 0's normalisation statistics
+    (BatchNorm's running mean and variance), as DDP does with its buffers.
+
+    FSDP shards parameters, not buffers: without this, each rank's running statistics would
+    follow its own data alone, a checkpoint would hold whichever rank's the writer picked, and
+    each rank would validate with different ones. With it, FSDP's statistics are DDP's exactly,
+    and a resumed run's equal an unbroken one's after its first forward. Models without such
+    statistics (the GPT, the transformer) get no hook and pay nothing."""
+    import torch.distributed as dist
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    stats = [
+        b
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats
+        for b in m.buffers()
+    ]
+    if not stats:
+        return
+    group = mesh.get_group() if mesh is not None else None
+    by_dtype: dict = {}
+    for b in stats:
+        by_dtype.setdefault(b.dtype, []).append(b)
+
+    def broadcast(module, args):
+        if not module.training:
+            return
+        with torch.no_grad():
+            for buffers in by_dtype.values():
+                flat = _flatten_dense_tensors(buffers)
+                dist.broadcast(flat, group=group, group_src=0)
+                for b, value in zip(buffers, _unflatten_dense_tensors(flat, buffers), strict=True):
+                    b.copy_(value)
+
+    model.register_forward_pre_hook(broadcast)
 
 
 def parameter_bytes(model: nn.Module) -> tuple[int, int]:
@@ -194,25 +233,6 @@ def _named(state: dict, names: list[str]) -> dict:
             {**g, "params": [names[int(i)] for i in g["params"]]} for g in state["param_groups"]
         ],
     }
-
-
-def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
-    """`clip_grad_norm_` over sharded parameters that live on different meshes (under
-    tensor parallelism the split layers on the (dp, tp) mesh, the replicated ones on dp
-    alone), which torch's cannot stack: one total norm per mesh, gathered, then combined."""
-    from torch.nn.utils import clip_grads_with_norm_, get_total_norm
-
-    groups: dict = {}
-    for p in params:
-        if p.grad is not None:
-            groups.setdefault(getattr(p, "device_mesh", None), []).append(p)
-    norms = [plain(get_total_norm([p.grad for p in g])) for g in groups.values()]
-    if not norms:
-        return torch.tensor(0.0)
-    total = torch.linalg.vector_norm(torch.stack(norms))
-    for group in groups.values():
-        clip_grads_with_norm_(group, max_norm, total)
-    return total
 
 
 def plain(t):

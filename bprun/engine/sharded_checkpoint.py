@@ -54,6 +54,8 @@ def save(folder: Path, module: nn.Module, optimizer, state: dict, dist) -> Path:
         atomic_save(state, tmp / STATE)
     dist.barrier()
     model_state, optim_state = get_state_dict(module, optimizer)
+    if not dist.is_main:  # buffers are whole on every rank: rank 0's are the ones kept, as DDP's
+        model_state = {k: v for k, v in model_state.items() if hasattr(v, "device_mesh")}
     with _single_process_quiet():
         dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp)
     if dist.is_main:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import logging
 import math
 import sys
@@ -34,23 +35,47 @@ from bprun.data.loader import InMemoryLoader
 from bprun.engine import checkpoint as ckpt_io
 from bprun.engine import sharded_checkpoint
 from bprun.engine.callbacks import implemented
+from bprun.engine.clipping import clip_grad_norm, total_norm
 from bprun.engine.distributed import SINGLE, DistContext
 from bprun.engine.early_stopping import EarlyStopper
 from bprun.engine.fsdp import (
-    clip_grad_norm,
     full_state,
     is_sharded,
     load_full_state,
     no_gradient_sync,
-    plain,
 )
 from bprun.engine.optim_impl import impl_of
 from bprun.engine.precision import Precision
 from bprun.engine.settings import TrainerSettings
 from bprun.engine.signals import StopSignals
-from bprun.errors import BprunError, Interrupted
+from bprun.errors import BprunError, Interrupted, debugging
 
 log = logging.getLogger("bprun")
+
+
+def compile_errors_as_one_line(method):
+    """With `trainer.compile`, what torch.compile raises while it traces or compiles (a C++
+    compiler that fails under inductor, an op it cannot handle) ends the run with one error
+    line naming the setting, not a traceback from inside the compiler. It can happen at the
+    first update or later, at the first batch of a new shape."""
+
+    @functools.wraps(method)
+    def guarded(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as e:
+            where = type(e).__module__
+            compiler = where.startswith(("torch._dynamo", "torch._inductor"))
+            if not self.settings.compile or not compiler or debugging():
+                raise
+            text = str(e).strip().splitlines()
+            first = text[0][:300] if text else ""
+            raise BprunError(
+                f"trainer.compile=true: torch.compile failed ({type(e).__name__}: {first}): "
+                "set trainer.compile=false to train without it (BPRUN_DEBUG=1 shows where)"
+            ) from e
+
+    return guarded
 
 
 class NonFiniteLoss(BprunError):
@@ -220,6 +245,7 @@ class Trainer:
                 raise BprunError(_unknown_metric(key, name, dict.fromkeys(known)))
 
     # ------------------------------------------------------------------ fit
+    @compile_errors_as_one_line
     def fit(self, train: InMemoryLoader, val: InMemoryLoader | None) -> dict:
         s = self.settings
         anomaly = torch.autograd.detect_anomaly() if s.detect_anomaly else contextlib.nullcontext()
@@ -490,12 +516,11 @@ class Trainer:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)  # clip true gradients, not scaled ones
         if clip.algorithm == "norm":
-            clip_norm = clip_grad_norm if self.sharded else nn.utils.clip_grad_norm_
-            norm = clip_norm(self.params, clip.max)
+            norm = clip_grad_norm(self.params, clip.max)
         else:
-            norm = nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+            norm = total_norm(self.params)
             nn.utils.clip_grad_value_(self.params, clip.max)
-        self._grad_norms.append(plain(norm.detach()))  # sharded: the norm over all shards
+        self._grad_norms.append(norm.detach())
 
     def _optimizer_step(self) -> None:
         if self.settings.nonfinite == "skip" and self.dist.enabled:
@@ -596,6 +621,7 @@ class Trainer:
         return summary
 
     # ------------------------------------------------------------------ evaluation
+    @compile_errors_as_one_line
     @torch.no_grad()
     def evaluate(self, loader: InMemoryLoader, prefix: str, perturb=None) -> dict[str, float]:
         """Metrics of `loader` named `<prefix>/<metric>`. `perturb(model, x, y)`, when given,

@@ -22,11 +22,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
 import random
 import warnings
 
-from bprun.errors import BprunError
+from bprun.errors import BprunError, debugging
 from bprun.overrides import key_of
 
 # What the message says a part failed at, for the steps of the dry run.
@@ -37,11 +36,6 @@ PHASES = {
     "backward": "the first backward pass: ",
     "step": "the first step: ",
 }
-
-
-def debugging() -> bool:
-    """The user asked for tracebacks."""
-    return any(os.environ.get(v, "") not in ("", "0") for v in ("HYDRA_FULL_ERROR", "BPRUN_DEBUG"))
 
 
 @contextlib.contextmanager
@@ -125,9 +119,11 @@ def dry_run(trainer, loader, cfg=None) -> float:
     touched (buffers, random states, the learning rates and the scheduler's state) goes back
     as it was.
 
-    A loader without in-memory batches (streaming workers) is skipped: starting its workers
-    costs more than the rehearsal saves. Two rows keep the cost to a few milliseconds on the
-    shipped models; a per-example shape error shows on two rows as on a hundred.
+    In-memory loaders give their first two examples; a token-window loader its first batch's
+    first two windows (a read of one batch from the memory-mapped stream). A loader of
+    streaming workers is skipped: starting its workers costs more than the rehearsal saves.
+    Two rows keep the cost to a few milliseconds on the shipped models; a per-example shape
+    error shows on two rows as on a hundred.
     Returns the seconds it took (metrics.json's `rehearsal_s`; the bench reports it)."""
     import time
 
@@ -136,7 +132,7 @@ def dry_run(trainer, loader, cfg=None) -> float:
 
     started = time.perf_counter()
 
-    if not hasattr(loader, "x") or not hasattr(loader, "order") or len(loader) == 0:
+    if len(loader) == 0 or not _holds_rows(loader):
         return 0.0
     module = trainer.module
     states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
@@ -201,11 +197,20 @@ def _optimizer_step(optimizer, node=None) -> None:
         twin.step(closure)
 
 
+def _holds_rows(loader) -> bool:
+    """Whether `loader` gives rows without starting workers: in-memory tensors, or token
+    windows (each batch a pure function of its position in a memory-mapped stream)."""
+    return hasattr(loader, "starts") or (hasattr(loader, "x") and hasattr(loader, "order"))
+
+
 def _first_rows(loader, n: int):
     """The first `n` examples of the first training batch, through the loader's transform
     (gathered alone: the loader's own batches gather a whole block of them)."""
     import torch
 
+    if hasattr(loader, "starts"):  # token windows: one batch read, its first rows kept
+        x, y = loader.batch(0, 0)
+        return x[:n], y[:n]
     order = loader.order(0)
     index = order[:n] if order is not None else torch.arange(min(n, len(loader.x)))
     x = loader.x.index_select(0, index.to(loader.x.device))
