@@ -13,7 +13,7 @@ import dataclasses
 import difflib
 import re
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from bprun.errors import BprunError
 from bprun.overrides import key_of
@@ -53,16 +53,17 @@ def single_run(argv: list[str]) -> list[str]:
     return lines
 
 
-def compose(overrides: list[str]) -> DictConfig:
+def compose(overrides: list[str], return_hydra_config: bool = False) -> DictConfig:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
 
     with initialize_config_module("bprun.conf", version_base="1.3"):
-        return hydra_compose("config", overrides=overrides)
+        return hydra_compose("config", overrides, return_hydra_config=return_hydra_config)
 
 
-def check_command_line(argv: list[str], multirun: bool = False) -> None:
-    """Raise BprunError naming the first override that cannot work, and its fix."""
+def check_command_line(argv: list[str], multirun: bool = False):
+    """Raise BprunError naming the first override that cannot work, and its fix. Returns the
+    composed `hydra.mode` (None unless a config or the command line sets it)."""
     from hydra.errors import (
         ConfigCompositionException,
         MissingConfigException,
@@ -73,7 +74,7 @@ def check_command_line(argv: list[str], multirun: bool = False) -> None:
     try:
         if multirun:
             overrides = single_run(overrides)
-        cfg = compose(overrides)
+        cfg = compose(overrides, return_hydra_config=True)
     except MissingConfigException as e:
         raise BprunError(_missing_option(str(e), overrides)) from None
     except ConfigCompositionException as e:
@@ -82,6 +83,9 @@ def check_command_line(argv: list[str], multirun: bool = False) -> None:
         raise BprunError(_bad_override(e, overrides)) from None
     except OverrideParseException as e:
         raise BprunError(f"cannot read the command line: {_first_line(e)}") from None
+    mode = cfg.hydra.mode
+    with open_dict(cfg):
+        del cfg["hydra"]  # as Hydra hands the config to the run: without its own node
     for node in REQUIRED:
         if node not in cfg:
             raise BprunError(
@@ -116,6 +120,7 @@ def check_command_line(argv: list[str], multirun: bool = False) -> None:
             + (hint + " " if hint else "")
             + f"(choose one of {', '.join(TASKS)})"
         )
+    return mode
 
 
 def check_run_folder(cfg: DictConfig, overrides: list[str], multirun: bool = False) -> None:

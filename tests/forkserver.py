@@ -88,6 +88,9 @@ def prepare() -> None:
     import torch
 
     torch.set_num_threads(1)
+    from bprun.problems._torchmetrics import load
+
+    load()  # as a command loads it: without scipy.signal
     for name in (
         "bprun.cli",
         "bprun.tasks.train",

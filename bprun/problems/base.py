@@ -188,7 +188,9 @@ class Evaluation:
     `compute`, so every rank gets the metrics of the whole split."""
 
     def __init__(self, problem: Problem, device: torch.device | str):
-        from torchmetrics import MeanMetric
+        from bprun.problems._torchmetrics import load
+
+        MeanMetric = load().MeanMetric
 
         self.problem, self.device = problem, torch.device(device)
         self.loss = MeanMetric().to(self.device)

@@ -106,7 +106,9 @@ class Classification(Problem):
 
     # ------------------------------------------------------------------ metrics
     def metrics(self) -> dict[str, tuple]:
-        from torchmetrics import classification as tm
+        from bprun.problems._torchmetrics import load
+
+        tm = load().classification
 
         c, t, chosen = self.num_classes, self.threshold, set(self.selected)
         fast = {"validate_args": False}

@@ -20,11 +20,13 @@ import logging
 
 import torch
 from torch import nn
-from torchmetrics import Metric
 
 from bprun.errors import BprunError
 from bprun.problems import KINDS
+from bprun.problems._torchmetrics import load
 from bprun.problems.base import Evaluation, Problem
+
+Metric = load().Metric
 
 log = logging.getLogger("bprun")
 
@@ -167,7 +169,7 @@ class Forecast(Problem):
             )
 
     def metrics(self) -> dict[str, tuple]:
-        from torchmetrics import MeanMetric
+        MeanMetric = load().MeanMetric
 
         m = {f"{p}errors": (ForecastErrors(), key) for p, (key, _) in FORECASTERS.items()}
         if self.quantiles and "coverage" in self.selected:

@@ -72,7 +72,9 @@ class Multilabel(Problem):
         return (out.float().sigmoid() >= self.threshold).long()
 
     def metrics(self) -> dict[str, tuple]:
-        from torchmetrics import classification as tm
+        from bprun.problems._torchmetrics import load
+
+        tm = load().classification
 
         n, t, chosen = self.num_classes, self.threshold, set(self.selected)
         fast = {"validate_args": False}
@@ -140,7 +142,9 @@ class LabelCounts:
     """(positives per label, examples): summed on the device, synced over ranks."""
 
     def __new__(cls, labels: int):
-        from torchmetrics import Metric
+        from bprun.problems._torchmetrics import load
+
+        Metric = load().Metric
 
         class _LabelCounts(Metric):
             full_state_update = False

@@ -28,11 +28,13 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torchmetrics import Metric
 
 from bprun.errors import BprunError
 from bprun.problems import KINDS
+from bprun.problems._torchmetrics import load
 from bprun.problems.base import Evaluation, Problem
+
+Metric = load().Metric
 
 log = logging.getLogger("bprun")
 
@@ -170,7 +172,7 @@ class Ranking(Problem):
         return [f"hr@{self.k}", f"ndcg@{self.k}", "mrr"]
 
     def metrics(self) -> dict[str, tuple]:
-        import torchmetrics as tm
+        tm = load()
 
         m: dict[str, tuple] = {}
         for name in self.selected:

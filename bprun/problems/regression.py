@@ -37,7 +37,9 @@ class Regression(Problem):
             )
 
     def metrics(self) -> dict[str, tuple]:
-        import torchmetrics as tm
+        from bprun.problems._torchmetrics import load
+
+        tm = load()
 
         chosen, k = set(self.selected), max(self.num_classes, 1)
         m: dict[str, tuple] = {}
