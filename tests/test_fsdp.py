@@ -178,3 +178,60 @@ def test_a_rank_holds_half_of_the_state_under_fsdp_at_two_ranks():
     assert ddp["optimizer"] >= 2 * ddp["parameters"]  # AdamW's two moments, whole on every rank
     assert fsdp["total"] <= 1.1 / 2 * ddp["total"]
     assert fsdp["gradients"] == fsdp["parameters"]  # gradients sharded like the parameters
+
+
+@pytest.mark.slow
+def test_activation_checkpointing_under_fsdp_changes_no_weight(runs, tmp_path, data_dir):
+    """Each block recomputed in the backward, inside its FSDP unit: the same updates."""
+    run = tmp_path / "ac"
+    bprun(run, *FSDP, "trainer.ema.decay=0.9", "model.activation_checkpointing=true",
+          data_dir=data_dir)  # fmt: skip
+    recomputed, plain = state(run)["model"], state(runs["fsdp"])["model"]
+    for name, value in plain.items():
+        assert torch.allclose(recomputed[name], value, atol=1e-6), name
+
+
+@pytest.mark.slow
+def test_sigterm_under_fsdp_saves_a_sharded_checkpoint_that_resumes(tmp_path, data_dir):
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    args = [*FSDP, "trainer.max_epochs=40", "trainer.checkpoint.every_n_updates=5"]
+    proc = subprocess.Popen(
+        [BPRUN, f"paths.data_dir={data_dir}", f"hydra.run.dir={run}", *COMMON, *args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    end = time.monotonic() + 240
+    while not (run / "checkpoints" / "last" / ".metadata").exists():
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert time.monotonic() < end, "no sharded checkpoint appeared"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, out[-3000:]
+    assert f"bprun trainer.resume={run}" in out
+    stopped = state(run)["progress"]["update"]
+    bprun(tmp_path / "again", f"trainer.resume={run}", *FSDP, "trainer.max_epochs=3",
+          data_dir=data_dir)  # fmt: skip
+    resumed = state(run)
+    assert resumed["progress"]["epoch"] == 3 and resumed["progress"]["update"] > stopped
+
+
+@pytest.mark.slow
+def test_a_sweep_of_fsdp_jobs_with_early_stopping(tmp_path, data_dir):
+    sweep = tmp_path / "sweep"
+    proc = subprocess.run(
+        [BPRUN, "-m", f"paths.data_dir={data_dir}", f"hydra.sweep.dir={sweep}", *COMMON, *FSDP,
+         "optim.lr=0.003,0.01", "trainer.max_epochs=30", "trainer.early_stopping.patience=1",
+         "trainer.early_stopping.min_delta=0.5"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "2 ok, 0 not ok" in out, out[-3000:]
+    for job in sorted(p for p in sweep.iterdir() if p.is_dir()):
+        m = json.loads((job / "metrics.json").read_text())
+        assert m["world_size"] == 2 and "early stopping" in m["stop_reason"], m["stop_reason"]
+        assert m["epochs"] < 30
