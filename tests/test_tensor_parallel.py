@@ -78,6 +78,14 @@ def test_the_gpt_split_over_two_ranks_trains_as_one_process_does(corpus, tmp_pat
     assert_same_weights(runs["tp"], runs["one"])
     m = json.loads((runs["tp"] / "metrics.json").read_text())
     assert m["world_size"] == 2 and m["updates"] == 8
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for run in runs.values():  # the split model's text sample, every rank sampling in step
+        tb = EventAccumulator(str(run), size_guidance={"tensors": 0})
+        tb.Reload()
+        samples = tb.Tensors("sample/text_summary")
+        assert [e.step for e in samples] == [4, 8]
+        assert len(samples[-1].tensor_proto.string_val[0]) > 200
     # the checkpoint is a plain GPT's: one process loads it and computes what the run did
     model = GPT(input_shape=(16,), num_classes=last(runs["one"])["model"]["wte.weight"].shape[0],
                 n_layer=2, n_head=2, n_embd=16)  # fmt: skip

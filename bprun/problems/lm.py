@@ -91,20 +91,26 @@ class LanguageModel(Problem):
 class SampleText:
     """At every validation, a sample of the model's text (from a newline, 200 new tokens,
     its own seeded generator so training's random streams are untouched) in TensorBoard's
-    text tab."""
+    text tab.
+
+    Sharded weights (FSDP, tensor parallelism) are gathered in each forward pass, which every
+    rank must run: there every rank samples, in step (one seed, so the same tokens), without
+    the KV cache (whose layout assumes whole heads), and the writing rank writes."""
 
     def __init__(self, tokenizer, max_new_tokens: int = 200, seed: int = 0):
         self.tokenizer, self.max_new_tokens, self.seed = tokenizer, max_new_tokens, seed
 
     def on_validation(self, trainer, metrics: dict, val_loader) -> None:
         model = trainer.module
-        if trainer.tracker is None or not hasattr(model, "generate"):
-            return
-        if getattr(trainer, "sharded", False):  # rank 0 alone cannot run a sharded forward
+        sharded = getattr(trainer, "sharded", False)
+        if not hasattr(model, "generate") or (trainer.tracker is None and not sharded):
             return
         ids = self.tokenizer.encode("\n") or [0]
         idx = torch.tensor([ids[-1:]], dtype=torch.long, device=trainer.device)
         g = torch.Generator(device=trainer.device).manual_seed(self.seed)
-        out = model.generate(idx, self.max_new_tokens, temperature=1.0, top_k=None, generator=g)
-        text = self.tokenizer.decode(out[0].tolist())
-        trainer.tracker.text("sample", "```\n" + text + "\n```", trainer.update)
+        out = model.generate(
+            idx, self.max_new_tokens, temperature=1.0, generator=g, use_cache=not sharded
+        )
+        if trainer.tracker is not None:
+            text = self.tokenizer.decode(out[0].tolist())
+            trainer.tracker.text("sample", "```\n" + text + "\n```", trainer.update)

@@ -120,7 +120,8 @@ def build_trainer(
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = model.to(device)
     warn_slow_precision(s, model, device)
-    if s.strategy in ("fsdp", "fsdp_tp") and dist.enabled:  # before the optimizer: it steps
+    sharded = s.strategy in ("fsdp", "fsdp_tp") and dist.enabled
+    if sharded:  # before the optimizer: it steps
         with building("trainer", cfg.trainer):  # on the shards
             mesh = None
             if s.strategy == "fsdp_tp":
@@ -156,7 +157,8 @@ def build_trainer(
             callbacks=[
                 *(tensorboard_callbacks(s, run_dir) if dist.is_main else ()),
                 *(diagnostic_callbacks(s, run_dir) if dist.is_main else ()),
-                *(problem.callbacks(data.dataset, s, run_dir) if dist.is_main else ()),
+                # every rank's under sharding: a sample's forward passes gather the shards
+                *(problem.callbacks(data.dataset, s, run_dir) if dist.is_main or sharded else ()),
                 *averaging_callbacks(s, model),
                 *finetune,
                 # batch hooks, in this order: mix the batch, then attack the mixed batch
