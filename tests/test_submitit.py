@@ -78,9 +78,13 @@ def test_requeued_ddp_job_resumes_and_ends_like_an_uninterrupted_one(tmp_path, d
     """2 jobs of 2 ranks each (2 submitit tasks, gloo): job 0 gets submitit's signal
     mid-run, saves, is started again and resumes; it ends with job 1's weights."""
     sweep = tmp_path / "sweep"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    hold = tmp_path / "hold"  # job 0 waits mid-training while it exists: still running
+    hold.touch()  # when the signal comes, however fast the machine
+    tests = str(Path(__file__).parent)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": tests, "BPRUN_TEST_HOLD": str(hold)}
+    held = "model._target_=held_model.HeldMLP"
     proc = subprocess.Popen(
-        sweep_command(sweep, data_dir, *LONG, SAME_TWICE, "trainer.devices=2"),
+        sweep_command(sweep, data_dir, *LONG, SAME_TWICE, "trainer.devices=2", held),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -95,8 +99,11 @@ def test_requeued_ddp_job_resumes_and_ends_like_an_uninterrupted_one(tmp_path, d
         marker = job / launcher.JOB_ID_FILE
         # The job's tasks (its 2 ranks) are the children of submitit's controller, whose
         # pid is the job id; submitit sends them USR2 signal_delay_s before the time limit.
-        for task in children(int(marker.read_text())):
+        tasks = children(int(marker.read_text()))
+        assert len(tasks) == 2, tasks
+        for task in tasks:
             os.kill(task, signal.SIGUSR2)
+        hold.unlink()  # the job, held mid-training, meets the signal now
         out = proc.communicate(timeout=240)[0]
     finally:
         end_session(proc)
