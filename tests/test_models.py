@@ -381,3 +381,28 @@ def test_unknown_init_on_the_command_line_lists_the_schemes(bprun):
 def test_shipped_cnn_default_still_learns_mnist1d(bprun):
     m = bprun("model=cnn", "optim=adamw").metrics
     assert m["test"]["test/acc"] >= 0.90, m["test"]
+
+
+def test_a_batchnorm_mlp_has_no_bias_before_the_norm_and_loads_checkpoints_that_had_one():
+    """The bias BatchNorm subtracts again is gone; an older checkpoint's bias is folded into
+    the running mean, and the model gives the old outputs in eval mode."""
+    from bprun.engine.checkpoint import load_model_state
+    from bprun.models.mlp import MLP
+
+    torch.manual_seed(0)
+    new = MLP(input_shape=(6,), num_classes=3, hidden=[8, 8], norm="batch")
+    assert all(block[0].bias is None for block in new.blocks)
+    old = MLP(input_shape=(6,), num_classes=3, hidden=[8, 8], norm="batch")
+    for block in old.blocks:  # the earlier layout: a Linear with a bias before the norm
+        lin = block[0]
+        block[0] = torch.nn.Linear(lin.in_features, lin.out_features)
+        block[1].running_mean.normal_()
+        block[1].running_var.uniform_(0.5, 2.0)
+    old.eval()
+    x = torch.randn(5, 6)
+    expected = old(x)
+    state = old.state_dict()
+    assert "blocks.0.0.bias" in state
+    load_model_state(new, state, "old.pt")
+    new.eval()
+    torch.testing.assert_close(new(x), expected, rtol=1e-5, atol=1e-6)

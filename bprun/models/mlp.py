@@ -18,7 +18,9 @@ class MLP(nn.Module):
 
     Each hidden block is Linear -> norm -> activation -> dropout; with
     `residual=True`, blocks whose input and output widths match add a skip
-    connection. `hidden=[]` is a linear model.
+    connection. `hidden=[]` is a linear model. Under `norm=batch` the Linear has no
+    bias, as a convolution before BatchNorm has none: the normalisation subtracts it
+    again, so its gradient would be rounding noise, which Adam turns into whole steps.
     """
 
     def __init__(
@@ -37,7 +39,7 @@ class MLP(nn.Module):
         widths = [math.prod(input_shape), *hidden]
         self.blocks = nn.ModuleList(
             nn.Sequential(
-                nn.Linear(w_in, w_out),
+                nn.Linear(w_in, w_out, bias=norm != "batch"),
                 norm1d(norm, w_out),
                 make_activation(activation),
                 make_dropout(dropout),
@@ -46,6 +48,21 @@ class MLP(nn.Module):
         )
         self.residual = residual
         self.head = nn.Linear(widths[-1], num_classes)
+
+    def upgrade_state(self, state: dict, prefix: str) -> dict:
+        """A checkpoint of a `norm=batch` MLP whose Linears had a bias: each bias folded into
+        its BatchNorm's running mean (mean - bias), which gives the same outputs in eval
+        mode, and in training mode the normalisation removes it anyway."""
+        for i, block in enumerate(self.blocks):
+            linear, norm = block[0], block[1]
+            bias_key = f"{prefix}blocks.{i}.0.bias"
+            if linear.bias is not None or bias_key not in state:
+                continue
+            bias = state.pop(bias_key)
+            mean_key = f"{prefix}blocks.{i}.1.running_mean"
+            if getattr(norm, "track_running_stats", False) and mean_key in state:
+                state[mean_key] = state[mean_key] - bias
+        return state
 
     def enable_activation_checkpointing(self) -> int:
         for block in self.blocks:
