@@ -173,7 +173,8 @@ def test_a_rank_holds_half_of_the_state_under_fsdp_at_two_ranks():
 
     from bprun.bench.fsdp import main
 
-    table = main(SimpleNamespace(ranks="2", model="transformer model.dim=64 model.depth=2"))
+    gpt = "gpt model.n_layer=2 model.n_embd=64 model.n_head=2"  # with GPT-2's vocabulary
+    table = main(SimpleNamespace(ranks="2", model=gpt))
     ddp, fsdp = table[("ddp", 2)], table[("fsdp", 2)]
     assert ddp["optimizer"] >= 2 * ddp["parameters"]  # AdamW's two moments, whole on every rank
     assert fsdp["total"] <= 1.1 / 2 * ddp["total"]

@@ -237,7 +237,7 @@ def main(argv=None) -> None:
         "--fsdp", action="store_true", help="instead: bytes per rank, DDP against FSDP"
     )
     parser.add_argument("--ranks", default="1,2,4", help="rank counts for --fsdp")
-    parser.add_argument("--model", default="transformer", help="model for --fsdp")
+    parser.add_argument("--model", default="gpt", help="model for --fsdp")
     parser.add_argument(
         "--lm", action="store_true", help="GPT training and KV-cache generation (bench/lm.py)"
     )
