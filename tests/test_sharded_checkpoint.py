@@ -120,6 +120,20 @@ def test_a_sharded_checkpoint_loads_back_and_consolidates_like_a_pt_one(tmp_path
     assert torch.equal(whole["optimizer"]["state"][2]["exp_avg"], optimizer.state[model[2].weight]["exp_avg"])  # fmt: skip
 
 
+def test_an_optimizer_without_state_loads_back_and_consolidates(tmp_path):
+    """Plain SGD keeps no state per parameter: its checkpoint holds the groups alone."""
+    model = nn.Linear(4, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    folder = sharded.save(tmp_path / "last", model, optimizer, {"progress": 1}, SINGLE)
+    fresh = nn.Linear(4, 3)
+    fresh_optimizer = torch.optim.SGD(fresh.parameters(), lr=0.5)
+    sharded.load(folder, fresh, fresh_optimizer)
+    assert fresh_optimizer.param_groups[0]["lr"] == 0.1
+    assert_weights_close(fresh.state_dict(), model.state_dict(), atol=0)
+    whole = ckpt_io.load_checkpoint(folder)  # as task=export and task=eval read it
+    assert whole["optimizer"] == {"state": {}, "param_groups": optimizer.state_dict()["param_groups"]}
+
+
 def test_a_save_killed_part_way_leaves_the_previous_checkpoint(tmp_path):
     run = tmp_path / "run"
     model, optimizer = tiny()

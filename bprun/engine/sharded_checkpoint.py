@@ -170,7 +170,7 @@ def _indexed(state: dict) -> dict:
     names = [n for group in state["param_groups"] for n in group["params"]]
     index = {n: i for i, n in enumerate(names)}
     return {
-        "state": {index[n]: v for n, v in state["state"].items()},
+        "state": {index[n]: v for n, v in state.get("state", {}).items()},  # none: plain SGD
         "param_groups": [
             {**g, "params": [index[n] for n in g["params"]]} for g in state["param_groups"]
         ],
