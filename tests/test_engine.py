@@ -133,6 +133,33 @@ def test_grad_clip_value_bounds_every_element_and_logs_the_norm_before():
     assert logged["train/grad_norm"] > 1e-2
 
 
+def test_clipping_scales_whole_and_sharded_gradients_by_the_same_factor():
+    """FSDP holds each gradient as shards and sums the norm shard by shard, one process sums
+    each gradient whole: the clipped gradients must agree to the bit, or a BatchNorm network
+    under Adam drifts apart within a few updates. Here the shards are halves of each tensor."""
+    from bprun.engine.clipping import clip_grad_norm
+
+    def with_grads(grads):
+        params = [nn.Parameter(torch.zeros_like(g)) for g in grads]
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g.clone()
+        return params
+
+    def norm32(grads):  # the float32 sum: its last bits follow the layout
+        return torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
+
+    torch.manual_seed(0)
+    grads = [torch.randn(n) * scale for n, scale in ((1000, 1e-3), (4097, 1.0), (333, 10.0))]
+    halves = [half for g in grads for half in g.tensor_split(2)]
+    assert norm32(grads) != norm32(halves)  # so the layout could show
+    whole, sharded = with_grads(grads), with_grads(halves)
+    clip_grad_norm(whole, 0.1)
+    clip_grad_norm(sharded, 0.1)
+    clipped = torch.cat([p.grad for p in whole])
+    assert torch.equal(clipped, torch.cat([p.grad for p in sharded]))
+    assert clipped.norm().item() == pytest.approx(0.1, rel=1e-5)
+
+
 def test_clipping_sees_unscaled_gradients_on_the_cpu():
     """The GradScaler path without CUDA: a CPU GradScaler, clipping after unscale."""
     x, y = problem()
