@@ -131,7 +131,10 @@ def test_an_optimizer_without_state_loads_back_and_consolidates(tmp_path):
     assert fresh_optimizer.param_groups[0]["lr"] == 0.1
     assert_weights_close(fresh.state_dict(), model.state_dict(), atol=0)
     whole = ckpt_io.load_checkpoint(folder)  # as task=export and task=eval read it
-    assert whole["optimizer"] == {"state": {}, "param_groups": optimizer.state_dict()["param_groups"]}
+    assert whole["optimizer"] == {
+        "state": {},
+        "param_groups": optimizer.state_dict()["param_groups"],
+    }
 
 
 def test_a_save_killed_part_way_leaves_the_previous_checkpoint(tmp_path):

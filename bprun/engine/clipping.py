@@ -6,9 +6,9 @@ the two differ by about 1e-6 relatively. Clipping multiplies every gradient by t
 and a network that is sensitive to its inputs (a ResNet whose BatchNorm sees a few examples
 per rank, under Adam) amplifies a 1e-6 difference in every gradient to 1e-3 in the weights
 within a few updates. Summed in float64, the norm rounds to the same clipping factor in
-every layout, so an FSDP run and a DDP run of one model clip alike and stay equal. The cost
-is one float64 reduction over the gradients, about a tenth of a backward pass's memory
-traffic on the CPU and less on a GPU.
+every layout, so an FSDP run and a DDP run of one model clip alike (and, stepping with the
+same optimizer kernel, stay equal). The cost is one float64 reduction over the gradients,
+about a tenth of a backward pass's memory traffic on the CPU and less on a GPU.
 """
 
 from __future__ import annotations
