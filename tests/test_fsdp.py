@@ -75,6 +75,22 @@ def test_sharded_training_equals_one_process_over_the_same_global_batches(runs):
 
 
 @pytest.mark.slow
+def test_gradients_are_averaged_over_the_ranks_not_summed(tmp_path, data_dir):
+    """Plain SGD without clipping: a step scales with the gradient, so a reduce-scatter that
+    summed where it should average (reported for FSDP2 under gloo, pytorch#162338) would
+    double every step. Adam and clipping hide a gradient's scale; this run has neither."""
+    sgd = ["dataset=digits", "model.hidden=[32,32]", "optim=sgd", "optim.lr=0.2",
+           "trainer.max_updates=10", "trainer.device=cpu", "trainer.threads=1",
+           "trainer.progress=false"]  # fmt: skip
+    bprun(tmp_path / "fsdp", *FSDP, data_dir=data_dir, common=sgd)
+    bprun(tmp_path / "one", *ONE, data_dir=data_dir, common=sgd)
+    sharded, one = state(tmp_path / "fsdp"), state(tmp_path / "one")
+    assert sharded["progress"]["update"] == one["progress"]["update"] == 10
+    for name, value in one["model"].items():
+        assert torch.allclose(sharded["model"][name], value, atol=1e-6), name
+
+
+@pytest.mark.slow
 def test_sharded_training_with_batchnorm_and_clipping_equals_ddp(tmp_path, data_dir):
     """BatchNorm normalises each rank's half-batch, under DDP as under FSDP, so DDP at 2 ranks
     is the reference, with clipping on every update. Running statistics that followed each

@@ -6,8 +6,8 @@ all-gathered just before its forward and backward and freed after, so a rank hol
 in full at a time besides its shards of the rest. Gradients are reduce-scattered (averaged over
 the ranks, as DDP's all-reduce), and the optimizer steps on each rank's shards only.
 
-Checkpoints hold the full (gathered) state, written by rank 0 like any other, so a run saved on
-N ranks resumes on any number of ranks, and `task=eval` reads it in one process.
+Checkpoints are sharded (`bprun.engine.sharded_checkpoint`): each rank writes its shards, and a
+run saved on N ranks resumes on any number of ranks; `task=eval` consolidates one in one process.
 """
 
 from __future__ import annotations
