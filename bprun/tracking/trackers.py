@@ -49,6 +49,12 @@ def check(cfg) -> None:
                 f"tracker.{name} is not a tracker: pick from {', '.join(NAMES)} "
                 f"with tracker=[{','.join(NAMES[:2])}]"
             )
+        if not isinstance(settings, dict):  # tracker.tensorboard=<a value>: a node replaced
+            raise BprunError(
+                f"tracker.{name}={settings!r} replaces the tracker's settings with a value: set "
+                f"its keys instead, tracker.{name}.<key>=... (`bprun tracker={name} --cfg job` "
+                "lists them)"
+            )
         module = EXTRA.get(name)
         if module and importlib.util.find_spec(module) is None:
             raise BprunError(
