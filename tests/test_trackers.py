@@ -237,7 +237,7 @@ def test_wandb_offline_writes_a_run_folder_with_the_metrics(bprun):
         (["tracker=[mlflow]", "tracker.mlflow.uri=ftp://host/db"], "tracker.mlflow.uri=ftp://"),
         (["tracker=[wandb]", "tracker.wandb.mode=online"], "needs a W&B API key"),
         (["tracker.tensorboard=runs/tb"], "tracker.tensorboard='runs/tb' replaces the"),
-        (["tracker=csv", "tracker.csv=5"], "set its keys instead, tracker.csv.<key>="),
+        (["tracker=csv", "tracker.csv=5"], "set its keys as tracker.csv.<key>="),
     ],
 )
 def test_bad_tracker_settings_are_one_error_line_before_training(bprun, tmp_path, args, expected):

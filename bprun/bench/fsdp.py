@@ -4,11 +4,10 @@ at 1, 2 and 4 ranks.
     python -m bprun.bench --fsdp [--ranks 1,2,4] [--model "gpt model.n_layer=12"]
 
 Each configuration starts its ranks (gloo on the CPU, one thread each), builds the model as
-`bprun` does (`model.<name>`; a model that reads token ids, the GPT, on windows of
-BLOCK tokens from a VOCAB-token vocabulary, GPT-2's padded one; any other on MNIST-1D's
-shape), applies DDP or `fully_shard` to each
-repeated block and the root (fsdp_tp: each layer split over 2 ranks first, then `fully_shard`
-over the dp groups), takes one AdamW step and reports, per rank, the bytes of
+`bprun` does (`model.<name>`: a model that reads token ids, the GPT, on windows of BLOCK
+tokens from GPT-2's vocabulary; any other on MNIST-1D's shape), applies DDP or `fully_shard`
+to each repeated block and the root (fsdp_tp: each layer split over 2 ranks first, then
+`fully_shard` over the dp groups), takes one AdamW step and reports, per rank, the bytes of
 parameters, gradients and optimizer state the rank holds. FSDP at N ranks must hold at most
 1.1/N of DDP's. With CUDA, peak device memory per rank is reported too.
 """
@@ -39,6 +38,7 @@ def _free_port() -> int:
 def _model(spec: str) -> nn.Module:
     """`spec`: a model option and its overrides, e.g. `transformer model.dim=256`."""
     from hydra import compose, initialize_config_module
+    from hydra.utils import get_object
 
     from bprun.build import build_model
     from bprun.config import register_configs
@@ -47,24 +47,20 @@ def _model(spec: str) -> nn.Module:
     with initialize_config_module("bprun.conf", version_base="1.3"):
         name, *overrides = spec.split()
         cfg = compose("config", overrides=[f"model={name}", *overrides])
-    data = type("Shape", (), {"input_shape": (1, 40), "num_classes": 10})()
-    if _reads_tokens(cfg.model):
+    if _reads_tokens(get_object(cfg.model._target_)):
         data = type("Shape", (), {"input_shape": (BLOCK,), "num_classes": VOCAB})()
+    else:
+        data = type("Shape", (), {"input_shape": (1, 40), "num_classes": 10})()
     torch.manual_seed(0)
     return build_model(cfg.model, data)
 
 
-def _reads_tokens(model: nn.Module | object) -> bool:
-    """The model (or its config node) takes token ids (its class's `reads`)."""
-    if not isinstance(model, nn.Module):
-        from hydra.utils import get_object
-
-        model = get_object(model._target_)
-    return getattr(model, "reads", None) == "tokens"
+def _reads_tokens(model_class: type) -> bool:
+    return getattr(model_class, "reads", None) == "tokens"  # what bprun.build checks too
 
 
 def _batch(model: nn.Module) -> torch.Tensor:
-    if _reads_tokens(model):
+    if _reads_tokens(type(model)):
         return torch.randint(0, VOCAB, (2, BLOCK))
     return torch.randn(8, 1, 40)
 

@@ -51,9 +51,9 @@ def check(cfg) -> None:
             )
         if not isinstance(settings, dict):  # tracker.tensorboard=<a value>: a node replaced
             raise BprunError(
-                f"tracker.{name}={settings!r} replaces the tracker's settings with a value: set "
-                f"its keys instead, tracker.{name}.<key>=... (`bprun tracker={name} --cfg job` "
-                "lists them)"
+                f"tracker.{name}={settings!r} replaces the tracker's settings with a value: "
+                f"pick it with tracker={name} and set its keys as tracker.{name}.<key>=... "
+                f"(`bprun tracker={name} --cfg job` lists them)"
             )
         module = EXTRA.get(name)
         if module and importlib.util.find_spec(module) is None:
